@@ -1,0 +1,25 @@
+"""pydedup: kernel samepage merging inside one process, for numpy arrays.
+
+    with pydedup.Arena() as arena:
+        m = arena.zeros((20_000, 20_000))
+        ...
+        arena.merge()
+"""
+from pydedup.arena import Arena
+from pydedup.knobs import KNOBS
+from pydedup.stats import ArenaStats, ArrayStats, MergeReport, UnmergeReport
+
+__all__ = ["Arena", "ArenaStats", "ArrayStats", "KNOBS", "MergeReport", "UnmergeReport", "features"]
+__version__ = "0.1.0"
+
+
+def features() -> dict:
+    """What this kernel offers pydedup, as found by probing it."""
+    from pydedup import procfs
+    from pydedup.pages import Pages
+    core = Pages(16).core
+    return {
+        "page_size": procfs.PAGE_SIZE,
+        "pagemap_scan": core.has_pagemap_scan,
+        "max_map_count": procfs.max_map_count(),
+    }

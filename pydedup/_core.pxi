@@ -1,0 +1,182 @@
+# The Core: the arena's reservation, its rmap items and its frame store, and
+# the operations pydedup/pages.py calls, each under the arena's lock.
+
+cdef void *map_lazily(size_t length) noexcept nogil:
+    """Zero-filled memory that costs nothing until touched."""
+    return mmap(NULL, length, PROT_READ | PROT_WRITE,
+                MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+
+
+cdef class Core:
+    """The arena's pages and frames. `npages` pages of virtual memory are
+    reserved at once; records and frames only cost memory once used."""
+
+    def __cinit__(self, size_t npages, size_t xxh3_address):
+        self.memfd = -1
+        self.pagemap_fd = -1
+        self.base = self.view = <char *>MAP_FAILED
+        self.rmap = <rmap_item *>MAP_FAILED
+        self.frames = <frame_item *>MAP_FAILED
+        if npages == 0 or npages >= NO_PAGE:
+            raise ValueError(f"an arena holds 1 to {NO_PAGE - 1} pages, not {npages}")
+        self.page_size = sysconf(_SC_PAGESIZE)
+        self.npages = npages
+        self.xxh3 = <pd_xxh3_fn>xxh3_address
+        self.base = <char *>map_lazily(npages * self.page_size)
+        self.rmap = <rmap_item *>map_lazily(npages * sizeof(rmap_item))
+        self.frames = <frame_item *>map_lazily(npages * sizeof(frame_item))
+        if MAP_FAILED in (<void *>self.base, <void *>self.rmap, <void *>self.frames):
+            raise MemoryError(f"cannot reserve {npages} pages of address space")
+        madvise(self.base, npages * self.page_size, MADV_NOHUGEPAGE)  # a merge would split a huge page
+        self.memfd = pd_memfd_create(b"pydedup-frames")
+        if self.memfd < 0 or ftruncate(self.memfd, <long>(npages * self.page_size)) != 0:
+            raise OSError(errno, "cannot create the frame store (memfd_create)")
+        self.view = <char *>mmap(NULL, npages * self.page_size, PROT_READ,
+                                 MAP_SHARED | MAP_NORESERVE, self.memfd, 0)
+        if <void *>self.view == MAP_FAILED:
+            raise MemoryError("cannot map the frame store")
+        self.stable_mask = 15
+        self.stable = <uint32_t *>malloc(16 * sizeof(uint32_t))
+        self.orphans_cap = 64
+        self.orphans = <uint32_t *>malloc(self.orphans_cap * sizeof(uint32_t))
+        if self.stable == NULL or self.orphans == NULL:
+            raise MemoryError()
+        memset(self.stable, 0xFF, 16 * sizeof(uint32_t))
+        probe_page_tables(self)
+
+    def __dealloc__(self):
+        cdef size_t ps = self.page_size
+        if <void *>self.base != MAP_FAILED:
+            munmap(self.base, self.npages * ps)
+        if <void *>self.view != MAP_FAILED:
+            munmap(self.view, self.npages * ps)
+        if <void *>self.rmap != MAP_FAILED:
+            munmap(self.rmap, self.npages * sizeof(rmap_item))
+        if <void *>self.frames != MAP_FAILED:
+            munmap(self.frames, self.npages * sizeof(frame_item))
+        for fd in (self.memfd, self.pagemap_fd):
+            if fd >= 0:
+                close(fd)
+        free(self.stable)
+        free(self.orphans)
+
+    @property
+    def base_address(self):
+        return <size_t>self.base
+
+    cdef void check_range(self, size_t first, size_t n) except *:
+        if first > self.npages or n > self.npages - first:
+            raise IndexError(f"pages [{first}, {first + n}) are outside the arena's {self.npages}")
+
+    def adopt(self, size_t first, size_t n):
+        """Pages of a new array: FREE (zero-filled) to PRIVATE."""
+        self.check_range(first, n)
+        for p in range(first, first + n):
+            self.rmap[p] = rmap_item(0, 0, PAGE_PRIVATE, 0, 0)
+        self.high_water = max(self.high_water, first + n)
+
+    def release(self, size_t first, size_t n):
+        """Pages of a dead array back to FREE: zero-filled and holding no
+        memory. False if the kernel refused to remap them (mapping limit)."""
+        cdef bint in_frame_store = False
+        cdef int err
+        self.check_range(first, n)
+        for p in range(first, first + n):
+            in_frame_store |= self.rmap[p].state in (PAGE_MERGED, PAGE_BROKEN)
+        with nogil:
+            if in_frame_store:
+                err = map_anonymous(self, page_address(self, first), n * self.page_size)
+            else:
+                err = errno if madvise(page_address(self, first), n * self.page_size, MADV_DONTNEED) else 0
+            if err == 0:
+                for p in range(first, first + n):
+                    if self.rmap[p].state == PAGE_MERGED:
+                        frame_put(self, self.rmap[p].frame)
+                    self.rmap[p] = rmap_item(0, 0, PAGE_FREE, 0, 0)
+                reclaim_frames(self)
+        return err == 0
+
+    def merge(self, bint use_zero_pages, uint32_t max_page_sharing, long mappings_left):
+        """One full pass; returns what it did as a dict of pass_stats."""
+        cdef pass_stats st
+        cdef int err
+        memset(&st, 0, sizeof(st))
+        st.mappings_left = mappings_left
+        with nogil:
+            err = merge_pass(self, use_zero_pages, max_page_sharing, &st)
+        if err:
+            raise OSError(err, "merge pass failed")
+        self.full_scans += 1
+        self.pages_unshared = st.unshared
+        self.pages_volatile = st.volatile
+        return st
+
+    def unmerge(self, size_t first, size_t n):
+        cdef int err
+        self.check_range(first, n)
+        with nogil:
+            err = unmerge_range(self, first, n)
+        if err:
+            refresh_states(self, first, n)   # learn which pages did break
+            raise OSError(err, "unmerge stopped: the kernel could not give every page its own copy")
+
+    def refresh(self, size_t first, size_t n):
+        cdef int err
+        self.check_range(first, n)
+        with nogil:
+            err = refresh_states(self, first, n)
+        if err:
+            raise OSError(err, "cannot read the page tables")
+
+    def set_unmergeable(self, size_t first, size_t n, bint unmergeable):
+        self.check_range(first, n)
+        for p in range(first, first + n):
+            if unmergeable:
+                self.rmap[p].flags |= PAGE_UNMERGEABLE
+            else:
+                self.rmap[p].flags &= ~PAGE_UNMERGEABLE
+
+    def counts(self, size_t first, size_t n):
+        """Pages of [first, first + n) by state, and the pages they save: a
+        page on a frame mapped k times saves 1 - 1/k, a ZERO page all of it.
+        Call refresh() first for states that are up to date."""
+        cdef uint8_t[::1] cats = bytearray(n)
+        cdef size_t p, private = 0, resident = 0, merged = 0, zero = 0, unmergeable = 0, used = 0
+        cdef double saved = 0
+        cdef rmap_item *it
+        self.check_range(first, n)
+        if n and read_categories(self, first, n, &cats[0]) != 0:
+            raise OSError(errno, "cannot read the page tables")
+        for p in range(first, first + n):
+            it = &self.rmap[p]
+            used += it.state != PAGE_FREE
+            unmergeable += it.state != PAGE_FREE and it.flags & PAGE_UNMERGEABLE != 0
+            if it.state == PAGE_PRIVATE or it.state == PAGE_BROKEN:
+                private += 1
+                resident += cats[p - first] & (PD_PAGE_IS_PRESENT | PD_PAGE_IS_SWAPPED) != 0
+            elif it.state == PAGE_MERGED:
+                merged += 1
+                saved += 1.0 - 1.0 / self.frames[it.frame].mapcount
+            elif it.state == PAGE_ZERO:
+                zero += 1
+                saved += 1.0
+        return dict(pages=used, private=private, private_resident=resident, merged=merged,
+                    zero=zero, unmergeable=unmergeable, saved_pages=saved)
+
+    def categories(self, size_t first, size_t n):
+        """The kernel's PAGE_IS_* categories of each page, as bytes."""
+        cdef uint8_t[::1] cats = bytearray(n)
+        self.check_range(first, n)
+        if n and read_categories(self, first, n, &cats[0]) != 0:
+            raise OSError(errno, "cannot read the page tables")
+        return bytes(cats)
+
+    def metadata_bytes(self):
+        """Memory the bookkeeping holds: records up to the high water, frame
+        slots ever used, stable-tree buckets."""
+        return (self.high_water * sizeof(rmap_item) + self.frame_high * sizeof(frame_item)
+                + (self.stable_mask + 1) * sizeof(uint32_t) + self.orphans_cap * sizeof(uint32_t))
+
+    @staticmethod
+    def record_sizes():
+        return dict(rmap_item=sizeof(rmap_item), frame_item=sizeof(frame_item))

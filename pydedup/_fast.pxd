@@ -1,0 +1,110 @@
+# The words of pydedup, and the records its core keeps.
+#
+# arena page    One page of the arena's reserved virtual range, numbered from 0.
+#               Arrays are made of whole, consecutive arena pages.
+# frame         One page of the frame store, a memfd. A frame is written once,
+#               before any arena page maps it, and is immutable while one does:
+#               arena pages map it MAP_PRIVATE, so a write to such a page makes
+#               the kernel copy it (copy-on-write) and the frame stays intact.
+# rmap item     The record of one arena page (after KSM's rmap_item: 12 bytes
+#               here, 64 in the kernel). One per arena page, in address order.
+# stable tree   Frames by the checksum of their content, every hit confirmed by
+#               memcmp. Lives as long as its frames. (KSM keeps an rbtree keyed
+#               by content; a hash index keyed by checksum does the same job.)
+# unstable tree During one pass, the private pages seen so far by checksum,
+#               chained through their own rmap items, so it costs no memory
+#               beyond its bucket heads. Rebuilt on every pass.
+# pass          One walk over every arena page in use (KSM's full scan).
+# run           Consecutive arena pages changed by one system call: mapped onto
+#               consecutive frames, or sent to the zero page together.
+#
+# Page states (rmap_item.state), the only transitions being the arrows:
+#
+#   FREE --adopt--> PRIVATE --merge--> MERGED --written--> BROKEN
+#                      |  ^                                  |
+#                      |  '--------------written-----.       |
+#                      '--merge (all zero)--> ZERO --'       |
+#   BROKEN --merge--> MERGED or ZERO;  any state --release--> FREE
+#
+# PRIVATE and ZERO pages lie in anonymous mappings, MERGED and BROKEN pages in
+# MAP_PRIVATE mappings of the frame store. "written" is found by reading the
+# page tables (PAGEMAP_SCAN or /proc/self/pagemap), never by faults.
+#
+# Invariants, outside reclaim_frames():
+#   frames[f].mapcount == #{p : rmap[p].state == PAGE_MERGED and rmap[p].frame == f}
+#   frames[f].mapcount == 0  <=>  f is not in the stable tree and holds no memory
+#   frames_in_use == #{f : frames[f].mapcount > 0}
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from pydedup._os cimport pd_xxh3_fn
+
+cdef enum:
+    NO_PAGE = 0xFFFFFFFF           # end of an unstable-tree chain
+    NO_FRAME = 0xFFFFFFFF          # end of a stable-tree chain, or no frame found
+
+cdef enum page_state:
+    PAGE_FREE = 0                  # in no array: anonymous, holds no memory
+    PAGE_PRIVATE = 1               # its own content, in an anonymous mapping
+    PAGE_ZERO = 2                  # placed on the kernel zero page by pydedup
+    PAGE_MERGED = 3                # maps frame rmap_item.frame, copy-on-write
+    PAGE_BROKEN = 4                # written since merged: own content, file mapping
+
+cdef enum page_flag:
+    PAGE_UNMERGEABLE = 1 << 0      # excluded by the user (arena.unmergeable)
+    PAGE_CHECKSUMMED = 1 << 1      # checksum holds the content of the last pass
+    PAGE_UNSTABLE = 1 << 2         # in a pass: frame links the unstable chain
+    PAGE_TARGET = 1 << 3           # in a pass: will map frame rmap_item.frame
+    PAGE_TARGET_ZERO = 1 << 4      # in a pass: will go to the zero page
+
+cdef struct rmap_item:             # 12 bytes, one per arena page
+    uint32_t checksum              # low 32 bits of xxh3 of the content
+    uint32_t frame                 # MERGED: its frame; in a pass: see flags
+    uint8_t state                  # page_state
+    uint8_t flags                  # page_flag bits
+    uint16_t spare                 # keeps the record at 12 bytes, room to grow
+
+cdef struct frame_item:            # 12 bytes, one per frame slot
+    uint32_t checksum              # of its content: the stable-tree key
+    uint32_t mapcount              # arena pages mapping it (pass: or to map it)
+    uint32_t next                  # next frame of the same stable-tree bucket
+
+cdef struct pass_stats:            # what one merge pass did
+    uint64_t scanned               # pages looked at
+    uint64_t merged                # pages newly mapped onto frames
+    uint64_t zeroed                # pages newly sent to the zero page
+    uint64_t frames_new            # frames written this pass
+    uint64_t unshared              # unique pages left in the unstable tree
+    uint64_t volatile              # pages whose checksum changed since the last pass
+    uint64_t skipped_unmergeable   # pages the user excluded
+    uint64_t skipped_changed       # pages written between comparison and remap
+    uint64_t skipped_budget        # merges the mapping budget refused
+    uint64_t skipped_no_memory     # merges refused because a frame could not be written
+    uint64_t syscalls              # mmap and madvise calls made
+    long mappings_left             # the mapping budget left at the end
+
+cdef class Core:
+    cdef readonly size_t page_size
+    cdef char *base                    # first byte of the reservation
+    cdef readonly size_t npages        # arena pages reserved
+    cdef readonly size_t high_water    # pages [high_water, npages) were never used
+    cdef rmap_item *rmap               # npages records, mapped lazily
+    cdef pd_xxh3_fn xxh3
+    # the frame store
+    cdef readonly int memfd
+    cdef char *view                    # shared window on the memfd: frame f at f * page_size
+    cdef frame_item *frames            # npages frame slots, mapped lazily
+    cdef readonly uint32_t frames_in_use
+    cdef readonly uint32_t frame_high  # slots [frame_high, npages) were never used
+    cdef uint32_t frame_cursor         # where the next-fit search resumes
+    cdef uint32_t *stable              # stable-tree bucket heads
+    cdef uint32_t stable_mask          # buckets - 1, a power of two minus one
+    cdef uint32_t *orphans             # frames whose mapcount fell to 0, to reclaim
+    cdef size_t norphans, orphans_cap
+    # reading the page tables
+    cdef int pagemap_fd
+    cdef int pagemap_pid               # the process pagemap_fd belongs to
+    cdef readonly bint has_pagemap_scan
+    cdef uint64_t zero_pfn             # 0 when pagemap hides frame numbers
+    # counters of the last pass, after KSM
+    cdef readonly uint64_t full_scans, pages_unshared, pages_volatile
+
+    cdef void check_range(self, size_t first, size_t n) except *

@@ -1,0 +1,143 @@
+# The frame store: a memfd whose pages (frames) hold merged content, the
+# stable tree that finds a frame by content, and reclaim of frames that no
+# arena page maps any more.
+
+cdef inline char *frame_address(Core c, uint32_t f) noexcept nogil:
+    return c.view + <size_t>f * c.page_size
+
+
+cdef uint32_t frame_alloc(Core c, uint32_t hint) noexcept nogil:
+    """A free frame slot. `hint` when it is free, so that the frames of a run
+    of new content are consecutive and the run maps back with one mmap; else
+    the next free slot after the last one handed out."""
+    cdef uint32_t nslots = <uint32_t>c.npages
+    cdef uint32_t f = hint
+    cdef uint32_t tries = 0
+    if f >= nslots or c.frames[f].mapcount != 0:
+        f = c.frame_cursor
+        while c.frames[f].mapcount != 0:
+            f = f + 1 if f + 1 < nslots else 0
+            tries += 1
+            if tries == nslots:
+                return NO_FRAME
+    c.frame_cursor = f + 1 if f + 1 < nslots else 0
+    if f >= c.frame_high:
+        c.frame_high = f + 1
+    return f
+
+
+cdef int frame_write(Core c, uint32_t f, const char *content) noexcept nogil:
+    """Fill a new frame; 0 or an errno. pwrite, not a store through the view:
+    a full memory cgroup or tmpfs then answers ENOMEM or ENOSPC, not SIGBUS."""
+    cdef long done = pwrite(c.memfd, content, c.page_size, <long>f * c.page_size)
+    if done == <long>c.page_size:
+        return 0
+    return errno if done < 0 else ENOMEM
+
+
+cdef inline void frame_get(Core c, uint32_t f) noexcept nogil:
+    c.frames[f].mapcount += 1
+
+
+cdef void frame_put(Core c, uint32_t f) noexcept nogil:
+    cdef uint32_t *grown
+    c.frames[f].mapcount -= 1
+    if c.frames[f].mapcount != 0:
+        return
+    if c.norphans == c.orphans_cap:
+        grown = <uint32_t *>realloc(c.orphans, 2 * c.orphans_cap * sizeof(uint32_t))
+        if grown == NULL:
+            reclaim_frames(c)           # empties the list instead
+        else:
+            c.orphans = grown
+            c.orphans_cap *= 2
+    c.orphans[c.norphans] = f
+    c.norphans += 1
+
+
+cdef uint32_t stable_tree_search(Core c, const char *page, uint32_t checksum,
+                                 uint32_t max_page_sharing) noexcept nogil:
+    """A frame holding exactly `page`'s content that may take one more page."""
+    cdef uint32_t f = c.stable[checksum & c.stable_mask]
+    while f != NO_FRAME:
+        if (c.frames[f].checksum == checksum
+                and c.frames[f].mapcount < max_page_sharing
+                and memcmp(page, frame_address(c, f), c.page_size) == 0):
+            return f
+        f = c.frames[f].next
+    return NO_FRAME
+
+
+cdef void stable_tree_link(Core c, uint32_t *heads, uint32_t mask, uint32_t f) noexcept nogil:
+    cdef uint32_t *head = &heads[c.frames[f].checksum & mask]
+    c.frames[f].next = head[0]
+    head[0] = f
+
+
+cdef void stable_tree_grow(Core c) noexcept nogil:
+    """Double the buckets so chains stay short. Without memory, keep going
+    with longer chains: slower, never wrong."""
+    cdef uint32_t mask = 2 * c.stable_mask + 1
+    cdef uint32_t *heads = <uint32_t *>malloc((<size_t>mask + 1) * sizeof(uint32_t))
+    cdef uint32_t b, f, next_f
+    if heads == NULL:
+        return
+    memset(heads, 0xFF, (<size_t>mask + 1) * sizeof(uint32_t))
+    for b in range(c.stable_mask + 1):
+        f = c.stable[b]
+        while f != NO_FRAME:
+            next_f = c.frames[f].next
+            stable_tree_link(c, heads, mask, f)
+            f = next_f
+    free(c.stable)
+    c.stable = heads
+    c.stable_mask = mask
+
+
+cdef void stable_tree_insert(Core c, uint32_t f) noexcept nogil:
+    if c.frames_in_use > c.stable_mask:
+        stable_tree_grow(c)
+    stable_tree_link(c, c.stable, c.stable_mask, f)
+
+
+cdef bint stable_tree_erase(Core c, uint32_t f) noexcept nogil:
+    cdef uint32_t *link = &c.stable[c.frames[f].checksum & c.stable_mask]
+    while link[0] != NO_FRAME:
+        if link[0] == f:
+            link[0] = c.frames[f].next
+            return True
+        link = &c.frames[link[0]].next
+    return False
+
+
+cdef int compare_frames(const void *a, const void *b) noexcept nogil:
+    cdef uint32_t x = (<uint32_t *>a)[0], y = (<uint32_t *>b)[0]
+    return (x > y) - (x < y)
+
+
+cdef void punch_frames(Core c, uint32_t first, uint32_t n) noexcept nogil:
+    fallocate(c.memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+              <long>first * c.page_size, <long>n * c.page_size)
+
+
+cdef void reclaim_frames(Core c) noexcept nogil:
+    """Free the frames whose mapcount fell to 0: out of the stable tree, and
+    their memory back to the kernel, one fallocate per run of frames."""
+    cdef size_t i
+    cdef uint32_t f, run_first = 0, run_len = 0
+    qsort(c.orphans, c.norphans, sizeof(uint32_t), compare_frames)
+    for i in range(c.norphans):
+        f = c.orphans[i]
+        # An orphan may have been listed twice, or found again by a merge.
+        if c.frames[f].mapcount != 0 or not stable_tree_erase(c, f):
+            continue
+        c.frames_in_use -= 1
+        if run_len and f == run_first + run_len:
+            run_len += 1
+            continue
+        if run_len:
+            punch_frames(c, run_first, run_len)
+        run_first, run_len = f, 1
+    if run_len:
+        punch_frames(c, run_first, run_len)
+    c.norphans = 0

@@ -1,0 +1,337 @@
+"""Arena: page-aligned numpy arrays whose identical pages can be merged."""
+import math
+import operator
+import os
+import time
+
+import numpy as np
+
+from pydedup import knobs, procfs
+from pydedup._fast import Block
+from pydedup.pages import Pages
+from pydedup.stats import ArenaStats, ArrayStats, MergeReport, UnmergeReport
+
+PAGE_SIZE = procfs.PAGE_SIZE
+MIN_RESERVATION = 1 << 30
+MAX_DEFAULT_RESERVATION = 1 << 40
+
+
+class _Knob:
+    """An arena attribute backed by the knob table: validated when set."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+        self.__doc__ = knobs.KNOBS[name].doc
+
+    def __get__(self, arena, owner=None):
+        return self if arena is None else arena._knobs[self.name]
+
+    def __set__(self, arena, value):
+        value = knobs.parse(self.name, value)
+        with arena._locked():
+            arena._knobs[self.name] = value
+
+
+class Arena:
+    """A reserved range of virtual memory that numpy arrays are made in, whole
+    pages each; merge() shares identical pages among them, copy-on-write.
+
+    size: bytes of address space to reserve (memory is only used as arrays
+    are written). Default: four times the physical memory, at most 1 TiB.
+    Keyword arguments set knobs (see pydedup.KNOBS).
+    """
+
+    use_zero_pages = _Knob()
+    max_page_sharing = _Knob()
+    max_mappings = _Knob()
+
+    def __init__(self, size=None, **knob_values):
+        self._knobs = knobs.initial(knob_values)
+        self._pages = _reserve(size)
+        core = self._pages.core
+        self._lo = core.base_address
+        self._hi = self._lo + core.npages * PAGE_SIZE
+
+    # -- life --------------------------------------------------------------
+
+    def close(self):
+        """No more arrays, merges or stats. Live arrays keep their memory
+        until the last of them goes."""
+        self._pages = None
+
+    @property
+    def closed(self) -> bool:
+        return self._pages is None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        state = "closed" if self.closed else f"{self._hi - self._lo:,} bytes reserved"
+        return f"<pydedup.Arena {state}>"
+
+    def _locked(self):
+        pages = self._pages
+        if pages is None:
+            raise ValueError("the arena is closed")
+        return pages.locked()
+
+    # -- arrays, as numpy makes them ------------------------------------------
+
+    def empty(self, shape, dtype=float, order="C"):
+        """Like numpy.empty. Fresh arena pages are zero-filled."""
+        return self._new(shape, dtype, _c_or_f(order))
+
+    def zeros(self, shape, dtype=float, order="C"):
+        return self._new(shape, dtype, _c_or_f(order))
+
+    def ones(self, shape, dtype=None, order="C"):
+        return self.full(shape, 1, dtype, order)
+
+    def full(self, shape, fill_value, dtype=None, order="C"):
+        if dtype is None:
+            dtype = np.array(fill_value).dtype
+        out = self._new(shape, dtype, _c_or_f(order))
+        np.copyto(out, fill_value, casting="unsafe")
+        return out
+
+    def empty_like(self, prototype, dtype=None, order="K", shape=None):
+        prototype = np.asanyarray(prototype)
+        dtype = prototype.dtype if dtype is None else dtype
+        shape = prototype.shape if shape is None else _normalize_shape(shape)
+        order, strides = _like_layout(prototype, shape, np.dtype(dtype), order)
+        return self._new(shape, dtype, order, strides)
+
+    def zeros_like(self, prototype, dtype=None, order="K", shape=None):
+        return self.empty_like(prototype, dtype, order, shape)
+
+    def ones_like(self, prototype, dtype=None, order="K", shape=None):
+        return self.full_like(prototype, 1, dtype, order, shape)
+
+    def full_like(self, prototype, fill_value, dtype=None, order="K", shape=None):
+        out = self.empty_like(prototype, dtype, order, shape)
+        np.copyto(out, fill_value, casting="unsafe")
+        return out
+
+    def array(self, object, dtype=None, *, copy=True, order="K", ndmin=0):
+        """Like numpy.array: a copy of `object` in the arena (no copy if
+        copy=False and it already is one of this arena's arrays)."""
+        source = np.asanyarray(object, dtype=dtype)
+        if ndmin > source.ndim:
+            source = source.reshape((1,) * (ndmin - source.ndim) + source.shape)
+        if not copy and self.owns(source):
+            return source
+        out = self.empty_like(source, order=order)
+        np.copyto(out, source)
+        return out
+
+    def asarray(self, a, dtype=None, order=None):
+        """Like numpy.asarray: `a` itself if it is an arena array of the right
+        dtype and order, else a copy in the arena."""
+        if (isinstance(a, np.ndarray) and self.owns(a)
+                and (dtype is None or a.dtype == np.dtype(dtype))
+                and (order in (None, "K", "A")
+                     or (order == "C" and a.flags.c_contiguous)
+                     or (order == "F" and a.flags.f_contiguous))):
+            return a
+        return self.array(a, dtype, order=order or "K")
+
+    def owns(self, array) -> bool:
+        """Whether `array`'s memory lives in this arena."""
+        block = _block_of(array)
+        return block is not None and self._pages is not None and block.owner is self._pages
+
+    def _new(self, shape, dtype, order, strides=None):
+        shape = _normalize_shape(shape)
+        dtype = _check_dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > np.iinfo(np.intp).max:
+            raise ValueError(f"array is too big: {shape} of {dtype} needs {nbytes} bytes")
+        with self._locked():
+            block = self._pages.take(-(-nbytes // PAGE_SIZE), nbytes)
+        return np.ndarray(shape, dtype, buffer=block, order=order, strides=strides)
+
+    # -- merging -----------------------------------------------------------
+
+    def merge(self) -> MergeReport:
+        """One full pass over every arena page, now: all-zero pages to the
+        kernel zero page (use_zero_pages), identical pages onto one shared,
+        immutable frame, byte for byte."""
+        start = time.perf_counter()
+        with self._locked() as core:
+            st = core.merge(self.use_zero_pages, self.max_page_sharing, self._mapping_budget())
+        return MergeReport(
+            pages_scanned=st["scanned"], pages_merged=st["merged"], pages_zeroed=st["zeroed"],
+            frames_new=st["frames_new"], pages_unshared=st["unshared"],
+            pages_volatile=st["volatile"],
+            skipped={"unmergeable": st["skipped_unmergeable"], "changed": st["skipped_changed"],
+                     "mapping_budget": st["skipped_budget"], "no_memory": st["skipped_no_memory"]},
+            mappings_left=st["mappings_left"], seconds=time.perf_counter() - start)
+
+    def unmerge(self) -> UnmergeReport:
+        """Every merged and zero page gets its own copy; contents unchanged."""
+        start = time.perf_counter()
+        with self._locked() as core:
+            unmerged = self._unmerge(core, 0, core.high_water)
+        return UnmergeReport(unmerged, time.perf_counter() - start)
+
+    def unmergeable(self, array):
+        """Like MADV_UNMERGEABLE: unmerge the pages under `array` and leave
+        them out of later merges."""
+        first, n = self._page_range(array)
+        with self._locked() as core:
+            core.set_unmergeable(first, n, True)
+            self._unmerge(core, first, n)
+
+    def mergeable(self, array):
+        """Like MADV_MERGEABLE: undo unmergeable()."""
+        first, n = self._page_range(array)
+        with self._locked() as core:
+            core.set_unmergeable(first, n, False)
+
+    @staticmethod
+    def _unmerge(core, first, n) -> int:
+        core.refresh(first, n)
+        before = core.counts(first, n)
+        core.unmerge(first, n)
+        return before["merged"] + before["zero"]
+
+    def _mapping_budget(self) -> int:
+        """Mappings a pass may add: within max_mappings for the arena, and
+        clear of vm.max_map_count for the process, whose malloc and mmap
+        would fail at the limit."""
+        limit = procfs.max_map_count()
+        total, ours = procfs.count_mappings(self._lo, self._hi)
+        headroom = max(64, limit // 16)
+        return max(0, min(self.max_mappings - ours, limit - headroom - total))
+
+    # -- accounting --------------------------------------------------------
+
+    def stats(self, array=None):
+        """The arena's counters (ArenaStats), or one array's (ArrayStats)."""
+        if array is not None:
+            first, n = self._page_range(array)
+            with self._locked() as core:
+                core.refresh(first, n)
+                c = core.counts(first, n)
+            return ArrayStats(
+                pages=n, pages_private=c["private"], pages_merged=c["merged"],
+                zero_pages=c["zero"], pages_unmergeable=c["unmergeable"],
+                bytes_saved=round(c["saved_pages"] * PAGE_SIZE))
+        with self._locked() as core:
+            core.refresh(0, core.high_water)
+            c = core.counts(0, core.high_water)
+            frames, metadata = core.frames_in_use, core.metadata_bytes()
+            full_scans, unshared, volatile = core.full_scans, core.pages_unshared, core.pages_volatile
+            frame_store_bytes = os.fstat(core.memfd).st_blocks * 512
+            _, mappings = procfs.count_mappings(self._lo, self._hi)
+            pss = procfs.smaps_fields(self._lo, self._hi)
+        sharing = c["merged"] - frames
+        data_pages = c["private_resident"] + c["merged"] + c["zero"]
+        return ArenaStats(
+            pages_shared=frames, pages_sharing=sharing, pages_unshared=unshared,
+            pages_volatile=volatile, zero_pages=c["zero"], full_scans=full_scans,
+            general_profit=(sharing + c["zero"]) * PAGE_SIZE - metadata,
+            pages_in_use=c["pages"], pages_private=c["private"],
+            pages_unmergeable=c["unmergeable"], bytes_reserved=self._hi - self._lo,
+            bytes_in_use=c["pages"] * PAGE_SIZE, frames_in_use=frames,
+            frame_store_bytes=frame_store_bytes, metadata_bytes=metadata, mappings=mappings,
+            pss_bytes=pss["pss"], bytes_saved=(sharing + c["zero"]) * PAGE_SIZE,
+            pss_bytes_saved=data_pages * PAGE_SIZE - pss["pss_anon"] - frame_store_bytes)
+
+    def _page_range(self, array):
+        """(first page, page count) that `array`'s bytes span."""
+        if not self.owns(array):
+            if self._pages is None:
+                raise ValueError("the arena is closed")
+            raise ValueError("the array does not live in this arena")
+        lo, hi = _byte_bounds(array)
+        if lo == hi:
+            return 0, 0
+        first = (lo - self._lo) // PAGE_SIZE
+        return first, (hi - self._lo + PAGE_SIZE - 1) // PAGE_SIZE - first
+
+
+def _reserve(size) -> Pages:
+    """Reserve `size` bytes, or by default as much as can be had up to the
+    default: strict overcommit (vm.overcommit_memory=2) refuses big ones."""
+    if size is not None:
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise ValueError(f"size must be a positive number of bytes, not {size!r}")
+        return Pages(-(-size // PAGE_SIZE))
+    size = min(4 * procfs.physical_memory(), MAX_DEFAULT_RESERVATION)
+    while True:
+        try:
+            return Pages(size // PAGE_SIZE)
+        except MemoryError:
+            if size <= MIN_RESERVATION:
+                raise
+            size //= 2
+
+
+def _normalize_shape(shape) -> tuple:
+    try:
+        shape = (operator.index(shape),)
+    except TypeError:
+        try:
+            shape = tuple(operator.index(n) for n in shape)
+        except TypeError:
+            raise TypeError(f"shape must be an integer or a sequence of integers, not {shape!r}") from None
+    if any(n < 0 for n in shape):
+        raise ValueError(f"negative dimensions are not allowed: {shape}")
+    if len(shape) > 64:
+        raise ValueError(f"numpy arrays have at most 64 dimensions, not {len(shape)}")
+    return shape
+
+
+def _check_dtype(dtype) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise TypeError(f"dtype {dtype} holds Python objects, which cannot live in arena memory")
+    return dtype
+
+
+def _c_or_f(order):
+    if order not in ("C", "F"):
+        raise ValueError(f"order must be 'C' or 'F', not {order!r}")
+    return order
+
+
+def _like_layout(prototype, shape, dtype, order):
+    """(order, strides) for an array like `prototype`, as numpy's *_like do:
+    'A' and 'K' follow the prototype; 'K' keeps its axis order exactly."""
+    if order not in ("C", "F", "A", "K"):
+        raise ValueError(f"order must be 'C', 'F', 'A' or 'K', not {order!r}")
+    fortran = prototype.flags.f_contiguous and not prototype.flags.c_contiguous
+    if order == "A":
+        return ("F" if fortran else "C"), None
+    if order != "K":
+        return order, None
+    if shape != prototype.shape or prototype.ndim < 2:
+        return "C", None
+    axes = sorted(range(prototype.ndim), key=lambda axis: -abs(prototype.strides[axis]))
+    strides, step = [0] * len(shape), dtype.itemsize
+    for axis in reversed(axes):
+        strides[axis] = step
+        step *= max(shape[axis], 1)
+    return "C", strides
+
+
+def _block_of(array):
+    while isinstance(array, np.ndarray):
+        array = array.base
+    return array if isinstance(array, Block) else None
+
+
+def _byte_bounds(array):
+    """[lo, hi) of the bytes `array` can touch."""
+    lo = hi = array.__array_interface__["data"][0]
+    if array.size == 0:
+        return lo, lo
+    for n, stride in zip(array.shape, array.strides):
+        reach = (n - 1) * stride
+        lo, hi = (lo + reach, hi) if reach < 0 else (lo, hi + reach)
+    return lo, hi + array.itemsize

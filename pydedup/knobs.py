@@ -1,0 +1,76 @@
+"""Every knob of an arena in one table: its default, what it accepts, its KSM
+counterpart. Defaults can be overridden with PYDEDUP_<NAME> environment
+variables; a bad value, from either place, raises ValueError naming the knob."""
+import numbers
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pydedup import procfs
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    default: Callable[[], Any]
+    parse: Callable[[Any], Any]   # returns the value, or raises ValueError
+    accepts: str
+    ksm: str                      # the /sys/kernel/mm/ksm file it mirrors, or ""
+    doc: str
+
+
+def _boolean(value):
+    if isinstance(value, (bool, numbers.Integral)) and value in (0, 1):
+        return bool(value)
+    raise ValueError
+
+
+def _integer_at_least(low):
+    def parse(value):
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low:
+            return int(value)
+        raise ValueError
+    return parse
+
+
+KNOBS = {knob.name: knob for knob in (
+    Knob("use_zero_pages", lambda: True, _boolean, "True or False (or 1, 0)", "use_zero_pages",
+         "All-zero pages go to the kernel's zero page instead of a frame."),
+    Knob("max_page_sharing", lambda: 256, _integer_at_least(2), "an integer >= 2", "max_page_sharing",
+         "Most arena pages one frame backs; more copies get another frame."),
+    Knob("max_mappings", lambda: procfs.max_map_count() // 3, _integer_at_least(0),
+         "an integer >= 0", "",
+         "Most mappings the arena may hold (vm.max_map_count counts them per "
+         "process); merges that would need more are left undone and counted."),
+)}
+
+
+def parse(name: str, value):
+    knob = KNOBS.get(name)
+    if knob is None:
+        raise ValueError(f"unknown knob {name!r}; knobs are: {', '.join(KNOBS)}")
+    try:
+        return knob.parse(value)
+    except (ValueError, TypeError):
+        raise ValueError(f"knob {name} accepts {knob.accepts}, not {value!r}") from None
+
+
+def from_environment(name: str):
+    """The knob's default, or the value of PYDEDUP_<NAME> if set."""
+    text = os.environ.get(f"PYDEDUP_{name.upper()}")
+    if text is None:
+        return KNOBS[name].default()
+    try:
+        value = int(text)
+    except ValueError:
+        value = {"true": 1, "false": 0}.get(text.strip().lower(), text)
+    return parse(name, value)
+
+
+def initial(overrides: dict) -> dict:
+    """Every knob's starting value: keyword arguments, else environment, else default."""
+    for name in overrides:
+        if name not in KNOBS:
+            raise TypeError(f"unknown knob {name!r}; knobs are: {', '.join(KNOBS)}")
+    return {name: parse(name, overrides[name]) if name in overrides else from_environment(name)
+            for name in KNOBS}

@@ -1,0 +1,72 @@
+"""The arena's pages: the Cython core under one lock, the free extents, and
+arrays giving their pages back.
+
+An array's pages come back when its Block dies, which can happen in any
+thread, in the middle of anything (a garbage collection inside a merge, say).
+So a Block only queues its pages; whoever holds the lock releases the queue,
+now if the lock is free, else when the current operation ends."""
+import collections
+import ctypes
+import threading
+from contextlib import contextmanager
+
+import xxhash._xxhash
+
+from pydedup._fast import Block, Core
+from pydedup.extents import Extents
+
+
+def _xxh3_address() -> int:
+    """XXH3_64bits from python-xxhash's extension module, which exports it."""
+    library = ctypes.CDLL(xxhash._xxhash.__file__)
+    return ctypes.cast(library.XXH3_64bits, ctypes.c_void_p).value
+
+
+class Pages:
+    def __init__(self, npages: int):
+        self.core = Core(npages, _xxh3_address())
+        self.extents = Extents(npages)
+        self._lock = threading.Lock()
+        self._given_back = collections.deque()
+
+    @contextmanager
+    def locked(self):
+        with self._lock:
+            self._release_given_back()
+            yield self.core
+            self._release_given_back()
+        if self._given_back:
+            self._release_if_free()
+
+    def take(self, npages: int, nbytes: int) -> Block:
+        """A Block of npages fresh, zero-filled pages. Call under locked()."""
+        if npages == 0:
+            return Block(self.core, None, 0, 0, 0)
+        first = self.extents.take(npages)
+        if first is None:
+            page = self.core.page_size
+            raise MemoryError(
+                f"arena has no {npages * page} free bytes in one piece "
+                f"(largest free run: {self.extents.largest * page} bytes, "
+                f"free in all: {self.extents.free_pages * page}); make a larger Arena(size=...)")
+        self.core.adopt(first, npages)
+        return Block(self.core, self, first, npages, nbytes)
+
+    def give_back(self, first: int, npages: int):
+        self._given_back.append((first, npages))
+        self._release_if_free()
+
+    def _release_if_free(self):
+        if self._lock.acquire(blocking=False):
+            try:
+                self._release_given_back()
+            finally:
+                self._lock.release()
+
+    def _release_given_back(self):
+        for _ in range(len(self._given_back)):
+            first, npages = self._given_back.popleft()
+            if self.core.release(first, npages):
+                self.extents.give(first, npages)
+            else:                       # at the mapping limit: try again later
+                self._given_back.append((first, npages))

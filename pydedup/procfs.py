@@ -1,0 +1,51 @@
+"""What the kernel says about this process: mappings, PSS, limits."""
+import os
+
+PAGE_SIZE = os.sysconf("SC_PAGESIZE")
+
+
+def max_map_count() -> int:
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except OSError:
+        return 65530                      # the kernel's default
+
+
+def count_mappings(lo: int, hi: int):
+    """(mappings of the whole process, mappings inside [lo, hi))."""
+    total = inside = 0
+    with open("/proc/self/maps", "rb") as f:
+        for line in f:
+            total += 1
+            start = int(line[: line.index(b"-")], 16)
+            inside += lo <= start < hi
+    return total, inside
+
+
+def smaps_fields(lo: int, hi: int, fields=(b"Pss", b"Pss_Anon", b"Pss_Shmem")):
+    """Sums, in bytes, of smaps fields over the mappings inside [lo, hi)."""
+    sums = dict.fromkeys(fields, 0)
+    inside = False
+    with open("/proc/self/smaps", "rb") as f:
+        for line in f:
+            name, _, rest = line.partition(b":")
+            if b"-" in name and not rest.strip().endswith(b"kB"):   # a mapping's header
+                start = int(line[: line.index(b"-")], 16)
+                inside = lo <= start < hi
+            elif inside and name in sums:
+                sums[name] += int(rest.split()[0]) * 1024
+    return {k.decode().lower(): v for k, v in sums.items()}
+
+
+def process_pss() -> int:
+    """The process's proportional set size, in bytes."""
+    with open("/proc/self/smaps_rollup", "rb") as f:
+        for line in f:
+            if line.startswith(b"Pss:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no Pss line in /proc/self/smaps_rollup")
+
+
+def physical_memory() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * PAGE_SIZE
