@@ -41,7 +41,7 @@ class Pages:
     def take(self, npages: int, nbytes: int) -> Block:
         """A Block of npages fresh, zero-filled pages. Call under locked()."""
         if npages == 0:
-            return Block(self.core, None, 0, 0, 0)
+            return Block(self.core, self, 0, 0, 0)
         first = self.extents.take(npages)
         if first is None:
             page = self.core.page_size
@@ -53,6 +53,8 @@ class Pages:
         return Block(self.core, self, first, npages, nbytes)
 
     def give_back(self, first: int, npages: int):
+        if npages == 0:
+            return
         self._given_back.append((first, npages))
         self._release_if_free()
 

@@ -1,0 +1,106 @@
+"""What the kernel says about pages, read independently of pydedup's core:
+which file page each address maps (/proc/self/maps), pagemap entries, and
+the PAGEMAP_SCAN categories."""
+import ctypes
+import os
+import struct
+
+import numpy as np
+
+PAGE = os.sysconf("SC_PAGESIZE")
+FRAME_STORE = "memfd:pydedup-frames"
+
+
+def address(array) -> int:
+    return array.__array_interface__["data"][0]
+
+
+def page_addresses(array):
+    lo = address(array)
+    return range(lo - lo % PAGE, lo + array.nbytes, PAGE)
+
+
+def frame_offsets(array):
+    """For each page of `array`: the frame-store offset it maps, or None."""
+    maps = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            path = " ".join(fields[5:])
+            maps.append((lo, hi, int(fields[2], 16), path))
+    out = []
+    for page in page_addresses(array):
+        for lo, hi, offset, path in maps:
+            if lo <= page < hi:
+                out.append(offset + page - lo if path.startswith(f"/{FRAME_STORE}") else None)
+                break
+    return out
+
+
+def pagemap(array):
+    entries = []
+    with open("/proc/self/pagemap", "rb") as f:
+        for page in page_addresses(array):
+            f.seek(page // PAGE * 8)
+            entries.append(struct.unpack("<Q", f.read(8))[0])
+    return entries
+
+
+PRESENT, EXCLUSIVE, FILE = 1 << 63, 1 << 56, 1 << 61
+PFN = (1 << 55) - 1
+
+
+def pfns_visible() -> bool:
+    return os.geteuid() == 0
+
+
+class _Region(ctypes.Structure):
+    _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64), ("categories", ctypes.c_uint64)]
+
+
+class _ScanArg(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "size", "flags", "start", "end", "walk_end", "vec", "vec_len", "max_pages",
+        "category_inverted", "category_mask", "category_anyof_mask", "return_mask")]
+
+
+PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_PFNZERO = 1 << 2, 1 << 3, 1 << 5
+_PAGEMAP_SCAN = (3 << 30) | (ctypes.sizeof(_ScanArg) << 16) | (ord("f") << 8) | 16
+
+
+def zero_page_mapped(array):
+    """For each page of `array`: does it map the kernel's zero page? None if
+    this kernel has no PAGEMAP_SCAN."""
+    pages = page_addresses(array)
+    regions = (_Region * 1024)()
+    arg = _ScanArg(size=ctypes.sizeof(_ScanArg), start=pages.start, end=pages.stop,
+                   vec=ctypes.addressof(regions), vec_len=1024,
+                   category_anyof_mask=PAGE_IS_PFNZERO, return_mask=PAGE_IS_PFNZERO)
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    try:
+        found = libc.ioctl(fd, ctypes.c_ulong(_PAGEMAP_SCAN), ctypes.byref(arg))
+    finally:
+        os.close(fd)
+    if found < 0:
+        return None
+    zero = [False] * len(pages)
+    for region in regions[:found]:
+        for i in range((region.start - pages.start) // PAGE, (region.end - pages.start) // PAGE):
+            zero[i] = True
+    return zero
+
+
+def touch(*arrays):
+    """Read every page, so merged pages are mapped and PSS counts them."""
+    for a in arrays:
+        a.view(np.uint8).reshape(-1)[::PAGE].sum()
+
+
+def process_pss() -> int:
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no Pss in smaps_rollup")
