@@ -80,6 +80,9 @@ cdef struct pass_stats:            # what one merge pass did
     uint64_t skipped_no_memory     # merges refused because a frame could not be written
     uint64_t syscalls              # mmap and madvise calls made
     long mappings_left             # the mapping budget left at the end
+    double refresh_seconds         # reading page tables, noticing writes
+    double decide_seconds          # zero tests, checksums, tree searches
+    double apply_seconds           # checks under way to the remap, and the remaps
 
 cdef class Core:
     cdef readonly size_t page_size

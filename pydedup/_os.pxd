@@ -22,6 +22,14 @@ cdef extern from "_os.h" nogil:
     long sysconf(int name)
     int _SC_PAGESIZE
     int getpid()
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int CLOCK_MONOTONIC
+    int clock_gettime(int clock, timespec *now)
     int open(const char *path, int flags)
     int close(int fd)
     int ioctl(int fd, unsigned long request, ...)

@@ -175,13 +175,23 @@ cdef int decide_targets(Core c, bint use_zero_pages, uint32_t max_page_sharing,
     return err
 
 
+cdef double now() noexcept nogil:
+    cdef timespec t
+    clock_gettime(CLOCK_MONOTONIC, &t)
+    return t.tv_sec + t.tv_nsec * 1e-9
+
+
 cdef int merge_pass(Core c, bint use_zero_pages, uint32_t max_page_sharing,
                     pass_stats *st) noexcept nogil:
+    cdef double start = now()
     cdef int err = refresh_states(c, 0, c.high_water)
+    st.refresh_seconds = now() - start
     if err == 0:
         err = decide_targets(c, use_zero_pages, max_page_sharing, st)
+    st.decide_seconds = now() - start - st.refresh_seconds
     apply_targets(c, st)                # also drops the targets of a failed decide
     reclaim_frames(c)
+    st.apply_seconds = now() - start - st.refresh_seconds - st.decide_seconds
     return err
 
 

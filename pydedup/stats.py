@@ -32,6 +32,7 @@ class MergeReport(_Readable):
     skipped: dict = field(default_factory=dict)  # pages not merged, by reason
     mappings_left: int = 0    # what the mapping budget had left at the end
     seconds: float = 0.0
+    phase_seconds: dict = field(default_factory=dict)  # refresh, decide, apply
 
 
 @dataclass(frozen=True)
