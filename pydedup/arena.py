@@ -170,7 +170,7 @@ class Arena:
             skipped={"unmergeable": st["skipped_unmergeable"], "changed": st["skipped_changed"],
                      "mapping_budget": st["skipped_budget"], "no_memory": st["skipped_no_memory"]},
             mappings_left=st["mappings_left"], seconds=time.perf_counter() - start,
-            phase_seconds={phase: st[f"{phase}_seconds"] for phase in ("refresh", "decide", "apply")})
+            phase_seconds={phase: round(st[f"{phase}_seconds"], 6) for phase in ("refresh", "decide", "apply")})
 
     def unmerge(self) -> UnmergeReport:
         """Every merged and zero page gets its own copy; contents unchanged."""
