@@ -58,6 +58,23 @@ def test_zero_pages_map_the_kernel_zero_page(arena):
     assert arena.stats().zero_pages == 32
 
 
+def test_a_zeroed_page_of_a_merged_mapping_still_goes_to_the_zero_page(arena, rng):
+    a = random_pages(arena, rng, 4)
+    b = arena.array(a)
+    arena.merge()
+    b[PAGE_FLOATS:2 * PAGE_FLOATS] = 0.0         # a private copy inside the frame mapping
+    report = arena.merge()
+    assert report.pages_zeroed == 1
+    touch(b)
+    assert frame_offsets(b)[1] is None          # MADV_DONTNEED would have brought the frame back
+    zero = zero_page_mapped(b)
+    if zero is None:
+        pytest.skip("this kernel has no PAGEMAP_SCAN to show the zero page")
+    assert zero == [False, True, False, False]
+    assert not b[PAGE_FLOATS:2 * PAGE_FLOATS].any()
+    np.testing.assert_array_equal(b[2 * PAGE_FLOATS:], a[2 * PAGE_FLOATS:])
+
+
 def test_pages_never_written_are_left_alone(arena):
     a = arena.zeros(32 * PAGE_FLOATS)
     a[:PAGE_FLOATS] = 1.0
