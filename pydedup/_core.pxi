@@ -100,6 +100,9 @@ cdef class Core:
         """One full pass; returns what it did as a dict of pass_stats."""
         cdef pass_stats st
         cdef int err
+        if self.forked_child:
+            raise RuntimeError("merging in a process forked from the arena's is not "
+                               "supported yet; the parent can merge, the child can unmerge")
         memset(&st, 0, sizeof(st))
         st.mappings_left = mappings_left
         with nogil:
@@ -110,6 +113,13 @@ cdef class Core:
         self.pages_unshared = st.unshared
         self.pages_volatile = st.volatile
         return st
+
+    def fork_happened(self, bint in_child):
+        """After fork, parent and child share the frame store: frames that
+        exist now must stay as they are for both. The child stops merging: its
+        new frames would land in the parent's memfd."""
+        self.fork_fence = max(self.fork_fence, self.frame_high)
+        self.forked_child |= in_child
 
     def unmerge(self, size_t first, size_t n):
         cdef int err

@@ -98,6 +98,9 @@ cdef class Core:
     cdef readonly uint32_t frames_in_use
     cdef readonly uint32_t frame_high  # slots [frame_high, npages) were never used
     cdef uint32_t frame_cursor         # where the next-fit search resumes
+    cdef readonly uint32_t fork_fence  # frames below it existed at a fork: shared
+                                       # with another process, never punched or reused
+    cdef readonly bint forked_child    # this process is a child forked with the arena
     cdef uint32_t *stable              # stable-tree bucket heads
     cdef uint32_t stable_mask          # buckets - 1, a power of two minus one
     cdef uint32_t *orphans             # frames whose mapcount fell to 0, to reclaim

@@ -13,9 +13,9 @@ cdef uint32_t frame_alloc(Core c, uint32_t hint) noexcept nogil:
     cdef uint32_t nslots = <uint32_t>c.npages
     cdef uint32_t f = hint
     cdef uint32_t tries = 0
-    if f >= nslots or c.frames[f].mapcount != 0:
-        f = c.frame_cursor
-        while c.frames[f].mapcount != 0:
+    if f >= nslots or f < c.fork_fence or c.frames[f].mapcount != 0:
+        f = max(c.frame_cursor, c.fork_fence)
+        while f < c.fork_fence or c.frames[f].mapcount != 0:
             f = f + 1 if f + 1 < nslots else 0
             tries += 1
             if tries == nslots:
@@ -116,6 +116,11 @@ cdef int compare_frames(const void *a, const void *b) noexcept nogil:
 
 
 cdef void punch_frames(Core c, uint32_t first, uint32_t n) noexcept nogil:
+    if first < c.fork_fence:            # another process may still map them
+        n = first + n - c.fork_fence if first + n > c.fork_fence else 0
+        first = c.fork_fence
+    if n == 0:
+        return
     fallocate(c.memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
               <long>first * c.page_size, <long>n * c.page_size)
 

@@ -7,7 +7,9 @@ So a Block only queues its pages; whoever holds the lock releases the queue,
 now if the lock is free, else when the current operation ends."""
 import collections
 import ctypes
+import os
 import threading
+import weakref
 from contextlib import contextmanager
 
 import xxhash._xxhash
@@ -28,6 +30,7 @@ class Pages:
         self.extents = Extents(npages)
         self._lock = threading.Lock()
         self._given_back = collections.deque()
+        _LIVE.add(self)
 
     @contextmanager
     def locked(self):
@@ -72,3 +75,26 @@ class Pages:
                 self.extents.give(first, npages)
             else:                       # at the mapping limit: try again later
                 self._given_back.append((first, npages))
+
+
+# fork: wait for merges in progress, then fence the frames both processes share.
+_LIVE = weakref.WeakSet()
+_forking = []
+
+
+def _before_fork():
+    _forking[:] = list(_LIVE)
+    for pages in _forking:
+        pages._lock.acquire()
+
+
+def _after_fork(in_child: bool):
+    for pages in _forking:
+        pages.core.fork_happened(in_child)
+        pages._lock.release()
+    _forking.clear()
+
+
+os.register_at_fork(before=_before_fork,
+                    after_in_parent=lambda: _after_fork(False),
+                    after_in_child=lambda: _after_fork(True))
