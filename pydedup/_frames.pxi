@@ -15,6 +15,8 @@ cdef uint32_t frame_alloc(Core c, uint32_t hint) noexcept nogil:
     cdef uint32_t tries = 0
     if f >= nslots or f < c.fork_fence or c.frames[f].mapcount != 0:
         f = max(c.frame_cursor, c.fork_fence)
+        if f >= nslots:
+            f = 0
         while f < c.fork_fence or c.frames[f].mapcount != 0:
             f = f + 1 if f + 1 < nslots else 0
             tries += 1
