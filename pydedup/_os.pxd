@@ -22,14 +22,6 @@ cdef extern from "_os.h" nogil:
     long sysconf(int name)
     int _SC_PAGESIZE
     int getpid()
-
-cdef extern from "<time.h>" nogil:
-    ctypedef long time_t
-    struct timespec:
-        time_t tv_sec
-        long tv_nsec
-    int CLOCK_MONOTONIC
-    int clock_gettime(int clock, timespec *now)
     int open(const char *path, int flags)
     int close(int fd)
     int ioctl(int fd, unsigned long request, ...)
@@ -46,3 +38,11 @@ cdef extern from "<time.h>" nogil:
     int pd_page_is_zero(const void *page, size_t size)
     void pd_touch_write(void *page)
     ctypedef uint64_t (*pd_xxh3_fn)(const void *data, size_t length)
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int CLOCK_MONOTONIC
+    int clock_gettime(int clock, timespec *now)

@@ -183,15 +183,17 @@ cdef double now() noexcept nogil:
 
 cdef int merge_pass(Core c, bint use_zero_pages, uint32_t max_page_sharing,
                     pass_stats *st) noexcept nogil:
-    cdef double start = now()
+    cdef double refreshed, decided, started = now()
     cdef int err = refresh_states(c, 0, c.high_water)
-    st.refresh_seconds = now() - start
+    refreshed = now()
     if err == 0:
         err = decide_targets(c, use_zero_pages, max_page_sharing, st)
-    st.decide_seconds = now() - start - st.refresh_seconds
+    decided = now()
     apply_targets(c, st)                # also drops the targets of a failed decide
     reclaim_frames(c)
-    st.apply_seconds = now() - start - st.refresh_seconds - st.decide_seconds
+    st.refresh_seconds = refreshed - started
+    st.decide_seconds = decided - refreshed
+    st.apply_seconds = now() - decided
     return err
 
 
