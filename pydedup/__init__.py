@@ -16,10 +16,12 @@ __version__ = "0.1.0"
 def features() -> dict:
     """What this kernel offers pydedup, as found by probing it."""
     from pydedup import procfs
+    from pydedup._fast import userfaultfd_allowed
     from pydedup.pages import Pages
     core = Pages(16).core
     return {
         "page_size": procfs.PAGE_SIZE,
         "pagemap_scan": core.has_pagemap_scan,
+        "userfaultfd": userfaultfd_allowed(),
         "max_map_count": procfs.max_map_count(),
     }

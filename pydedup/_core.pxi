@@ -14,6 +14,7 @@ cdef class Core:
     def __cinit__(self, size_t npages, size_t xxh3_address):
         self.memfd = -1
         self.pagemap_fd = -1
+        self.barrier_uffd = -1
         self.base = self.view = <char *>MAP_FAILED
         self.rmap = <rmap_item *>MAP_FAILED
         self.frames = <frame_item *>MAP_FAILED
@@ -54,7 +55,7 @@ cdef class Core:
             munmap(self.rmap, self.npages * sizeof(rmap_item))
         if <void *>self.frames != MAP_FAILED:
             munmap(self.frames, self.npages * sizeof(frame_item))
-        for fd in (self.memfd, self.pagemap_fd):
+        for fd in (self.memfd, self.pagemap_fd, self.barrier_uffd):
             if fd >= 0:
                 close(fd)
         free(self.stable)
@@ -100,6 +101,8 @@ cdef class Core:
         """One full pass; returns what it did as a dict of pass_stats."""
         cdef pass_stats st
         cdef int err
+        if self.barrier == 0:
+            raise RuntimeError("no write barrier chosen: call set_barrier() first")
         if self.forked_child:
             raise RuntimeError("merging in a process forked from the arena's is not "
                                "supported yet; the parent can merge, the child can unmerge")
@@ -114,12 +117,43 @@ cdef class Core:
         self.pages_volatile = st.volatile
         return st
 
+    def set_barrier(self, str mode):
+        """Write-protect runs under merge with 'uffd' (userfaultfd) or
+        'mprotect' (and a SIGSEGV handler)."""
+        cdef int err
+        if mode == "uffd":
+            err = open_barrier_uffd(self)
+            if err:
+                raise OSError(err, "the 'uffd' barrier needs userfaultfd, which this process may "
+                                   "not use (it takes CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1"
+                                   " and Linux 5.19+)")
+            self.barrier = BARRIER_UFFD
+        elif mode == "mprotect":
+            err = pd_barrier_install()
+            if err:
+                raise OSError(err, "cannot install the SIGSEGV handler of the 'mprotect' barrier")
+            self.barrier = BARRIER_MPROTECT
+            if self.barrier_uffd >= 0:
+                close(self.barrier_uffd)
+                self.barrier_uffd = -1
+        else:
+            raise ValueError(f"barrier is 'uffd' or 'mprotect', not {mode!r}")
+
+    @property
+    def barrier_name(self):
+        return {BARRIER_UFFD: "uffd", BARRIER_MPROTECT: "mprotect"}.get(self.barrier, "none")
+
     def fork_happened(self, bint in_child):
         """After fork, parent and child share the frame store: frames that
         exist now must stay as they are for both. The child stops merging: its
         new frames would land in the parent's memfd."""
         self.fork_fence = max(self.fork_fence, self.frame_high)
         self.forked_child |= in_child
+        if in_child and self.barrier == BARRIER_UFFD and open_barrier_uffd(self) != 0:
+            # The inherited userfaultfd acts on the parent's memory: never use it.
+            close(self.barrier_uffd)
+            self.barrier_uffd = -1
+            self.set_barrier("mprotect")
 
     def unmerge(self, size_t first, size_t n):
         cdef int err
@@ -190,3 +224,14 @@ cdef class Core:
     @staticmethod
     def record_sizes():
         return dict(rmap_item=sizeof(rmap_item), frame_item=sizeof(frame_item))
+
+
+def userfaultfd_allowed():
+    """Whether this process may use userfaultfd write-protect for faults the
+    kernel takes too (the 'uffd' barrier)."""
+    cdef uint64_t granted = 0
+    cdef int fd = pd_uffd_open(0, PD_UFFD_FEATURE_WP_HUGETLBFS_SHMEM, &granted)
+    if fd < 0:
+        return False
+    close(fd)
+    return bool(granted & PD_UFFD_FEATURE_WP_HUGETLBFS_SHMEM)

@@ -67,6 +67,10 @@ cdef struct frame_item:            # 12 bytes, one per frame slot
     uint32_t mapcount              # arena pages mapping it (pass: or to map it)
     uint32_t next                  # next frame of the same stable-tree bucket
 
+cdef enum barrier_mode:           # how a run is write-protected while it is merged
+    BARRIER_MPROTECT = 1           # mprotect and a SIGSEGV handler that waits
+    BARRIER_UFFD = 2               # userfaultfd write-protect: the kernel waits
+
 cdef struct pass_stats:            # what one merge pass did
     uint64_t scanned               # pages looked at
     uint64_t merged                # pages newly mapped onto frames
@@ -105,6 +109,9 @@ cdef class Core:
     cdef uint32_t stable_mask          # buckets - 1, a power of two minus one
     cdef uint32_t *orphans             # frames whose mapcount fell to 0, to reclaim
     cdef size_t norphans, orphans_cap
+    # the write barrier
+    cdef readonly int barrier          # barrier_mode
+    cdef int barrier_uffd              # the userfaultfd of BARRIER_UFFD, or -1
     # reading the page tables
     cdef int pagemap_fd
     cdef int pagemap_pid               # the process pagemap_fd belongs to

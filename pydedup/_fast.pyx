@@ -4,7 +4,7 @@ the merge pass, and the buffer that numpy arrays are made from.
 
 Everything here runs under the arena's lock, which pydedup/pages.py holds;
 the loops over pages and the system calls run without the GIL."""
-from libc.errno cimport EINVAL, ENOMEM
+from libc.errno cimport EAGAIN, EINVAL, ENOMEM, EOPNOTSUPP
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, calloc, realloc, free, qsort
 from libc.string cimport memcmp, memset
@@ -14,6 +14,7 @@ from pydedup._os cimport *
 include "_frames.pxi"
 include "_pagemap.pxi"
 include "_scan.pxi"
+include "_barrier.pxi"
 include "_remap.pxi"
 include "_core.pxi"
 include "_block.pxi"

@@ -1,6 +1,6 @@
 # Declarations of the system calls pydedup makes. Nothing here has logic;
 # the few helpers that need C live in _os.h.
-from libc.stdint cimport uint64_t
+from libc.stdint cimport uint64_t, uintptr_t
 
 cdef extern from "_os.h" nogil:
     int errno
@@ -22,6 +22,7 @@ cdef extern from "_os.h" nogil:
     long sysconf(int name)
     int _SC_PAGESIZE
     int getpid()
+    int sched_yield()
     int open(const char *path, int flags)
     int close(int fd)
     int ioctl(int fd, unsigned long request, ...)
@@ -46,3 +47,16 @@ cdef extern from "<time.h>" nogil:
         long tv_nsec
     int CLOCK_MONOTONIC
     int clock_gettime(int clock, timespec *now)
+
+cdef extern from "_barrier.h" nogil:
+    int pd_window_open(uintptr_t lo, uintptr_t hi)
+    void pd_window_close(int window)
+    int pd_barrier_install()
+    int pd_barrier_installed()
+    uint64_t PD_UFFD_FEATURE_WP_HUGETLBFS_SHMEM, PD_UFFD_FEATURE_WP_UNPOPULATED
+    uint64_t PD_UFFD_FEATURE_WP_ASYNC
+    int pd_uffd_open(int user_mode_only, uint64_t features, uint64_t *granted)
+    int pd_uffd_register(int fd, void *addr, size_t length)
+    int pd_uffd_unregister(int fd, void *addr, size_t length)
+    int pd_uffd_write_protect(int fd, void *addr, size_t length)
+    int pd_uffd_wake(int fd, void *addr, size_t length)

@@ -1,6 +1,7 @@
 # Applying targets: the system calls that change what arena pages map. Each
-# run is checked again right before its remap, since the pass compared the
-# pages a while ago; a page that changed meanwhile keeps its content.
+# run is write-protected and compared again right before its remap, since the
+# pass compared the pages a while ago; a page that changed meanwhile keeps
+# its content.
 
 cdef enum run_kind:
     RUN_NONE = 0
@@ -106,8 +107,15 @@ cdef void remap_run(Core c, size_t first, size_t n, run_kind kind, pass_stats *s
 
 cdef void merge_run(Core c, size_t first, size_t n, run_kind kind, pass_stats *st) noexcept nogil:
     """Remap the pages of the run that still hold the content they were
-    matched on, in as few pieces as the pages that changed leave."""
+    matched on, in as few pieces as the pages that changed leave. The run is
+    write-protected from the comparison to the remap (_barrier.pxi)."""
+    cdef char *addr = page_address(c, first)
     cdef size_t i = 0, j
+    cdef int window = -1
+    if protect_run(c, addr, n * c.page_size, &window) != 0:
+        drop_targets(c, first, n)       # the kernel could not split the mapping
+        st.skipped_no_memory += n
+        return
     while i < n:
         j = i
         while j < n and still_matches(c, first + j, kind):
@@ -118,6 +126,7 @@ cdef void merge_run(Core c, size_t first, size_t n, run_kind kind, pass_stats *s
             drop_targets(c, first + j, 1)
             st.skipped_changed += 1
         i = j + 1
+    unprotect_run(c, addr, n * c.page_size, window)
 
 
 cdef void apply_targets(Core c, pass_stats *st) noexcept nogil:

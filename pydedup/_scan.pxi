@@ -184,7 +184,10 @@ cdef double now() noexcept nogil:
 cdef int merge_pass(Core c, bint use_zero_pages, uint32_t max_page_sharing,
                     pass_stats *st) noexcept nogil:
     cdef double refreshed, decided, started = now()
-    cdef int err = refresh_states(c, 0, c.high_water)
+    cdef int err = prepare_barrier(c)
+    if err:
+        return err
+    err = refresh_states(c, 0, c.high_water)
     refreshed = now()
     if err == 0:
         err = decide_targets(c, use_zero_pages, max_page_sharing, st)

@@ -28,7 +28,9 @@ class _Knob:
 
     def __set__(self, arena, value):
         value = knobs.parse(self.name, value)
-        with arena._locked():
+        with arena._locked() as core:
+            if self.name == "barrier":
+                _choose_barrier(core, value)
             arena._knobs[self.name] = value
 
 
@@ -44,11 +46,13 @@ class Arena:
     use_zero_pages = _Knob()
     max_page_sharing = _Knob()
     max_mappings = _Knob()
+    barrier = _Knob()
 
     def __init__(self, size=None, **knob_values):
         self._knobs = knobs.initial(knob_values)
         self._pages = _reserve(size)
         core = self._pages.core
+        _choose_barrier(core, self.barrier)
         self._lo = core.base_address
         self._hi = self._lo + core.npages * PAGE_SIZE
 
@@ -227,6 +231,7 @@ class Arena:
             c = core.counts(0, core.high_water)
             frames, metadata = core.frames_in_use, core.metadata_bytes()
             full_scans, unshared, volatile = core.full_scans, core.pages_unshared, core.pages_volatile
+            barrier = core.barrier_name
             frame_store_bytes = os.fstat(core.memfd).st_blocks * 512
             _, mappings = procfs.count_mappings(self._lo, self._hi)
             pss = procfs.smaps_fields(self._lo, self._hi)
@@ -241,7 +246,8 @@ class Arena:
             bytes_in_use=c["pages"] * PAGE_SIZE, frames_in_use=frames,
             frame_store_bytes=frame_store_bytes, metadata_bytes=metadata, mappings=mappings,
             pss_bytes=pss["pss"], bytes_saved=(sharing + c["zero"]) * PAGE_SIZE,
-            pss_bytes_saved=data_pages * PAGE_SIZE - pss["pss_anon"] - frame_store_bytes)
+            pss_bytes_saved=data_pages * PAGE_SIZE - pss["pss_anon"] - frame_store_bytes,
+            barrier=barrier)
 
     def _page_range(self, array):
         """(first page, page count) that `array`'s bytes span."""
@@ -271,6 +277,18 @@ def _reserve(size) -> Pages:
             if size <= MIN_RESERVATION:
                 raise
             size //= 2
+
+
+def _choose_barrier(core, choice):
+    """The barrier the knob asks for; 'auto' is userfaultfd where this
+    process may use it, else mprotect."""
+    if choice != "auto":
+        core.set_barrier(choice)
+        return
+    try:
+        core.set_barrier("uffd")
+    except OSError:
+        core.set_barrier("mprotect")
 
 
 def _normalize_shape(shape) -> tuple:

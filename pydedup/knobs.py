@@ -33,6 +33,14 @@ def _integer_at_least(low):
     return parse
 
 
+def _one_of(*choices):
+    def parse(value):
+        if isinstance(value, str) and value in choices:
+            return value
+        raise ValueError
+    return parse
+
+
 KNOBS = {knob.name: knob for knob in (
     Knob("use_zero_pages", lambda: True, _boolean, "True or False (or 1, 0)", "use_zero_pages",
          "All-zero pages go to the kernel's zero page instead of a frame."),
@@ -42,6 +50,13 @@ KNOBS = {knob.name: knob for knob in (
          "an integer >= 0", "",
          "Most mappings the arena may hold (vm.max_map_count counts them per "
          "process); merges that would need more are left undone and counted."),
+    Knob("barrier", lambda: "auto", _one_of("auto", "uffd", "mprotect"),
+         "'auto', 'uffd' or 'mprotect'", "",
+         "How a page is write-protected between its comparison and its remap: "
+         "'uffd' (userfaultfd; writers, the kernel's included, wait) needs "
+         "CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1; 'mprotect' (a SIGSEGV "
+         "handler makes writers wait; a kernel write into such a page fails with "
+         "EFAULT) works everywhere; 'auto' takes uffd where allowed."),
 )}
 
 

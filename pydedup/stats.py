@@ -65,6 +65,7 @@ class ArenaStats(_Readable):
     bytes_saved: int          # (pages_sharing + zero_pages) * page size
     pss_bytes_saved: int      # measured: what the data would hold unmerged, less
                               # anonymous PSS and the frame store
+    barrier: str              # the write barrier in use: 'uffd' or 'mprotect'
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,191 @@
+"""No write is lost while merges run: the write barrier, in both its modes."""
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+import pydedup
+from kernel import PAGE
+
+PAGE_FLOATS = PAGE // 8
+ROUNDS = int(os.environ.get("PYDEDUP_STRESS_ROUNDS", 100))
+
+
+def uffd_allowed() -> bool:
+    return pydedup.features()["userfaultfd"]
+
+
+@pytest.fixture(params=["uffd", "mprotect"])
+def barrier(request):
+    if request.param == "uffd" and not uffd_allowed():
+        pytest.skip("this process may not use userfaultfd (it takes CAP_SYS_PTRACE or "
+                    "vm.unprivileged_userfaultfd=1)")
+    return request.param
+
+
+class Writers:
+    """Threads that keep rewriting regions of an array so that they stay
+    mergeable (every page of a region holds the same value), each checking
+    that what it wrote is there; merges run meanwhile."""
+
+    def __init__(self, array, pages_each):
+        self.array = array
+        self.pages_each = pages_each
+        self.errors = []
+        self.efaults = 0
+        self.last = {}
+        self.stop = threading.Event()
+
+    def region(self, k):
+        return self.array[k * self.pages_each * PAGE_FLOATS:(k + 1) * self.pages_each * PAGE_FLOATS]
+
+    def run(self, k, write):
+        def loop():
+            region, value = self.region(k), 0.0
+            while not self.stop.is_set():
+                value += 1
+                try:
+                    write(region, value)
+                except Exception as e:       # noqa: BLE001 - reported by the test
+                    self.errors.append(f"region {k}: {e!r}")
+                    return
+                if not (region == value).all():
+                    self.errors.append(f"region {k}: wrote {value}, read {sorted(set(region))[:4]}")
+                    return
+                self.last[k] = value
+        return threading.Thread(target=loop, daemon=True)
+
+
+def write_with_ufunc(region, value):          # numpy drops the GIL in the loop
+    np.multiply(region, 0.0, out=region)
+    np.add(region, value, out=region)
+
+
+def write_with_python_stores(region, value):
+    for i in range(0, region.size, PAGE_FLOATS // 4):
+        region[i] = value                     # one store at a time, GIL held
+    region[:] = value
+
+
+def reader_through_pipe(writers, pipes):
+    """Write with read() from a pipe of its own: the kernel is the writer."""
+    r, w = os.pipe()
+    pipes += [r, w]
+
+    def write_with_readinto(region, value):
+        payload = np.full(region.size, value).tobytes()
+        view = memoryview(region).cast("B")
+        done = 0
+        feeder = threading.Thread(target=os.write, args=(w, payload))
+        feeder.start()
+        while done < len(payload):
+            try:
+                done += os.readv(r, [view[done:]])
+            except OSError as e:
+                if e.errno != errno.EFAULT:
+                    raise
+                writers.efaults += 1          # mprotect barrier: the data stays in the pipe
+        feeder.join()
+    return write_with_readinto
+
+
+def test_no_write_is_lost_while_merges_run(barrier):
+    with pydedup.Arena(size=64 << 20, barrier=barrier) as arena:
+        pages_each = 8
+        array = arena.zeros(12 * pages_each * PAGE_FLOATS)
+        writers = Writers(array, pages_each)
+        pipes = []
+        kinds = ([write_with_ufunc] * 6 + [write_with_python_stores] * 4
+                 + [reader_through_pipe(writers, pipes) for _ in range(2)])
+        threads = [writers.run(k, write) for k, write in enumerate(kinds)]
+        for t in threads:
+            t.start()
+        merged = 0
+        try:
+            for _ in range(ROUNDS):
+                report = arena.merge()
+                merged += report.pages_merged + report.pages_zeroed
+                if writers.errors:
+                    break
+        finally:
+            writers.stop.set()
+            for t in threads:
+                t.join()
+            for fd in pipes:
+                os.close(fd)
+        assert writers.errors == []
+        assert merged > 0                    # the merges did work under the writers
+        for k, value in writers.last.items():
+            np.testing.assert_array_equal(writers.region(k), value)
+        if barrier == "uffd":
+            assert writers.efaults == 0       # kernel writes wait instead of failing
+
+
+def test_a_forced_uffd_barrier_that_is_not_allowed_says_why():
+    if uffd_allowed():
+        pytest.skip("this process may use userfaultfd")
+    with pytest.raises(OSError, match="userfaultfd"):
+        pydedup.Arena(size=1 << 20, barrier="uffd")
+
+
+def test_auto_takes_uffd_where_allowed():
+    with pydedup.Arena(size=1 << 20) as arena:
+        assert arena.stats().barrier == ("uffd" if uffd_allowed() else "mprotect")
+
+
+def run_python(code):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("faulthandler_first", [True, False])
+def test_a_real_crash_still_crashes_and_is_reported(faulthandler_first):
+    """The handler passes faults that are not the barrier's on to the one
+    before it (here Python's faulthandler), whichever was installed first,
+    and the process dies of SIGSEGV instead of hanging."""
+    result = run_python(f"""
+        import ctypes, faulthandler, numpy as np, pydedup
+        if {faulthandler_first}:
+            faulthandler.enable()
+        arena = pydedup.Arena(size=1 << 24, barrier="mprotect")
+        a = arena.zeros(1 << 16); a[:] = 1; b = arena.array(a)
+        arena.merge()
+        faulthandler.enable()
+        arena.merge()                          # puts the barrier's handler back on top
+        print("merged", flush=True)
+        ctypes.string_at(8)
+        """)
+    assert "merged" in result.stdout, result.stderr
+    assert result.returncode == -11, result.stderr
+    assert "Fatal Python error: Segmentation fault" in result.stderr
+
+
+def test_the_barrier_survives_faulthandler_replacing_it():
+    """faulthandler.enable() after the arena replaces the SIGSEGV handler;
+    the next merge puts the barrier's back, and writers under merge wait
+    instead of crashing the process."""
+    result = run_python("""
+        import faulthandler, threading, numpy as np, pydedup
+        arena = pydedup.Arena(size=1 << 26, barrier="mprotect")
+        faulthandler.enable()
+        a = arena.zeros(1 << 18)
+        stop, lost = False, []
+        def write():
+            v = 0.0
+            while not stop and not lost:
+                v += 1
+                a[:] = v
+                if not (a == v).all():
+                    lost.append(v)
+        t = threading.Thread(target=write); t.start()
+        for _ in range(100):
+            arena.merge()
+        stop = True; t.join()
+        print("lost" if lost else "ok")
+        """)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
