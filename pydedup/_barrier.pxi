@@ -22,11 +22,14 @@ cdef int open_barrier_uffd(Core c) noexcept nogil:
 cdef int protect_run(Core c, char *addr, size_t length, int *window) noexcept nogil:
     cdef int err
     if c.barrier == BARRIER_UFFD:
+        untrack_range(c, addr, length)
         err = pd_uffd_register(c.barrier_uffd, addr, length)
         if err == 0:
             err = pd_uffd_write_protect(c.barrier_uffd, addr, length)
             if err:
                 pd_uffd_unregister(c.barrier_uffd, addr, length)
+        if err:
+            track_range(c, addr, length)
         return err
     window[0] = pd_window_open(<uintptr_t>addr, <uintptr_t>(addr + length))
     if mprotect(addr, length, PROT_READ) != 0:
@@ -38,16 +41,19 @@ cdef int protect_run(Core c, char *addr, size_t length, int *window) noexcept no
 
 cdef void unprotect_run(Core c, char *addr, size_t length, int window) noexcept nogil:
     """Pages that were not remapped become writable again; waiting writers
-    go on, into the new mapping where there is one."""
+    go on, into the new mapping where there is one. The new mappings join
+    the written-page tracking only now: until the barrier lets go of the
+    range, it must be the barrier's userfaultfd alone."""
     if c.barrier == BARRIER_UFFD:
         pd_uffd_unregister(c.barrier_uffd, addr, length)  # clears the protection
         pd_uffd_wake(c.barrier_uffd, addr, length)        # and wakes writers of remapped pages
-        return
-    # The range ends where the protection split its mappings, so making it
-    # writable splits nothing and cannot run into the mapping limit.
-    while mprotect(addr, length, PROT_READ | PROT_WRITE) != 0 and errno in (ENOMEM, EAGAIN):
-        sched_yield()
-    pd_window_close(window)
+    else:
+        # The range ends where the protection split its mappings, so making
+        # it writable splits nothing and cannot run into the mapping limit.
+        while mprotect(addr, length, PROT_READ | PROT_WRITE) != 0 and errno in (ENOMEM, EAGAIN):
+            sched_yield()
+        pd_window_close(window)
+    track_range(c, addr, length)
 
 
 cdef int prepare_barrier(Core c) noexcept nogil:

@@ -7,6 +7,15 @@ cdef void *map_lazily(size_t length) noexcept nogil:
                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
 
 
+cdef uint32_t zero_page_checksum(Core c) except? 0:
+    cdef void *zeros = calloc(1, c.page_size)
+    if zeros == NULL:
+        raise MemoryError()
+    checksum = <uint32_t>c.xxh3(zeros, c.page_size)
+    free(zeros)
+    return checksum
+
+
 cdef class Core:
     """The arena's pages and frames. `npages` pages of virtual memory are
     reserved at once; records and frames only cost memory once used."""
@@ -15,6 +24,7 @@ cdef class Core:
         self.memfd = -1
         self.pagemap_fd = -1
         self.barrier_uffd = -1
+        self.track_uffd = -1
         self.base = self.view = <char *>MAP_FAILED
         self.rmap = <rmap_item *>MAP_FAILED
         self.frames = <frame_item *>MAP_FAILED
@@ -43,7 +53,9 @@ cdef class Core:
         if self.stable == NULL or self.orphans == NULL:
             raise MemoryError()
         memset(self.stable, 0xFF, 16 * sizeof(uint32_t))
+        self.zero_checksum = zero_page_checksum(self)
         probe_page_tables(self)
+        start_tracking(self)
 
     def __dealloc__(self):
         cdef size_t ps = self.page_size
@@ -55,11 +67,12 @@ cdef class Core:
             munmap(self.rmap, self.npages * sizeof(rmap_item))
         if <void *>self.frames != MAP_FAILED:
             munmap(self.frames, self.npages * sizeof(frame_item))
-        for fd in (self.memfd, self.pagemap_fd, self.barrier_uffd):
+        for fd in (self.memfd, self.pagemap_fd, self.barrier_uffd, self.track_uffd):
             if fd >= 0:
                 close(fd)
         free(self.stable)
         free(self.orphans)
+        free(self.unstable)
 
     @property
     def base_address(self):
@@ -87,10 +100,13 @@ cdef class Core:
         with nogil:
             if in_frame_store:
                 err = map_anonymous(self, page_address(self, first), n * self.page_size)
+                if err == 0:
+                    track_range(self, page_address(self, first), n * self.page_size)
             else:
                 err = errno if madvise(page_address(self, first), n * self.page_size, MADV_DONTNEED) else 0
             if err == 0:
                 for p in range(first, first + n):
+                    unstable_tree_erase(self, p)
                     if self.rmap[p].state == PAGE_MERGED:
                         frame_put(self, self.rmap[p].frame)
                     self.rmap[p] = rmap_item(0, 0, PAGE_FREE, 0, 0)
@@ -98,24 +114,51 @@ cdef class Core:
         return err == 0
 
     def merge(self, bint use_zero_pages, uint32_t max_page_sharing, long mappings_left):
-        """One full pass; returns what it did as a dict of pass_stats."""
+        """One whole scan, now; returns what it did as a dict of pass_stats."""
         cdef pass_stats st
+        cdef scan_knobs k = scan_knobs(use_zero_pages, max_page_sharing, True)
         cdef int err
-        if self.barrier == 0:
-            raise RuntimeError("no write barrier chosen: call set_barrier() first")
-        if self.forked_child:
-            raise RuntimeError("merging in a process forked from the arena's is not "
-                               "supported yet; the parent can merge, the child can unmerge")
+        self.check_can_merge()
         memset(&st, 0, sizeof(st))
         st.mappings_left = mappings_left
         with nogil:
-            err = merge_pass(self, use_zero_pages, max_page_sharing, &st)
+            err = merge_pass(self, &k, &st)
         if err:
             raise OSError(err, "merge pass failed")
         self.full_scans += 1
         self.pages_unshared = st.unshared
         self.pages_volatile = st.volatile
         return st
+
+    def scan_batch(self, size_t npages, bint use_zero_pages, uint32_t max_page_sharing,
+                   long mappings_left):
+        """The background scanner's step: the next npages of the scan in
+        progress. Returns (this step's pass_stats, whether a scan ended)."""
+        cdef pass_stats before = self.scan
+        cdef scan_knobs k = scan_knobs(use_zero_pages, max_page_sharing, False)
+        cdef bint scan_done = False
+        cdef int err
+        self.check_can_merge()
+        self.scan.mappings_left = mappings_left
+        with nogil:
+            err = scan_batch(self, npages, &k, &self.scan, &scan_done)
+        step = {key: value - before.get(key, 0) if not key.endswith("left") else value
+                for key, value in (<dict>self.scan).items()}
+        if scan_done:
+            self.full_scans += 1
+            self.pages_unshared = self.scan.unshared
+            self.pages_volatile = self.scan.volatile
+            memset(&self.scan, 0, sizeof(self.scan))
+        if err:
+            raise OSError(err, "background scan failed")
+        return step, scan_done
+
+    cdef check_can_merge(self):
+        if self.barrier == 0:
+            raise RuntimeError("no write barrier chosen: call set_barrier() first")
+        if self.forked_child:
+            raise RuntimeError("merging in a process forked from the arena's is not "
+                               "supported yet; the parent can merge, the child can unmerge")
 
     def set_barrier(self, str mode):
         """Write-protect runs under merge with 'uffd' (userfaultfd) or
@@ -140,6 +183,11 @@ cdef class Core:
             raise ValueError(f"barrier is 'uffd' or 'mprotect', not {mode!r}")
 
     @property
+    def tracking(self):
+        """Whether written pages are tracked (else every page counts as written)."""
+        return self.track_uffd >= 0
+
+    @property
     def barrier_name(self):
         return {BARRIER_UFFD: "uffd", BARRIER_MPROTECT: "mprotect"}.get(self.barrier, "none")
 
@@ -149,6 +197,11 @@ cdef class Core:
         new frames would land in the parent's memfd."""
         self.fork_fence = max(self.fork_fence, self.frame_high)
         self.forked_child |= in_child
+        if in_child and self.track_uffd >= 0:
+            # The inherited userfaultfd tracks the parent; the child's pages
+            # lost their protection, so all count as written until retracked.
+            stop_tracking(self)
+            start_tracking(self)
         if in_child and self.barrier == BARRIER_UFFD and open_barrier_uffd(self) != 0:
             # The inherited userfaultfd acts on the parent's memory: never use it.
             close(self.barrier_uffd)
@@ -176,9 +229,11 @@ cdef class Core:
         self.check_range(first, n)
         for p in range(first, first + n):
             if unmergeable:
+                unstable_tree_erase(self, p)
                 self.rmap[p].flags |= PAGE_UNMERGEABLE
-            else:
-                self.rmap[p].flags &= ~PAGE_UNMERGEABLE
+            elif self.rmap[p].flags & PAGE_UNMERGEABLE:
+                # Writes to it were not looked at: hash it again.
+                self.rmap[p].flags &= ~(PAGE_UNMERGEABLE | PAGE_CHECKSUMMED)
 
     def counts(self, size_t first, size_t n):
         """Pages of [first, first + n) by state, and the pages they save: a

@@ -71,6 +71,11 @@ cdef enum barrier_mode:           # how a run is write-protected while it is mer
     BARRIER_MPROTECT = 1           # mprotect and a SIGSEGV handler that waits
     BARRIER_UFFD = 2               # userfaultfd write-protect: the kernel waits
 
+cdef struct scan_knobs:            # what a scan is asked to do
+    bint use_zero_pages
+    uint32_t max_page_sharing
+    bint merge_volatile            # merge pages that changed since the last scan too
+
 cdef struct pass_stats:            # what one merge pass did
     uint64_t scanned               # pages looked at
     uint64_t merged                # pages newly mapped onto frames
@@ -106,9 +111,17 @@ cdef class Core:
                                        # with another process, never punched or reused
     cdef readonly bint forked_child    # this process is a child forked with the arena
     cdef uint32_t *stable              # stable-tree bucket heads
+    cdef uint32_t zero_checksum        # of a page of zeros
     cdef uint32_t stable_mask          # buckets - 1, a power of two minus one
     cdef uint32_t *orphans             # frames whose mapcount fell to 0, to reclaim
     cdef size_t norphans, orphans_cap
+    # the scan in progress (KSM's ksm_scan)
+    cdef uint32_t *unstable            # unstable-tree bucket heads; NULL between scans
+    cdef uint32_t unstable_mask
+    cdef readonly size_t scan_cursor   # the next page the background scan looks at
+    cdef uint32_t last_new_frame       # the frame a scan wrote last
+    cdef pass_stats scan               # what the background scan in progress did
+    cdef int track_uffd                # written-page tracking (_track.pxi), or -1
     # the write barrier
     cdef readonly int barrier          # barrier_mode
     cdef int barrier_uffd              # the userfaultfd of BARRIER_UFFD, or -1
@@ -121,3 +134,4 @@ cdef class Core:
     cdef readonly uint64_t full_scans, pages_unshared, pages_volatile
 
     cdef void check_range(self, size_t first, size_t n) except *
+    cdef check_can_merge(self)

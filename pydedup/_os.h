@@ -30,6 +30,8 @@
 #define PD_PAGE_IS_SWAPPED   (1 << 4)
 #define PD_PAGE_IS_PFNZERO   (1 << 5)
 
+#define PD_PM_SCAN_WP_MATCHING  (1 << 0)   /* write-protect the pages it reports */
+
 struct pd_page_region { uint64_t start, end, categories; };
 
 struct pd_pm_scan_arg {

@@ -27,7 +27,8 @@ cdef extern from "_os.h" nogil:
     int close(int fd)
     int ioctl(int fd, unsigned long request, ...)
 
-    uint64_t PD_PAGE_IS_FILE, PD_PAGE_IS_PRESENT, PD_PAGE_IS_SWAPPED, PD_PAGE_IS_PFNZERO
+    uint64_t PD_PAGE_IS_WRITTEN, PD_PAGE_IS_FILE, PD_PAGE_IS_PRESENT, PD_PAGE_IS_SWAPPED
+    uint64_t PD_PAGE_IS_PFNZERO, PD_PM_SCAN_WP_MATCHING
     struct pd_page_region:
         uint64_t start, end, categories
     struct pd_pm_scan_arg:

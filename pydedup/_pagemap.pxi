@@ -27,7 +27,10 @@ cdef int open_pagemap(Core c) noexcept nogil:
     return 0 if c.pagemap_fd >= 0 else errno
 
 
-cdef int scan_categories(Core c, size_t first, size_t n, uint8_t *out) noexcept nogil:
+cdef int scan_categories(Core c, size_t first, size_t n, uint8_t *out,
+                         uint64_t flags=0) noexcept nogil:
+    """PAGEMAP_SCAN; with PD_PM_SCAN_WP_MATCHING it also reports which pages
+    were written and write-protects them again (_track.pxi)."""
     cdef pd_page_region regions[REGIONS_PER_CALL]
     cdef pd_pm_scan_arg arg
     cdef uint64_t start = <uint64_t>(c.base + first * c.page_size)
@@ -39,8 +42,9 @@ cdef int scan_categories(Core c, size_t first, size_t n, uint8_t *out) noexcept 
     arg.end = start + n * c.page_size
     arg.vec = <uint64_t>regions
     arg.vec_len = REGIONS_PER_CALL
+    arg.flags = flags
     arg.category_anyof_mask = CATEGORIES
-    arg.return_mask = CATEGORIES
+    arg.return_mask = CATEGORIES | (PD_PAGE_IS_WRITTEN if flags else 0)
     while True:
         found = ioctl(c.pagemap_fd, PD_PAGEMAP_SCAN, &arg)
         if found < 0:
@@ -100,6 +104,23 @@ cdef int read_categories(Core c, size_t first, size_t n, uint8_t *out) noexcept 
     elif err == 0:
         err = pagemap_categories(c, first, n, out)
     return err
+
+
+cdef int take_written(Core c, size_t first, size_t n, uint8_t *out) noexcept nogil:
+    """Like read_categories, with PD_PAGE_IS_WRITTEN set on the pages written
+    since the last call that covered them (every page, without tracking);
+    tracking starts over for the range."""
+    cdef size_t i
+    cdef int err
+    if c.track_uffd < 0:
+        err = read_categories(c, first, n, out)
+        for i in range(n):
+            out[i] |= PD_PAGE_IS_WRITTEN
+        return err
+    memset(out, 0, n)
+    if c.pagemap_pid != getpid() and open_pagemap(c) != 0:
+        return errno
+    return scan_categories(c, first, n, out, PD_PM_SCAN_WP_MATCHING)
 
 
 cdef void probe_page_tables(Core c) noexcept nogil:

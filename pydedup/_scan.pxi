@@ -1,9 +1,13 @@
-# The merge pass, after mm/ksm.c. First every page in use is looked at once
+# The scan, after mm/ksm.c. Every page in use is looked at once
 # (cmp_and_merge_page) and given a target: the zero page, a frame of the
 # stable tree, or a new frame shared with an identical page of the unstable
 # tree. Then the targets are applied in runs (_remap.pxi), each run checked
-# again just before it is remapped. Unlike ksmd, a pass merges a page whose
-# checksum changed since the last pass: merge() is asked for "now".
+# again, under the write barrier, just before it is remapped.
+#
+# merge() makes a whole scan at once (merge_pass) and merges a page even if
+# it changed since the last scan: it is asked for "now". The background
+# scanner takes a scan in steps (scan_batch) and, as ksmd, merges only pages
+# whose content held still since the previous scan.
 
 cdef enum:
     STATE_CHUNK = 65536                 # pages whose categories are read at once
@@ -39,27 +43,67 @@ cdef int refresh_states(Core c, size_t first, size_t n) noexcept nogil:
             it = &c.rmap[first + done + i]
             if it.state == PAGE_MERGED and frame_written(cats[i]):
                 it.state = PAGE_BROKEN
+                it.flags &= ~PAGE_CHECKSUMMED
                 frame_put(c, it.frame)
             elif it.state == PAGE_ZERO and zero_written(cats[i]):
                 it.state = PAGE_PRIVATE
+                it.flags &= ~PAGE_CHECKSUMMED
         done += chunk
     free(cats)
     reclaim_frames(c)
     return err
 
 
-cdef inline void set_target(Core c, size_t p, uint32_t f) noexcept nogil:
-    c.rmap[p].frame = f
-    c.rmap[p].flags |= PAGE_TARGET
-    frame_get(c, f)
+cdef inline bint mergeable(rmap_item *it) noexcept nogil:
+    return (it.state == PAGE_PRIVATE or it.state == PAGE_BROKEN) and not it.flags & PAGE_UNMERGEABLE
 
 
-cdef size_t unstable_tree_search_insert(Core c, uint32_t *heads, uint32_t mask,
-                                        size_t p) noexcept nogil:
-    """An earlier page of this pass with the same content as page p, taken
+cdef inline bint holds_own_memory(uint8_t cats) noexcept nogil:
+    """Pages never written hold no memory (or map the zero page by the
+    kernel's own doing): nothing to merge, and reading them would only fault
+    them in."""
+    return cats & (PD_PAGE_IS_PRESENT | PD_PAGE_IS_SWAPPED) and not cats & PD_PAGE_IS_PFNZERO
+
+
+# -- the unstable tree: one per scan, chained through the rmap items ---------
+
+cdef int begin_scan(Core c) noexcept nogil:
+    """A fresh, empty unstable tree, with buckets for chains of two or three
+    (2-4 bytes a candidate page)."""
+    cdef size_t p, candidates = 0
+    cdef uint32_t mask = 15
+    for p in range(c.high_water):
+        candidates += mergeable(&c.rmap[p])
+    while mask + 1 < candidates // 2:
+        mask = 2 * mask + 1
+    free(c.unstable)
+    c.unstable = <uint32_t *>malloc((<size_t>mask + 1) * sizeof(uint32_t))
+    if c.unstable == NULL:
+        return ENOMEM
+    memset(c.unstable, 0xFF, (<size_t>mask + 1) * sizeof(uint32_t))
+    c.unstable_mask = mask
+    c.scan_cursor = 0
+    c.last_new_frame = NO_FRAME
+    return 0
+
+
+cdef void end_scan(Core c, pass_stats *st) noexcept nogil:
+    """What is left in the unstable tree is unique: count it, drop the tree."""
+    cdef size_t p
+    for p in range(c.high_water):
+        if c.rmap[p].flags & PAGE_UNSTABLE:
+            c.rmap[p].flags &= ~PAGE_UNSTABLE
+            st.unshared += 1
+    free(c.unstable)
+    c.unstable = NULL
+    c.scan_cursor = 0
+
+
+cdef size_t unstable_tree_search_insert(Core c, size_t p) noexcept nogil:
+    """An earlier page of this scan with the same content as page p, taken
     out of the tree; or NO_PAGE, and p goes into the tree."""
     cdef rmap_item *it = &c.rmap[p]
-    cdef uint32_t *link = &heads[it.checksum & mask]
+    cdef uint32_t *link = &c.unstable[it.checksum & c.unstable_mask]
     cdef uint32_t q = link[0]
     while q != NO_PAGE:
         if (c.rmap[q].checksum == it.checksum
@@ -69,10 +113,33 @@ cdef size_t unstable_tree_search_insert(Core c, uint32_t *heads, uint32_t mask,
             return q
         link = &c.rmap[q].frame
         q = link[0]
-    it.frame = heads[it.checksum & mask]
-    heads[it.checksum & mask] = <uint32_t>p
+    it.frame = c.unstable[it.checksum & c.unstable_mask]
+    c.unstable[it.checksum & c.unstable_mask] = <uint32_t>p
     it.flags |= PAGE_UNSTABLE
     return NO_PAGE
+
+
+cdef void unstable_tree_erase(Core c, size_t p) noexcept nogil:
+    """Take page p out of the tree of the scan in progress: it is freed or
+    made unmergeable, and its record must not stay linked."""
+    cdef uint32_t *link
+    if not c.rmap[p].flags & PAGE_UNSTABLE:
+        return
+    link = &c.unstable[c.rmap[p].checksum & c.unstable_mask]
+    while link[0] != NO_PAGE:
+        if link[0] == p:
+            link[0] = c.rmap[p].frame
+            break
+        link = &c.rmap[link[0]].frame
+    c.rmap[p].flags &= ~PAGE_UNSTABLE
+
+
+# -- deciding each page's target ----------------------------------------------
+
+cdef inline void set_target(Core c, size_t p, uint32_t f) noexcept nogil:
+    c.rmap[p].frame = f
+    c.rmap[p].flags |= PAGE_TARGET
+    frame_get(c, f)
 
 
 cdef uint32_t new_stable_frame(Core c, const char *content, uint32_t checksum,
@@ -90,88 +157,66 @@ cdef uint32_t new_stable_frame(Core c, const char *content, uint32_t checksum,
     return f
 
 
-cdef uint32_t cmp_and_merge_page(Core c, size_t p, uint32_t *heads, uint32_t mask,
-                                 uint32_t last_new, bint use_zero_pages,
-                                 uint32_t max_page_sharing, pass_stats *st) noexcept nogil:
-    """Give page p its target. Returns the frame this call created, else
-    last_new, so the next new frame can be the one after it."""
+cdef void cmp_and_merge_page(Core c, size_t p, bint written, scan_knobs *k,
+                             pass_stats *st) noexcept nogil:
+    """Give page p its target. A page not written since it was hashed is not
+    read again: its checksum still holds."""
     cdef rmap_item *it = &c.rmap[p]
     cdef const char *page = page_address(c, p)
     cdef uint32_t checksum, f
+    cdef bint zero, changed = False
     cdef size_t q
-    if use_zero_pages and pd_page_is_zero(page, c.page_size):
-        it.flags = (it.flags | PAGE_TARGET_ZERO) & ~PAGE_CHECKSUMMED
-        return last_new
-    checksum = <uint32_t>c.xxh3(page, c.page_size)
-    if it.flags & PAGE_CHECKSUMMED and it.checksum != checksum:
-        st.volatile += 1
-    it.checksum = checksum
-    it.flags |= PAGE_CHECKSUMMED
-    f = stable_tree_search(c, page, checksum, max_page_sharing)
+    if written or not it.flags & PAGE_CHECKSUMMED:
+        zero = pd_page_is_zero(page, c.page_size)
+        checksum = c.zero_checksum if zero else <uint32_t>c.xxh3(page, c.page_size)
+        changed = not (it.flags & PAGE_CHECKSUMMED and it.checksum == checksum)
+        if changed and it.flags & PAGE_CHECKSUMMED:
+            st.volatile += 1
+        it.checksum = checksum
+        it.flags |= PAGE_CHECKSUMMED
+    else:
+        checksum = it.checksum
+        zero = checksum == c.zero_checksum and pd_page_is_zero(page, c.page_size)
+    if changed and not k.merge_volatile:
+        return                          # KSM's rule: only content that held still for a pass
+    if zero and k.use_zero_pages:
+        it.flags |= PAGE_TARGET_ZERO
+        return
+    f = stable_tree_search(c, page, checksum, k.max_page_sharing)
     if f == NO_FRAME:
-        q = unstable_tree_search_insert(c, heads, mask, p)
+        q = unstable_tree_search_insert(c, p)
         if q == NO_PAGE:
-            return last_new
-        f = new_stable_frame(c, page, checksum, last_new + 1, st)
+            return
+        # The frame after the last new one: a copied array maps back in one run.
+        f = new_stable_frame(c, page, checksum, c.last_new_frame + 1, st)
         if f == NO_FRAME:
             st.skipped_no_memory += 2
-            return last_new
-        last_new = f
+            return
+        c.last_new_frame = f
         set_target(c, q, f)
     set_target(c, p, f)
-    return last_new
 
 
-cdef inline bint mergeable(rmap_item *it) noexcept nogil:
-    return (it.state == PAGE_PRIVATE or it.state == PAGE_BROKEN) and not it.flags & PAGE_UNMERGEABLE
-
-
-cdef inline bint holds_own_memory(uint8_t cats) noexcept nogil:
-    """Pages never written hold no memory (or map the zero page by the
-    kernel's own doing): nothing to merge, and reading them would only fault
-    them in."""
-    return cats & (PD_PAGE_IS_PRESENT | PD_PAGE_IS_SWAPPED) and not cats & PD_PAGE_IS_PFNZERO
-
-
-cdef int decide_targets(Core c, bint use_zero_pages, uint32_t max_page_sharing,
-                        pass_stats *st) noexcept nogil:
-    cdef size_t p, first, n, candidates = 0
-    cdef uint32_t mask = 15, last_new = NO_FRAME
-    cdef uint32_t *heads
-    cdef uint8_t *cats
+cdef int scan_range(Core c, size_t first, size_t end, scan_knobs *k,
+                    pass_stats *st) noexcept nogil:
+    """Look at every mergeable page of [first, end) that holds memory."""
+    cdef uint8_t *cats = <uint8_t *>malloc(STATE_CHUNK)
+    cdef size_t p, n
     cdef int err = 0
-    for p in range(c.high_water):
-        candidates += mergeable(&c.rmap[p])
-    while mask + 1 < candidates // 2:   # chains of two or three, 2-4 bytes a page
-        mask = 2 * mask + 1
-    heads = <uint32_t *>malloc((<size_t>mask + 1) * sizeof(uint32_t))
-    cats = <uint8_t *>malloc(STATE_CHUNK)
-    if heads == NULL or cats == NULL:
-        free(heads)
-        free(cats)
+    if cats == NULL:
         return ENOMEM
-    memset(heads, 0xFF, (<size_t>mask + 1) * sizeof(uint32_t))
-    first = 0
-    while first < c.high_water and err == 0:
-        n = min(c.high_water - first, <size_t>STATE_CHUNK)
-        err = read_categories(c, first, n, cats)
-        if err:
-            break
-        for p in range(first, first + n):
+    while first < end and err == 0:
+        n = min(end - first, <size_t>STATE_CHUNK)
+        err = take_written(c, first, n, cats)
+        for p in range(first, first + n if err == 0 else first):
             if mergeable(&c.rmap[p]):
                 if holds_own_memory(cats[p - first]):
                     st.scanned += 1
-                    last_new = cmp_and_merge_page(c, p, heads, mask, last_new,
-                                                  use_zero_pages, max_page_sharing, st)
+                    cmp_and_merge_page(c, p, cats[p - first] & PD_PAGE_IS_WRITTEN != 0, k, st)
             elif c.rmap[p].state != PAGE_FREE and c.rmap[p].flags & PAGE_UNMERGEABLE:
                 st.skipped_unmergeable += 1
         first += n
-    free(heads)
     free(cats)
-    for p in range(c.high_water):       # what is left in the unstable tree is unique
-        if c.rmap[p].flags & PAGE_UNSTABLE:
-            c.rmap[p].flags &= ~PAGE_UNSTABLE
-            st.unshared += 1
     return err
 
 
@@ -181,22 +226,54 @@ cdef double now() noexcept nogil:
     return t.tv_sec + t.tv_nsec * 1e-9
 
 
-cdef int merge_pass(Core c, bint use_zero_pages, uint32_t max_page_sharing,
-                    pass_stats *st) noexcept nogil:
+cdef int merge_pass(Core c, scan_knobs *k, pass_stats *st) noexcept nogil:
+    """merge(): one whole scan now, replacing a background scan in progress."""
+    cdef pass_stats abandoned
     cdef double refreshed, decided, started = now()
     cdef int err = prepare_barrier(c)
     if err:
         return err
+    if c.unstable != NULL:
+        end_scan(c, &abandoned)
     err = refresh_states(c, 0, c.high_water)
     refreshed = now()
     if err == 0:
-        err = decide_targets(c, use_zero_pages, max_page_sharing, st)
+        err = begin_scan(c)
+    if err == 0:
+        err = scan_range(c, 0, c.high_water, k, st)
     decided = now()
-    apply_targets(c, st)                # also drops the targets of a failed decide
+    apply_targets(c, st)                # also drops the targets of a failed scan
+    if c.unstable != NULL:
+        end_scan(c, st)
     reclaim_frames(c)
     st.refresh_seconds = refreshed - started
     st.decide_seconds = decided - refreshed
     st.apply_seconds = now() - decided
+    return err
+
+
+cdef int scan_batch(Core c, size_t npages, scan_knobs *k, pass_stats *st,
+                    bint *scan_done) noexcept nogil:
+    """The background scanner's step (ksmd's ksm_do_scan): the next
+    `npages` pages of the scan in progress, merged where they match."""
+    cdef size_t first, end
+    cdef int err = prepare_barrier(c)
+    scan_done[0] = False
+    if err == 0 and c.unstable == NULL:
+        err = begin_scan(c)
+    if err:
+        return err
+    first = c.scan_cursor
+    end = min(c.high_water, first + npages)
+    err = refresh_states(c, first, end - first)
+    if err == 0:
+        err = scan_range(c, first, end, k, st)
+    apply_targets(c, st)
+    reclaim_frames(c)
+    c.scan_cursor = end
+    if end >= c.high_water:
+        end_scan(c, st)
+        scan_done[0] = True
     return err
 
 

@@ -1,0 +1,49 @@
+# Written-page tracking: which arena pages were written since a pass last
+# looked at them, so that a pass need not read pages that did not change.
+# The arena is registered with a userfaultfd in asynchronous write-protect
+# mode: the kernel resolves a write to a protected page by itself (no signal,
+# no thread) and PAGEMAP_SCAN then shows the page as PAGE_IS_WRITTEN. A pass
+# takes the written bits and protects the pages again in the same call, so a
+# write made while it hashes a page is seen by the next pass. Needs no
+# privilege (Linux 6.7+); without it every page counts as written, and the
+# checksums tell what changed.
+
+cdef int start_tracking(Core c) noexcept nogil:
+    """0, or the errno that leaves every page counted as written."""
+    cdef uint64_t wanted = (PD_UFFD_FEATURE_WP_ASYNC | PD_UFFD_FEATURE_WP_UNPOPULATED
+                            | PD_UFFD_FEATURE_WP_HUGETLBFS_SHMEM)
+    cdef uint64_t granted = 0
+    cdef int fd, err
+    if not c.has_pagemap_scan:
+        return ENOTTY
+    fd = pd_uffd_open(1, wanted, &granted)
+    if fd < 0:
+        return -fd
+    err = EOPNOTSUPP if granted & wanted != wanted else 0
+    if err == 0:
+        err = pd_uffd_register(fd, c.base, c.npages * c.page_size)
+    if err:
+        close(fd)
+        return err
+    c.track_uffd = fd
+    return 0
+
+
+cdef void stop_tracking(Core c) noexcept nogil:
+    if c.track_uffd >= 0:
+        close(c.track_uffd)             # the registration goes with the last reference
+        c.track_uffd = -1
+
+
+cdef void track_range(Core c, char *addr, size_t length) noexcept nogil:
+    """A new mapping over arena pages (a remap) joins the tracking. If it
+    cannot, its pages just count as written."""
+    if c.track_uffd >= 0:
+        pd_uffd_register(c.track_uffd, addr, length)
+
+
+cdef void untrack_range(Core c, char *addr, size_t length) noexcept nogil:
+    """Before the uffd barrier takes the range: a mapping belongs to one
+    userfaultfd at a time. Its pages count as written until tracked again."""
+    if c.track_uffd >= 0:
+        pd_uffd_unregister(c.track_uffd, addr, length)
