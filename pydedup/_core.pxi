@@ -133,13 +133,16 @@ cdef class Core:
     def scan_batch(self, size_t npages, bint use_zero_pages, uint32_t max_page_sharing,
                    long mappings_left):
         """The background scanner's step: the next npages of the scan in
-        progress. Returns (this step's pass_stats, whether a scan ended)."""
+        progress. mappings_left is the mapping budget of a scan, taken when
+        one begins (at scan_cursor 0). Returns (this step's pass_stats,
+        whether a scan ended)."""
         cdef pass_stats before = self.scan
         cdef scan_knobs k = scan_knobs(use_zero_pages, max_page_sharing, False)
         cdef bint scan_done = False
         cdef int err
         self.check_can_merge()
-        self.scan.mappings_left = mappings_left
+        if self.unstable == NULL:
+            self.scan.mappings_left = mappings_left
         with nogil:
             err = scan_batch(self, npages, &k, &self.scan, &scan_done)
         step = {key: value - before.get(key, 0) if not key.endswith("left") else value
@@ -181,6 +184,13 @@ cdef class Core:
                 self.barrier_uffd = -1
         else:
             raise ValueError(f"barrier is 'uffd' or 'mprotect', not {mode!r}")
+
+    def set_tracking(self, bint on):
+        """Track written pages, if the kernel can (see `tracking`)."""
+        if on and self.track_uffd < 0:
+            start_tracking(self)
+        elif not on:
+            stop_tracking(self)
 
     @property
     def tracking(self):

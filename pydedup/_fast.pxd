@@ -78,6 +78,7 @@ cdef struct scan_knobs:            # what a scan is asked to do
 
 cdef struct pass_stats:            # what one merge pass did
     uint64_t scanned               # pages looked at
+    uint64_t hashed                # of those, read and checksummed (written since the last scan)
     uint64_t merged                # pages newly mapped onto frames
     uint64_t zeroed                # pages newly sent to the zero page
     uint64_t frames_new            # frames written this pass

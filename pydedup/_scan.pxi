@@ -167,6 +167,7 @@ cdef void cmp_and_merge_page(Core c, size_t p, bint written, scan_knobs *k,
     cdef bint zero, changed = False
     cdef size_t q
     if written or not it.flags & PAGE_CHECKSUMMED:
+        st.hashed += 1
         zero = pd_page_is_zero(page, c.page_size)
         checksum = c.zero_checksum if zero else <uint32_t>c.xxh3(page, c.page_size)
         changed = not (it.flags & PAGE_CHECKSUMMED and it.checksum == checksum)

@@ -9,6 +9,7 @@ import numpy as np
 from pydedup import knobs, procfs
 from pydedup._fast import Block
 from pydedup.pages import Pages
+from pydedup.scanner import Scanner
 from pydedup.stats import ArenaStats, ArrayStats, MergeReport, UnmergeReport
 
 PAGE_SIZE = procfs.PAGE_SIZE
@@ -27,11 +28,7 @@ class _Knob:
         return self if arena is None else arena._knobs[self.name]
 
     def __set__(self, arena, value):
-        value = knobs.parse(self.name, value)
-        with arena._locked() as core:
-            if self.name == "barrier":
-                _choose_barrier(core, value)
-            arena._knobs[self.name] = value
+        arena._set_knob(self.name, knobs.parse(self.name, value))
 
 
 class Arena:
@@ -46,21 +43,40 @@ class Arena:
     use_zero_pages = _Knob()
     max_page_sharing = _Knob()
     max_mappings = _Knob()
+    run = _Knob()
+    pages_to_scan = _Knob()
+    sleep_millisecs = _Knob()
+    track_writes = _Knob()
     barrier = _Knob()
 
     def __init__(self, size=None, **knob_values):
         self._knobs = knobs.initial(knob_values)
+        self._scanner = None
         self._pages = _reserve(size)
         core = self._pages.core
         _choose_barrier(core, self.barrier)
+        core.set_tracking(self.track_writes)
         self._lo = core.base_address
         self._hi = self._lo + core.npages * PAGE_SIZE
+        self._set_knob("run", self.run)
+
+    def _set_knob(self, name, value):
+        if name == "run":
+            self._run_scanner(value)
+            return
+        with self._locked() as core:
+            if name == "barrier":
+                _choose_barrier(core, value)
+            elif name == "track_writes":
+                core.set_tracking(value)
+            self._knobs[name] = value
 
     # -- life --------------------------------------------------------------
 
     def close(self):
-        """No more arrays, merges or stats. Live arrays keep their memory
-        until the last of them goes."""
+        """No more arrays, merges or stats; the background scanner stops.
+        Live arrays keep their memory until the last of them goes."""
+        self._stop_scanner()
         self._pages = None
 
     @property
@@ -168,7 +184,7 @@ class Arena:
         with self._locked() as core:
             st = core.merge(self.use_zero_pages, self.max_page_sharing, self._mapping_budget())
         return MergeReport(
-            pages_scanned=st["scanned"], pages_merged=st["merged"], pages_zeroed=st["zeroed"],
+            pages_scanned=st["scanned"], pages_hashed=st["hashed"], pages_merged=st["merged"], pages_zeroed=st["zeroed"],
             frames_new=st["frames_new"], pages_unshared=st["unshared"],
             pages_volatile=st["volatile"],
             skipped={"unmergeable": st["skipped_unmergeable"], "changed": st["skipped_changed"],
@@ -196,6 +212,40 @@ class Arena:
         first, n = self._page_range(array)
         with self._locked() as core:
             core.set_unmergeable(first, n, False)
+
+    # -- the background scanner (ksmd) -------------------------------------------
+
+    def _run_scanner(self, run):
+        """KSM's run: 0 stop, 1 scan in the background, 2 stop and unmerge."""
+        if self.closed:
+            raise ValueError("the arena is closed")
+        if run != 1:
+            self._stop_scanner()
+        if run == 2:
+            self.unmerge()
+        self._knobs["run"] = run
+        if run == 1 and self._scanner is None:
+            self._scanner = Scanner(self)
+
+    def _stop_scanner(self):
+        scanner, self._scanner = self._scanner, None
+        if scanner is not None:
+            scanner.stop()
+
+    def _scan_step(self):
+        """One step of the background scan: (pages it merged, seconds to sleep)."""
+        with self._locked() as core:
+            # The budget is read once a scan: /proc/self/maps is not free.
+            budget = self._mapping_budget() if core.scan_cursor == 0 else 0
+            step, _ = core.scan_batch(self.pages_to_scan, self.use_zero_pages,
+                                      self.max_page_sharing, budget)
+        return step["merged"] + step["zeroed"], self.sleep_millisecs / 1000
+
+    @property
+    def scanner(self):
+        """The background scanner while run == 1 (its cpu_seconds, last_merge
+        and error), else None."""
+        return self._scanner
 
     @staticmethod
     def _unmerge(core, first, n) -> int:

@@ -33,6 +33,14 @@ def _integer_at_least(low):
     return parse
 
 
+def _one_of_integers(*choices):
+    def parse(value):
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value in choices:
+            return int(value)
+        raise ValueError
+    return parse
+
+
 def _one_of(*choices):
     def parse(value):
         if isinstance(value, str) and value in choices:
@@ -50,6 +58,19 @@ KNOBS = {knob.name: knob for knob in (
          "an integer >= 0", "",
          "Most mappings the arena may hold (vm.max_map_count counts them per "
          "process); merges that would need more are left undone and counted."),
+    Knob("run", lambda: 0, _one_of_integers(0, 1, 2), "0, 1 or 2", "run",
+         "The background scanner: 0 stops it, 1 runs it, 2 stops it and "
+         "unmerges every page (the arena's pages, not the process's)."),
+    Knob("pages_to_scan", lambda: 65536, _integer_at_least(1), "an integer >= 1",
+         "pages_to_scan",
+         "Pages the background scanner looks at in one step. Pages not written "
+         "since the last scan cost almost nothing, so a step is usually short."),
+    Knob("sleep_millisecs", lambda: 20, _integer_at_least(0), "an integer >= 0",
+         "sleep_millisecs", "How long the background scanner sleeps between steps."),
+    Knob("track_writes", lambda: True, _boolean, "True or False (or 1, 0)", "",
+         "Track written pages (userfaultfd write-protect, asynchronous) so that "
+         "a scan reads only pages written since the last one. Costs a minor "
+         "fault on the first write to each page after a scan."),
     Knob("barrier", lambda: "auto", _one_of("auto", "uffd", "mprotect"),
          "'auto', 'uffd' or 'mprotect'", "",
          "How a page is write-protected between its comparison and its remap: "

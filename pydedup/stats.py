@@ -24,6 +24,7 @@ def _show(name, value):
 @dataclass(frozen=True)
 class MergeReport(_Readable):
     pages_scanned: int        # pages looked at (in use, mergeable, not merged yet)
+    pages_hashed: int         # of those, read: written since the last scan (or untracked)
     pages_merged: int         # pages newly mapped onto a frame
     pages_zeroed: int         # pages newly placed on the kernel zero page
     frames_new: int           # frames written for new shared content

@@ -147,7 +147,7 @@ def test_bad_knob_values_name_the_knob(arena, name, bad):
 def test_knobs_are_the_table(arena):
     assert {k for k in vars(pydedup.Arena) if k in pydedup.KNOBS} == set(pydedup.KNOBS)
     with pytest.raises(TypeError, match="unknown knob"):
-        pydedup.Arena(size=1 << 26, pages_to_scan=100)
+        pydedup.Arena(size=1 << 26, merge_everything=True)
 
 
 def test_knobs_from_the_environment(monkeypatch):
