@@ -1,5 +1,6 @@
 # The Core: the arena's reservation, its rmap items and its frame store, and
 # the operations pydedup/pages.py calls, each under the arena's lock.
+import os
 
 cdef void *map_lazily(size_t length) noexcept nogil:
     """Zero-filled memory that costs nothing until touched."""
@@ -21,11 +22,12 @@ cdef class Core:
     reserved at once; records and frames only cost memory once used."""
 
     def __cinit__(self, size_t npages, size_t xxh3_address):
-        self.memfd = -1
+        self.tiers[0] = frame_tier(0, -1, <char *>MAP_FAILED)
+        self.ntiers = 1
         self.pagemap_fd = -1
         self.barrier_uffd = -1
         self.track_uffd = -1
-        self.base = self.view = <char *>MAP_FAILED
+        self.base = <char *>MAP_FAILED
         self.rmap = <rmap_item *>MAP_FAILED
         self.frames = <frame_item *>MAP_FAILED
         if npages == 0 or npages >= NO_PAGE:
@@ -39,12 +41,12 @@ cdef class Core:
         if MAP_FAILED in (<void *>self.base, <void *>self.rmap, <void *>self.frames):
             raise MemoryError(f"cannot reserve {npages} pages of address space")
         madvise(self.base, npages * self.page_size, MADV_NOHUGEPAGE)  # a merge would split a huge page
-        self.memfd = pd_memfd_create(b"pydedup-frames")
-        if self.memfd < 0 or ftruncate(self.memfd, <long>(npages * self.page_size)) != 0:
+        self.tiers[0].fd = pd_memfd_create(b"pydedup-frames")
+        if self.tiers[0].fd < 0 or ftruncate(self.tiers[0].fd, <long>(npages * self.page_size)) != 0:
             raise OSError(errno, "cannot create the frame store (memfd_create)")
-        self.view = <char *>mmap(NULL, npages * self.page_size, PROT_READ,
-                                 MAP_SHARED | MAP_NORESERVE, self.memfd, 0)
-        if <void *>self.view == MAP_FAILED:
+        self.tiers[0].view = <char *>mmap(NULL, npages * self.page_size, PROT_READ,
+                                          MAP_SHARED | MAP_NORESERVE, self.tiers[0].fd, 0)
+        if <void *>self.tiers[0].view == MAP_FAILED:
             raise MemoryError("cannot map the frame store")
         self.stable_mask = 15
         self.stable = <uint32_t *>malloc(16 * sizeof(uint32_t))
@@ -59,15 +61,16 @@ cdef class Core:
 
     def __dealloc__(self):
         cdef size_t ps = self.page_size
+        cdef int t
         if <void *>self.base != MAP_FAILED:
             munmap(self.base, self.npages * ps)
-        if <void *>self.view != MAP_FAILED:
-            munmap(self.view, self.npages * ps)
+        for t in range(self.ntiers):
+            close_tier(self, &self.tiers[t])
         if <void *>self.rmap != MAP_FAILED:
             munmap(self.rmap, self.npages * sizeof(rmap_item))
         if <void *>self.frames != MAP_FAILED:
             munmap(self.frames, self.npages * sizeof(frame_item))
-        for fd in (self.memfd, self.pagemap_fd, self.barrier_uffd, self.track_uffd):
+        for fd in (self.pagemap_fd, self.barrier_uffd, self.track_uffd):
             if fd >= 0:
                 close(fd)
         free(self.stable)
@@ -77,6 +80,18 @@ cdef class Core:
     @property
     def base_address(self):
         return <size_t>self.base
+
+    @property
+    def memfd(self):
+        """The memfd new frames go to (the top tier's). In a forked child it
+        is the child's own: the frames it inherited live in its parent's
+        memfd(s), shared with the parent, and are not in this one."""
+        return self.tiers[self.ntiers - 1].fd
+
+    @property
+    def frame_store_tiers(self):
+        """The tiers of the frame store, bottom first, as (first_frame, memfd)."""
+        return [(self.tiers[t].first_frame, self.tiers[t].fd) for t in range(self.ntiers)]
 
     cdef void check_range(self, size_t first, size_t n) except *:
         if first > self.npages or n > self.npages - first:
@@ -159,9 +174,8 @@ cdef class Core:
     cdef check_can_merge(self):
         if self.barrier == 0:
             raise RuntimeError("no write barrier chosen: call set_barrier() first")
-        if self.forked_child:
-            raise RuntimeError("merging in a process forked from the arena's is not "
-                               "supported yet; the parent can merge, the child can unmerge")
+        if self.merge_refusal is not None:
+            raise RuntimeError(self.merge_refusal)
 
     def set_barrier(self, str mode):
         """Write-protect runs under merge with 'uffd' (userfaultfd) or
@@ -203,10 +217,30 @@ cdef class Core:
 
     def fork_happened(self, bint in_child):
         """After fork, parent and child share the frame store: frames that
-        exist now must stay as they are for both. The child stops merging: its
-        new frames would land in the parent's memfd."""
+        exist now are fenced, and stay as they are for both (neither punches
+        or reuses them). The parent goes on writing new frames to its memfd,
+        above the fence. The child writes its own to a new memfd (a tier from
+        the fence up, _fast.pxd), which the parent never sees; if it cannot
+        have one, it may not merge (it can still read, write, free, unmerge).
+        Called from the at-fork hooks: never raises."""
+        cdef int err
         self.fork_fence = max(self.fork_fence, self.frame_high)
-        self.forked_child |= in_child
+        if in_child:
+            self.forked_child = True
+            err = push_tier(self)
+            if err == 0:
+                self.merge_refusal = None
+            elif err < 0:
+                self.merge_refusal = (
+                    f"merging in this forked process is not possible: its frame store already "
+                    f"has {MAX_TIERS} memfds (one for each generation of forked processes that "
+                    f"merged), the most it can have, and a child needs one more; it can read, "
+                    f"write, free and unmerge")
+            else:
+                self.merge_refusal = (
+                    f"merging in this forked process is not possible: it could not make a "
+                    f"memfd of its own for new frames ({os.strerror(err)}); it can read, "
+                    f"write, free and unmerge")
         if in_child and self.track_uffd >= 0:
             # The inherited userfaultfd tracks the parent; the child's pages
             # lost their protection, so all count as written until retracked.

@@ -2,10 +2,23 @@
 #
 # arena page    One page of the arena's reserved virtual range, numbered from 0.
 #               Arrays are made of whole, consecutive arena pages.
-# frame         One page of the frame store, a memfd. A frame is written once,
-#               before any arena page maps it, and is immutable while one does:
-#               arena pages map it MAP_PRIVATE, so a write to such a page makes
-#               the kernel copy it (copy-on-write) and the frame stays intact.
+# frame         One page of the frame store. A frame is written once, before
+#               any arena page maps it, and is immutable while one does: arena
+#               pages map it MAP_PRIVATE, so a write to such a page makes the
+#               kernel copy it (copy-on-write) and the frame stays intact.
+# frame store   Where frames live: one memfd, frame f at offset f * page_size;
+#               after a fork, possibly several (tiers). Frame numbers still
+#               index the one `frames` array of the process.
+# tier          One memfd of the frame store, holding frames [first_frame, the
+#               next tier's first_frame), each at its own offset f * page_size
+#               (the memfd is sparse: the frames below first_frame are holes).
+#               A process starts with one tier from frame 0. A forked child
+#               keeps the tiers it inherits for the frames that existed at the
+#               fork (below its fork fence: shared with the parent, never
+#               written, punched or reused) and pushes a tier of its own, a new
+#               memfd, from the fence up: the parent keeps writing its memfd
+#               above the fence, and neither process ever sees the other's new
+#               frames. New frames always go to the top tier.
 # rmap item     The record of one arena page (after KSM's rmap_item: 12 bytes
 #               here, 64 in the kernel). One per arena page, in address order.
 # stable tree   Frames by the checksum of their content, every hit confirmed by
@@ -34,6 +47,8 @@
 #   frames[f].mapcount == #{p : rmap[p].state == PAGE_MERGED and rmap[p].frame == f}
 #   frames[f].mapcount == 0  <=>  f is not in the stable tree and holds no memory
 #   frames_in_use == #{f : frames[f].mapcount > 0}
+#   tiers[ntiers - 1].first_frame <= fork_fence <= frame_high: every frame that
+#   can be written, punched or reused lies in the top tier
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from pydedup._os cimport pd_xxh3_fn
 
@@ -66,6 +81,15 @@ cdef struct frame_item:            # 12 bytes, one per frame slot
     uint32_t checksum              # of its content: the stable-tree key
     uint32_t mapcount              # arena pages mapping it (pass: or to map it)
     uint32_t next                  # next frame of the same stable-tree bucket
+
+cdef enum:
+    MAX_TIERS = 8                  # memfds of a frame store: one, plus one a fork level
+
+cdef struct frame_tier:            # one memfd of the frame store
+    uint32_t first_frame           # frames [first_frame, next tier's first_frame) live here
+    int fd                         # the memfd, frame f at offset f * page_size; -1 if none
+    char *view                     # read-only shared window on the memfd from frame
+                                   # first_frame: frame f at (f - first_frame) * page_size
 
 cdef enum barrier_mode:           # how a run is write-protected while it is merged
     BARRIER_MPROTECT = 1           # mprotect and a SIGSEGV handler that waits
@@ -102,8 +126,8 @@ cdef class Core:
     cdef rmap_item *rmap               # npages records, mapped lazily
     cdef pd_xxh3_fn xxh3
     # the frame store
-    cdef readonly int memfd
-    cdef char *view                    # shared window on the memfd: frame f at f * page_size
+    cdef frame_tier tiers[MAX_TIERS]   # by first_frame, tiers[0] from frame 0;
+    cdef int ntiers                    # new frames go to tiers[ntiers - 1] (`memfd`)
     cdef frame_item *frames            # npages frame slots, mapped lazily
     cdef readonly uint32_t frames_in_use
     cdef readonly uint32_t frame_high  # slots [frame_high, npages) were never used
@@ -111,6 +135,8 @@ cdef class Core:
     cdef readonly uint32_t fork_fence  # frames below it existed at a fork: shared
                                        # with another process, never punched or reused
     cdef readonly bint forked_child    # this process is a child forked with the arena
+    cdef readonly object merge_refusal # why this process may not merge (a forked child
+                                       # without a tier of its own), or None
     cdef uint32_t *stable              # stable-tree bucket heads
     cdef uint32_t zero_checksum        # of a page of zeros
     cdef uint32_t stable_mask          # buckets - 1, a power of two minus one

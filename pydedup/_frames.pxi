@@ -1,9 +1,73 @@
-# The frame store: a memfd whose pages (frames) hold merged content, the
+# The frame store: memfds whose pages (frames) hold merged content, the
 # stable tree that finds a frame by content, and reclaim of frames that no
-# arena page maps any more.
+# arena page maps any more. A process has one memfd, or after a fork one a
+# tier (_fast.pxd); frame f is at offset f * page_size of its tier's memfd.
+
+cdef inline frame_tier *tier_of(Core c, uint32_t f) noexcept nogil:
+    """The tier holding frame f: the last whose first_frame <= f. One test
+    in a process never forked as a child; the newest frames come first."""
+    cdef int t = c.ntiers - 1
+    while f < c.tiers[t].first_frame:   # tiers[0].first_frame == 0 ends it
+        t -= 1
+    return &c.tiers[t]
+
 
 cdef inline char *frame_address(Core c, uint32_t f) noexcept nogil:
-    return c.view + <size_t>f * c.page_size
+    cdef frame_tier *t = tier_of(c, f)
+    return t.view + <size_t>(f - t.first_frame) * c.page_size
+
+
+cdef inline bint tier_starts_at(Core c, uint32_t f) noexcept nogil:
+    """Whether frame f is the first of a tier above the bottom one: frames
+    f - 1 and f lie in different memfds, and no mmap can map both."""
+    cdef int t
+    for t in range(1, c.ntiers):
+        if c.tiers[t].first_frame == f:
+            return True
+    return False
+
+
+cdef int push_tier(Core c) noexcept nogil:
+    """A new memfd for the frames from the fork fence up, in a forked child;
+    0, an errno, or -1 when the MAX_TIERS tiers are all taken. A top tier that
+    starts at the fence holds no frame (every frame is below the fence): the
+    new memfd replaces it here, and the parent keeps its own."""
+    cdef size_t ps = c.page_size
+    cdef uint32_t first = c.fork_fence
+    cdef frame_tier *top = &c.tiers[c.ntiers - 1]
+    cdef int fd
+    cdef char *view
+    if top.first_frame != first and c.ntiers == MAX_TIERS:
+        return -1
+    fd = pd_memfd_create(b"pydedup-frames")
+    if fd < 0:
+        return errno
+    if ftruncate(fd, <long>(c.npages * ps)) != 0:
+        close(fd)
+        return errno
+    view = <char *>mmap(NULL, (c.npages - first) * ps, PROT_READ, MAP_SHARED | MAP_NORESERVE,
+                        fd, <long>first * ps)
+    if <void *>view == MAP_FAILED:
+        close(fd)
+        return errno
+    if top.first_frame == first:
+        close_tier(c, top)
+    else:
+        top = &c.tiers[c.ntiers]
+        c.ntiers += 1
+    top.first_frame = first
+    top.fd = fd
+    top.view = view
+    return 0
+
+
+cdef void close_tier(Core c, frame_tier *t) noexcept nogil:
+    if <void *>t.view != MAP_FAILED:
+        munmap(t.view, (c.npages - t.first_frame) * c.page_size)
+        t.view = <char *>MAP_FAILED
+    if t.fd >= 0:
+        close(t.fd)
+        t.fd = -1
 
 
 cdef uint32_t frame_alloc(Core c, uint32_t hint) noexcept nogil:
@@ -31,7 +95,7 @@ cdef uint32_t frame_alloc(Core c, uint32_t hint) noexcept nogil:
 cdef int frame_write(Core c, uint32_t f, const char *content) noexcept nogil:
     """Fill a new frame; 0 or an errno. pwrite, not a store through the view:
     a full memory cgroup or tmpfs then answers ENOMEM or ENOSPC, not SIGBUS."""
-    cdef long done = pwrite(c.memfd, content, c.page_size, <long>f * c.page_size)
+    cdef long done = pwrite(tier_of(c, f).fd, content, c.page_size, <long>f * c.page_size)
     if done == <long>c.page_size:
         return 0
     return errno if done < 0 else ENOMEM
@@ -123,7 +187,8 @@ cdef void punch_frames(Core c, uint32_t first, uint32_t n) noexcept nogil:
         first = c.fork_fence
     if n == 0:
         return
-    fallocate(c.memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+    # At or above the fence: all in the top tier, the memfd no other process writes.
+    fallocate(tier_of(c, first).fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
               <long>first * c.page_size, <long>n * c.page_size)
 
 

@@ -7,7 +7,7 @@ cdef enum run_kind:
     RUN_NONE = 0
     RUN_ZERO_ANON = 1      # zero pages in an anonymous mapping: MADV_DONTNEED
     RUN_ZERO_FILE = 2      # zero pages in a frame-store mapping: anonymous mmap
-    RUN_FRAMES = 3         # pages onto consecutive frames: one mmap of the memfd
+    RUN_FRAMES = 3         # pages onto consecutive frames of one tier: one mmap of its memfd
 
 cdef enum:
     MAPPINGS_PER_REMAP = 2 # an mmap inside a mapping splits it in three
@@ -24,8 +24,10 @@ cdef int map_anonymous(Core c, char *addr, size_t length) noexcept nogil:
 
 
 cdef int map_frames(Core c, char *addr, size_t length, uint32_t first_frame) noexcept nogil:
+    """Frames from first_frame on, all in first_frame's tier, over
+    [addr, addr + length)."""
     if mmap(addr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED,
-            c.memfd, <long>first_frame * c.page_size) == MAP_FAILED:
+            tier_of(c, first_frame).fd, <long>first_frame * c.page_size) == MAP_FAILED:
         return errno
     madvise(addr, length, MADV_NOHUGEPAGE)
     return 0
@@ -129,12 +131,18 @@ cdef void merge_run(Core c, size_t first, size_t n, run_kind kind, pass_stats *s
     unprotect_run(c, addr, n * c.page_size, window)
 
 
+cdef inline bint continues_run(Core c, size_t first, size_t n, uint32_t f) noexcept nogil:
+    """Whether frame f follows the n frames of the run at page `first` in
+    the same memfd, so that one mmap maps them all."""
+    return f == c.rmap[first].frame + n and not tier_starts_at(c, f)
+
+
 cdef void apply_targets(Core c, pass_stats *st) noexcept nogil:
     cdef size_t p, first = 0, n = 0
     cdef run_kind kind = RUN_NONE, k
     for p in range(c.high_water + 1):
         k = target_kind(c, p) if p < c.high_water else RUN_NONE
-        if n and k == kind and (k != RUN_FRAMES or c.rmap[p].frame == c.rmap[first].frame + n):
+        if n and k == kind and (k != RUN_FRAMES or continues_run(c, first, n, c.rmap[p].frame)):
             n += 1
             continue
         if n:

@@ -13,7 +13,7 @@ import numpy as np
 import xxhash
 
 import pydedup
-from pydedup import procfs
+from pydedup import ksm, procfs
 
 PAGE = procfs.PAGE_SIZE
 COPIES, SOURCES = 4, 4
@@ -84,6 +84,7 @@ def run(size: int, seed: int = 0, progress=print) -> dict:
         pss_before = procfs.process_pss()
         progress("merging")
         report = arena.merge()
+        again = arena.merge()               # nothing written since: tracked pages are not read
         fault_in(arrays)
         pss_after = procfs.process_pss()
         stats = arena.stats()
@@ -107,9 +108,84 @@ def run(size: int, seed: int = 0, progress=print) -> dict:
             "zero_pages": stats.zero_pages,
             "mappings": stats.mappings,
             "merge_report": report.as_dict(),
+            "second_merge_seconds": again.seconds,
+            "second_merge_over_first": again.seconds / report.seconds,
+            "tracking": arena._pages.core.tracking,
+            "barrier": stats.barrier,
         }
         del arrays
     return result
+
+
+def wait_for_background_merge(arena, timeout=300.0):
+    """Run the scanner with the arena's knobs until a whole scan has gone by
+    without a merge; (seconds, scanner CPU seconds) to the last merge."""
+    core = arena._pages.core
+    start, scans0 = time.monotonic(), core.full_scans
+    arena.run = 1
+    scanner, seen, scans_at_merge = arena.scanner, None, scans0
+    while time.monotonic() - start < timeout:
+        if scanner.last_merge != seen:
+            seen, scans_at_merge = scanner.last_merge, core.full_scans
+        if seen is not None and core.full_scans >= scans_at_merge + 2:
+            break
+        if scanner.error:
+            raise scanner.error
+        time.sleep(0.005)
+    else:
+        raise TimeoutError(f"the background scanner did not finish in {timeout} s")
+    seconds, cpu = scanner.last_merge - start, scanner.last_merge_cpu
+    arena.run = 0
+    return seconds, cpu
+
+
+def background(size: int, seed: int, ksm_rows=(), progress=print) -> dict:
+    """Time to a full merge of the same workload in the background: pydedup's
+    scanner with default knobs, and kernel KSM (root) with the knob sets in
+    ksm_rows; each on a fresh copy of the workload, in this run."""
+    rows = {}
+    with pydedup.Arena(size=2 * size + (64 << 20)) as arena:
+        arrays, minimum = build_workload(arena, size, np.random.default_rng(seed))
+        progress("pydedup background scanner, default knobs")
+        fault_in(arrays)
+        before = procfs.process_pss()
+        seconds, cpu = wait_for_background_merge(arena)
+        fault_in(arrays)
+        rows["pydedup scanner"] = {"seconds": seconds, "cpu_seconds": cpu,
+                                   "pss_saved": before - procfs.process_pss(),
+                                   "knobs": {k: getattr(arena, k) for k in ("pages_to_scan", "sleep_millisecs")}}
+        del arrays
+    for name, knobs in ksm_rows:
+        progress(f"kernel KSM, {name}")
+        with pydedup.Arena(size=2 * size + (64 << 20), track_writes=False) as arena:
+            arrays, _ = build_workload(arena, size, np.random.default_rng(seed))
+            fault_in(arrays)
+            before = procfs.process_pss()
+            with ksm.KernelKSM(**knobs) as kernel:
+                result = kernel.merge(*arrays, pss_interval=None)
+                fault_in(arrays)
+                saved = before - procfs.process_pss()
+                kernel.unmerge(*arrays)
+            rows[f"kernel KSM, {name}"] = {"seconds": result.seconds, "cpu_seconds": result.cpu_seconds,
+                                          "pss_saved": saved, "knobs": knobs}
+            del arrays
+    base = rows["pydedup scanner"]["seconds"]
+    for row in rows.values():
+        row["pydedup_speedup"] = row["seconds"] / base
+    return rows
+
+
+KSM_TURBO = ("10,000 pages / 0 ms", dict(pages_to_scan=10_000, sleep_millisecs=0, use_zero_pages=1))
+KSM_DEFAULTS = ("default knobs", dict(use_zero_pages=1))
+
+
+def show_background(rows: dict) -> str:
+    lines = ["background merge                    seconds   CPU s   PSS saved   time / pydedup's"]
+    for name, row in rows.items():
+        cpu = "?" if row["cpu_seconds"] is None else f"{row['cpu_seconds']:.2f}"
+        lines.append(f"  {name:<34}{row['seconds']:8.2f}  {cpu:>6}  {row['pss_saved'] / 2**20:7.1f} MiB"
+                     f"   {row['pydedup_speedup']:6.2f}x")
+    return "\n".join(lines)
 
 
 def show(r: dict) -> str:
@@ -129,6 +205,9 @@ def show(r: dict) -> str:
         f"= {100 * r['saved_over_theoretical']:.2f}% of the theoretical {r['theoretical_saved'] / 2**20:.1f} MiB",
         f"metadata               {r['metadata_bytes_per_page']:8.2f} bytes per arena page in use (KSM: 64)",
         f"mappings               {r['mappings']:8d}",
+        f"second merge()         {r['second_merge_seconds'] * 1e3:8.1f} ms "
+        f"= {100 * r['second_merge_over_first']:.1f}% of the first (nothing written; "
+        f"written-page tracking {'on' if r['tracking'] else 'off'}, barrier {r['barrier']})",
     ])
 
 
@@ -138,9 +217,25 @@ def main(argv=None):
     parser.add_argument("--size", default="1GiB", help="workload size, e.g. 256MiB, 1GiB (default 1GiB)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
+    parser.add_argument("--background", action="store_true",
+                        help="also time a full merge by the background scanner")
+    parser.add_argument("--ksm", action="store_true",
+                        help="and by kernel KSM at 10,000 pages / 0 ms (root; knobs restored)")
+    parser.add_argument("--ksm-defaults", action="store_true",
+                        help="and by kernel KSM with its default knobs (takes minutes a GiB)")
     args = parser.parse_args(argv)
-    result = run(parse_size(args.size), args.seed, progress=lambda m: print(m, file=sys.stderr))
+    progress = lambda m: print(m, file=sys.stderr)   # noqa: E731
+    size = parse_size(args.size)
+    result = run(size, args.seed, progress=progress)
     print(show(result))
+    if args.background or args.ksm or args.ksm_defaults:
+        ksm_rows = [row for row, wanted in ((KSM_TURBO, args.ksm), (KSM_DEFAULTS, args.ksm_defaults))
+                    if wanted]
+        if ksm_rows and ksm.available() is not None:
+            print(f"kernel KSM rows skipped: {ksm.available()}")
+            ksm_rows = []
+        result["background"] = background(size, args.seed, ksm_rows, progress)
+        print(show_background(result["background"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -19,6 +19,7 @@ does not run.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import mmap
 import os
 import re
@@ -32,6 +33,7 @@ import numpy as np
 from pydedup import procfs
 
 SYSFS = "/sys/kernel/mm/ksm"
+LOCK_FILE = "/run/lock/pydedup-ksm.lock" if os.path.isdir("/run/lock") else "/tmp/pydedup-ksm.lock"
 PAGE = procfs.PAGE_SIZE
 MADV_MERGEABLE = getattr(mmap, "MADV_MERGEABLE", 12)
 MADV_UNMERGEABLE = getattr(mmap, "MADV_UNMERGEABLE", 13)
@@ -295,6 +297,10 @@ class KernelKSM:
         reason = available()
         if reason:
             raise PermissionError(reason)
+        # Two users saving and restoring the same knobs at once would restore
+        # each other's settings: one KernelKSM at a time, machine-wide.
+        self._lock = open(LOCK_FILE, "a")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
         self.saved, self._found = knobs(), counters()
         self._ksmd = ksmd_pid()
         try:
@@ -404,6 +410,7 @@ class KernelKSM:
             self._restore_knobs()
         finally:
             self.saved = None
+            self._lock.close()          # releases the flock
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
     def _restore_knobs(self):

@@ -18,6 +18,7 @@ class Scanner:
         self.error = None             # what stopped it, if not a request
         self.cpu_seconds = 0.0        # thread CPU time spent in steps
         self.last_merge = None        # time.monotonic() of the last step that merged
+        self.last_merge_cpu = 0.0     # cpu_seconds then
         self._thread = threading.Thread(target=self._run, name="pydedup-scanner", daemon=True)
         _RUNNING.add(self)
         self._thread.start()
@@ -47,7 +48,7 @@ class Scanner:
             finally:
                 self.cpu_seconds += time.thread_time() - start
             if merged:
-                self.last_merge = time.monotonic()
+                self.last_merge, self.last_merge_cpu = time.monotonic(), self.cpu_seconds
             del arena
             self._stopping.wait(sleep)
 
