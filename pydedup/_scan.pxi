@@ -157,6 +157,16 @@ cdef uint32_t new_stable_frame(Core c, const char *content, uint32_t checksum,
     return f
 
 
+cdef inline uint32_t zero_key(Core c, size_t p) noexcept nogil:
+    """The stable-tree key of an all-zero page: the zero page's checksum,
+    made distinct per colour, so that with use_zero_pages off a zero page
+    only shares a zero frame with pages of its own colour (the virtual page
+    number modulo zero_page_colours), as the kernel colours its zero pages."""
+    if c.zero_colours <= 1:
+        return c.zero_checksum
+    return c.zero_checksum ^ <uint32_t>((<size_t>c.base // c.page_size + p) % c.zero_colours)
+
+
 cdef void cmp_and_merge_page(Core c, size_t p, bint written, scan_knobs *k,
                              pass_stats *st) noexcept nogil:
     """Give page p its target. A page not written since it was hashed is not
@@ -169,7 +179,7 @@ cdef void cmp_and_merge_page(Core c, size_t p, bint written, scan_knobs *k,
     if written or not it.flags & PAGE_CHECKSUMMED:
         st.hashed += 1
         zero = pd_page_is_zero(page, c.page_size)
-        checksum = c.zero_checksum if zero else <uint32_t>c.xxh3(page, c.page_size)
+        checksum = zero_key(c, p) if zero else <uint32_t>c.xxh3(page, c.page_size)
         changed = not (it.flags & PAGE_CHECKSUMMED and it.checksum == checksum)
         if changed and it.flags & PAGE_CHECKSUMMED:
             st.volatile += 1
@@ -177,7 +187,7 @@ cdef void cmp_and_merge_page(Core c, size_t p, bint written, scan_knobs *k,
         it.flags |= PAGE_CHECKSUMMED
     else:
         checksum = it.checksum
-        zero = checksum == c.zero_checksum and pd_page_is_zero(page, c.page_size)
+        zero = checksum == zero_key(c, p) and pd_page_is_zero(page, c.page_size)
     if changed and not k.merge_volatile:
         return                          # KSM's rule: only content that held still for a pass
     if zero and k.use_zero_pages:

@@ -41,6 +41,7 @@ class Arena:
     """
 
     use_zero_pages = _Knob()
+    zero_page_colours = _Knob()
     max_page_sharing = _Knob()
     max_mappings = _Knob()
     run = _Knob()
@@ -56,6 +57,7 @@ class Arena:
         core = self._pages.core
         _choose_barrier(core, self.barrier)
         core.set_tracking(self.track_writes)
+        core.zero_colours = self.zero_page_colours
         self._lo = core.base_address
         self._hi = self._lo + core.npages * PAGE_SIZE
         self._set_knob("run", self.run)
@@ -69,6 +71,8 @@ class Arena:
                 _choose_barrier(core, value)
             elif name == "track_writes":
                 core.set_tracking(value)
+            elif name == "zero_page_colours":
+                core.zero_colours = value
             self._knobs[name] = value
 
     # -- life --------------------------------------------------------------

@@ -175,6 +175,41 @@ def background(size: int, seed: int, ksm_rows=(), progress=print) -> dict:
     return rows
 
 
+def zero_read(size: int, progress=print) -> dict:
+    """Read throughput of a large all-zero array (seed 000: merging zero pages
+    into one shared page slowed every later read): (a) never written, (b)
+    written with zeros and not merged, (c) merged to the kernel zero page,
+    (d) merged into zero frames (use_zero_pages off). Best of 5 reads each,
+    after one read that maps every page; ratios to (a)."""
+    cases = {}
+    for name, written, merged, zero_pages in (("a never written", False, False, True),
+                                              ("b written zeros", True, False, True),
+                                              ("c zero page", True, True, True),
+                                              ("d zero frames", True, True, False)):
+        progress(f"zero read: {name}")
+        with pydedup.Arena(size=size + (64 << 20), use_zero_pages=zero_pages) as arena:
+            z = arena.zeros(size // 8)
+            if written:
+                z[:] = 0.0
+            if merged:
+                arena.merge()
+            read_pass([z])                          # maps every page
+            cases[name] = {"seconds": best_of(5, lambda: read_pass([z]))}
+            del z
+    base = cases["a never written"]["seconds"]
+    for case in cases.values():
+        case["gib_per_second"] = size / 2**30 / case["seconds"]
+        case["throughput_over_a"] = base / case["seconds"]
+    return cases
+
+
+def show_zero_read(cases: dict) -> str:
+    lines = ["zero-array read              GiB/s   throughput / (a)"]
+    for name, case in cases.items():
+        lines.append(f"  {name:<24}{case['gib_per_second']:8.1f}   {case['throughput_over_a']:8.3f}")
+    return "\n".join(lines)
+
+
 KSM_TURBO = ("10,000 pages / 0 ms", dict(pages_to_scan=10_000, sleep_millisecs=0, use_zero_pages=1))
 KSM_DEFAULTS = ("default knobs", dict(use_zero_pages=1))
 
@@ -223,6 +258,9 @@ def main(argv=None):
                         help="and by kernel KSM at 10,000 pages / 0 ms (root; knobs restored)")
     parser.add_argument("--ksm-defaults", action="store_true",
                         help="and by kernel KSM with its default knobs (takes minutes a GiB)")
+    parser.add_argument("--zero-read", action="store_true",
+                        help="also the read throughput of an all-zero array, never written, "
+                             "written, merged to the zero page, merged to zero frames")
     args = parser.parse_args(argv)
     progress = lambda m: print(m, file=sys.stderr)   # noqa: E731
     size = parse_size(args.size)
@@ -236,6 +274,9 @@ def main(argv=None):
             ksm_rows = []
         result["background"] = background(size, args.seed, ksm_rows, progress)
         print(show_background(result["background"]))
+    if args.zero_read:
+        result["zero_read"] = zero_read(size, progress)
+        print(show_zero_read(result["zero_read"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

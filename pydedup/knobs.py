@@ -52,6 +52,11 @@ def _one_of(*choices):
 KNOBS = {knob.name: knob for knob in (
     Knob("use_zero_pages", lambda: True, _boolean, "True or False (or 1, 0)", "use_zero_pages",
          "All-zero pages go to the kernel's zero page instead of a frame."),
+    Knob("zero_page_colours", procfs.zero_page_colours, _integer_at_least(1), "an integer >= 1", "",
+         "With use_zero_pages off: a zero page shares a zero frame only with "
+         "pages of its colour (virtual page number modulo this), as the kernel "
+         "colours its zero pages. Default: the kernel's own count, read from "
+         "pagemap where frame numbers are visible, else 1 (right on x86-64)."),
     Knob("max_page_sharing", lambda: 256, _integer_at_least(2), "an integer >= 2", "max_page_sharing",
          "Most arena pages one frame backs; more copies get another frame."),
     Knob("max_mappings", lambda: procfs.max_map_count() // 3, _integer_at_least(0),

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import pydedup
-from kernel import (EXCLUSIVE, FILE, PAGE, PFN, PRESENT, frame_offsets, pagemap, pfns_visible,
-                    process_pss, touch, zero_page_mapped)
+from kernel import (EXCLUSIVE, FILE, PAGE, PFN, PRESENT, frame_offsets, page_addresses, pagemap,
+                    pfns_visible, process_pss, touch, zero_page_mapped)
 
 PAGE_FLOATS = PAGE // 8
 
@@ -91,6 +91,25 @@ def test_use_zero_pages_off_merges_zeros_into_one_frame(arena):
     assert report.pages_zeroed == 0 and report.pages_merged == 16 and report.frames_new == 1
     assert len(set(frame_offsets(a))) == 1
     assert not a.any()
+
+
+@pytest.mark.parametrize("colours", [1, 4])
+def test_zero_frames_are_shared_only_within_a_colour(arena, colours):
+    """use_zero_pages off: a zero frame backs pages of one colour only (the
+    virtual page number modulo zero_page_colours), as coloured zero pages do."""
+    arena.use_zero_pages = False
+    arena.zero_page_colours = colours
+    z = arena.zeros(64 * PAGE_FLOATS)
+    z[:] = 0.0
+    report = arena.merge()
+    assert report.pages_merged == 64 and report.frames_new == colours
+    colours_of_frame = {}
+    for page, offset in zip(page_addresses(z), frame_offsets(z)):
+        colours_of_frame.setdefault(offset, set()).add(page // PAGE % colours)
+    assert None not in colours_of_frame and len(colours_of_frame) == colours
+    assert all(len(seen) == 1 for seen in colours_of_frame.values())
+    assert arena.merge().pages_merged == 0          # a second pass changes nothing
+    assert not z.any()
 
 
 def test_pss_drops_by_what_was_merged(arena, rng):
