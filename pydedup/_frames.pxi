@@ -45,7 +45,7 @@ cdef int push_tier(Core c) noexcept nogil:
     if ftruncate(fd, <long>(c.npages * ps)) != 0:
         close(fd)
         return errno
-    view = <char *>mmap(NULL, (c.npages - first) * ps, PROT_READ, MAP_SHARED | MAP_NORESERVE,
+    view = <char *>mmap(NULL, view_length(c, first), PROT_READ, MAP_SHARED | MAP_NORESERVE,
                         fd, <long>first * ps)
     if <void *>view == MAP_FAILED:
         close(fd)
@@ -61,9 +61,15 @@ cdef int push_tier(Core c) noexcept nogil:
     return 0
 
 
+cdef inline size_t view_length(Core c, uint32_t first_frame) noexcept nogil:
+    """The view of a tier from first_frame to the last frame slot; a page
+    at least, for mmap, when the fence is at the end of the slots."""
+    return max(c.npages - first_frame, 1) * c.page_size
+
+
 cdef void close_tier(Core c, frame_tier *t) noexcept nogil:
     if <void *>t.view != MAP_FAILED:
-        munmap(t.view, (c.npages - t.first_frame) * c.page_size)
+        munmap(t.view, view_length(c, t.first_frame))
         t.view = <char *>MAP_FAILED
     if t.fd >= 0:
         close(t.fd)

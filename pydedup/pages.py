@@ -77,7 +77,8 @@ class Pages:
                 self._given_back.append((first, npages))
 
 
-# fork: wait for merges in progress, then fence the frames both processes share.
+# fork: wait for merges in progress, then fence the frames both processes share;
+# the child writes its new frames to a memfd of its own (Core.fork_happened).
 _LIVE = weakref.WeakSet()
 _forking = []
 

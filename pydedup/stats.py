@@ -59,7 +59,9 @@ class ArenaStats(_Readable):
     bytes_reserved: int       # virtual address space reserved
     bytes_in_use: int         # pages_in_use * page size
     frames_in_use: int        # frames some page maps (= pages_shared)
-    frame_store_bytes: int    # memory the frame store holds
+    frame_store_bytes: int    # memory the frame store holds: the memfd this process
+                              # writes new frames to (in a forked child, its own;
+                              # frames inherited at the fork count in the parent's)
     metadata_bytes: int       # memory the bookkeeping holds
     mappings: int             # kernel mappings (VMAs) the arena's range is cut into
     pss_bytes: int            # PSS of the arena's mappings (/proc/self/smaps)

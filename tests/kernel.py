@@ -22,18 +22,25 @@ def page_addresses(array):
 
 def frame_offsets(array):
     """For each page of `array`: the frame-store offset it maps, or None."""
+    return [None if m is None else m[1] for m in frame_mappings(array)]
+
+
+def frame_mappings(array):
+    """For each page of `array`: (inode, offset) of the frame-store memfd page
+    it maps, or None. After a fork a process may map several such memfds,
+    all of the same name: the inode tells them apart."""
     maps = []
     with open("/proc/self/maps") as f:
         for line in f:
             fields = line.split()
             lo, hi = (int(x, 16) for x in fields[0].split("-"))
             path = " ".join(fields[5:])
-            maps.append((lo, hi, int(fields[2], 16), path))
+            maps.append((lo, hi, int(fields[2], 16), int(fields[4]), path))
     out = []
     for page in page_addresses(array):
-        for lo, hi, offset, path in maps:
+        for lo, hi, offset, inode, path in maps:
             if lo <= page < hi:
-                out.append(offset + page - lo if path.startswith(f"/{FRAME_STORE}") else None)
+                out.append((inode, offset + page - lo) if path.startswith(f"/{FRAME_STORE}") else None)
                 break
     return out
 
