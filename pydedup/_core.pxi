@@ -33,6 +33,7 @@ cdef class Core:
         if npages == 0 or npages >= NO_PAGE:
             raise ValueError(f"an arena holds 1 to {NO_PAGE - 1} pages, not {npages}")
         self.page_size = sysconf(_SC_PAGESIZE)
+        self.zero_colours = 1
         self.npages = npages
         self.xxh3 = <pd_xxh3_fn>xxh3_address
         self.base = <char *>map_lazily(npages * self.page_size)

@@ -139,6 +139,7 @@ cdef class Core:
                                        # without a tier of its own), or None
     cdef uint32_t *stable              # stable-tree bucket heads
     cdef uint32_t zero_checksum        # of a page of zeros
+    cdef public uint32_t zero_colours  # zero frames are kept apart by page colour
     cdef uint32_t stable_mask          # buckets - 1, a power of two minus one
     cdef uint32_t *orphans             # frames whose mapcount fell to 0, to reclaim
     cdef size_t norphans, orphans_cap
