@@ -43,7 +43,7 @@ struct pd_pm_scan_arg {
 
 static inline int pd_memfd_create(const char *name)
 {
-    return (int)syscall(SYS_memfd_create, name, 0);
+    return (int)syscall(SYS_memfd_create, name, 1 /* MFD_CLOEXEC: not for exec'd programs */);
 }
 
 /* Whether a page holds only zero bytes. Most pages that are not zero differ
