@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import pydedup
-from kernel import PAGE, frame_offsets
+from kernel import FILE, PAGE, PRESENT, frame_offsets, pagemap, zero_page_mapped
 
 PAGE_FLOATS = PAGE // 8
 
@@ -44,13 +44,18 @@ def test_the_scanner_merges_in_the_background(arena, rng):
 def test_run_2_unmerges_everything_and_stops(arena, rng):
     a = arena.array(rng.random(16 * PAGE_FLOATS))
     b = arena.array(a)
+    z = arena.zeros(16 * PAGE_FLOATS)
+    z[:] = 0.0
     arena.run = 1
-    assert wait_for(lambda: arena.stats().pages_sharing == 16)
+    assert wait_for(lambda: arena.stats().pages_sharing == 16 and arena.stats().zero_pages == 16)
     arena.run = 2
     stats = arena.stats()
     assert (stats.pages_sharing, stats.zero_pages, stats.frames_in_use) == (0, 0, 0)
     assert arena.scanner is None and scanner_threads() == []
+    assert all(e & PRESENT and not e & FILE for e in pagemap(b))   # copies of their own
+    assert not any(zero_page_mapped(z) or [])   # placed zero pages got their own again
     np.testing.assert_array_equal(a, b)
+    assert not z.any()
 
 
 def test_the_scanner_stops_at_close_and_when_the_arena_goes():
