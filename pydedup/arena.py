@@ -188,7 +188,8 @@ class Arena:
         with self._locked() as core:
             st = core.merge(self.use_zero_pages, self.max_page_sharing, self._mapping_budget())
         return MergeReport(
-            pages_scanned=st["scanned"], pages_hashed=st["hashed"], pages_merged=st["merged"], pages_zeroed=st["zeroed"],
+            pages_scanned=st["scanned"], pages_hashed=st["hashed"],
+            pages_merged=st["merged"], pages_zeroed=st["zeroed"],
             frames_new=st["frames_new"], pages_unshared=st["unshared"],
             pages_volatile=st["volatile"],
             skipped={"unmergeable": st["skipped_unmergeable"], "changed": st["skipped_changed"],
@@ -228,8 +229,8 @@ class Arena:
         if run == 2:
             self.unmerge()
         self._knobs["run"] = run
-        if run == 1 and self._scanner is None:
-            self._scanner = Scanner(self)
+        if run == 1 and (self._scanner is None or not self._scanner.running):
+            self._scanner = Scanner(self)       # again, if an error stopped the last one
 
     def _stop_scanner(self):
         scanner, self._scanner = self._scanner, None
