@@ -2,17 +2,24 @@
 # compared with its target and remapped, so no write can fall between the two.
 # Writers that touch the run wait and then write to whatever it maps.
 
-cdef int open_barrier_uffd(Core c) noexcept nogil:
-    """A userfaultfd for synchronous write-protect; 0 or an errno (EPERM
-    without CAP_SYS_PTRACE and vm.unprivileged_userfaultfd=0)."""
+cdef int open_sync_uffd() noexcept nogil:
+    """A userfaultfd for synchronous write-protect of anonymous and memfd
+    mappings (broken pages live in the latter), or -errno: EPERM without
+    CAP_SYS_PTRACE and vm.unprivileged_userfaultfd=0."""
     cdef uint64_t granted = 0
     cdef int fd = pd_uffd_open(0, PD_UFFD_FEATURE_WP_HUGETLBFS_SHMEM | PD_UFFD_FEATURE_WP_UNPOPULATED,
                                &granted)
+    if fd >= 0 and not granted & PD_UFFD_FEATURE_WP_HUGETLBFS_SHMEM:
+        close(fd)
+        return -EOPNOTSUPP
+    return fd
+
+
+cdef int open_barrier_uffd(Core c) noexcept nogil:
+    """The barrier's userfaultfd, replacing any it had; 0 or an errno."""
+    cdef int fd = open_sync_uffd()
     if fd < 0:
         return -fd
-    if not granted & PD_UFFD_FEATURE_WP_HUGETLBFS_SHMEM:
-        close(fd)                       # broken pages live in memfd mappings
-        return EOPNOTSUPP
     if c.barrier_uffd >= 0:
         close(c.barrier_uffd)
     c.barrier_uffd = fd

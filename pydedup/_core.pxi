@@ -248,9 +248,8 @@ cdef class Core:
             stop_tracking(self)
             start_tracking(self)
         if in_child and self.barrier == BARRIER_UFFD and open_barrier_uffd(self) != 0:
-            # The inherited userfaultfd acts on the parent's memory: never use it.
-            close(self.barrier_uffd)
-            self.barrier_uffd = -1
+            # The inherited userfaultfd acts on the parent's memory: never
+            # use it (set_barrier closes it).
             self.set_barrier("mprotect")
 
     def unmerge(self, size_t first, size_t n):
@@ -329,9 +328,8 @@ cdef class Core:
 def userfaultfd_allowed():
     """Whether this process may use userfaultfd write-protect for faults the
     kernel takes too (the 'uffd' barrier)."""
-    cdef uint64_t granted = 0
-    cdef int fd = pd_uffd_open(0, PD_UFFD_FEATURE_WP_HUGETLBFS_SHMEM, &granted)
+    cdef int fd = open_sync_uffd()
     if fd < 0:
         return False
     close(fd)
-    return bool(granted & PD_UFFD_FEATURE_WP_HUGETLBFS_SHMEM)
+    return True
