@@ -22,6 +22,7 @@ def features() -> dict:
     return {
         "page_size": procfs.PAGE_SIZE,
         "pagemap_scan": core.has_pagemap_scan,
+        "procmap_query": core.has_procmap_query,
         "userfaultfd": userfaultfd_allowed(),
         "max_map_count": procfs.max_map_count(),
     }

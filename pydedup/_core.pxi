@@ -25,6 +25,7 @@ cdef class Core:
         self.tiers[0] = frame_tier(0, -1, <char *>MAP_FAILED)
         self.ntiers = 1
         self.pagemap_fd = -1
+        self.maps_fd = -1
         self.barrier_uffd = -1
         self.track_uffd = -1
         self.base = <char *>MAP_FAILED
@@ -71,7 +72,7 @@ cdef class Core:
             munmap(self.rmap, self.npages * sizeof(rmap_item))
         if <void *>self.frames != MAP_FAILED:
             munmap(self.frames, self.npages * sizeof(frame_item))
-        for fd in (self.pagemap_fd, self.barrier_uffd, self.track_uffd):
+        for fd in (self.pagemap_fd, self.maps_fd, self.barrier_uffd, self.track_uffd):
             if fd >= 0:
                 close(fd)
         free(self.stable)
@@ -88,6 +89,14 @@ cdef class Core:
         is the child's own: the frames it inherited live in its parent's
         memfd(s), shared with the parent, and are not in this one."""
         return self.tiers[self.ntiers - 1].fd
+
+    @property
+    def has_procmap_query(self):
+        """Whether the kernel shows mappings by address (PROCMAP_QUERY, Linux
+        6.11), which lets a spent mapping budget still pay for remaps that
+        add no mapping."""
+        cdef mapping m
+        return find_mapping(self, <uint64_t>self.base, &m) == 0
 
     @property
     def frame_store_tiers(self):

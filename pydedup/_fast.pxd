@@ -158,6 +158,9 @@ cdef class Core:
     cdef int pagemap_pid               # the process pagemap_fd belongs to
     cdef readonly bint has_pagemap_scan
     cdef uint64_t zero_pfn             # 0 when pagemap hides frame numbers
+    # reading the mappings (_maps.pxi)
+    cdef int maps_fd                   # /proc/self/maps, for PROCMAP_QUERY; -1 if not open
+    cdef int maps_pid                  # the process maps_fd belongs to
     # counters of the last pass, after KSM
     cdef readonly uint64_t full_scans, pages_unshared, pages_volatile
 

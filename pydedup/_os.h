@@ -41,6 +41,19 @@ struct pd_pm_scan_arg {
 
 #define PD_PAGEMAP_SCAN _IOWR('f', 16, struct pd_pm_scan_arg)
 
+/* PROCMAP_QUERY (Linux 6.11): the mapping of /proc/self/maps that covers an
+ * address, or the next one, as one ioctl. Older kernels answer ENOTTY. */
+#define PD_PROCMAP_QUERY_COVERING_OR_NEXT_VMA 0x10
+
+struct pd_procmap_query {
+    uint64_t size, query_flags, query_addr;
+    uint64_t vma_start, vma_end, vma_flags, vma_page_size, vma_offset, inode;
+    uint32_t dev_major, dev_minor, vma_name_size, build_id_size;
+    uint64_t vma_name_addr, build_id_addr;
+};
+
+#define PD_PROCMAP_QUERY _IOWR('f', 17, struct pd_procmap_query)
+
 static inline int pd_memfd_create(const char *name)
 {
     return (int)syscall(SYS_memfd_create, name, 1 /* MFD_CLOEXEC: not for exec'd programs */);

@@ -36,6 +36,14 @@ cdef extern from "_os.h" nogil:
         uint64_t category_inverted, category_mask, category_anyof_mask, return_mask
     unsigned long PD_PAGEMAP_SCAN
 
+    uint64_t PD_PROCMAP_QUERY_COVERING_OR_NEXT_VMA
+    struct pd_procmap_query:
+        uint64_t size, query_flags, query_addr
+        uint64_t vma_start, vma_end, vma_flags, vma_page_size, vma_offset, inode
+        unsigned int dev_major, dev_minor, vma_name_size, build_id_size
+        uint64_t vma_name_addr, build_id_addr
+    unsigned long PD_PROCMAP_QUERY
+
     int pd_memfd_create(const char *name)
     int pd_page_is_zero(const void *page, size_t size)
     void pd_touch_write(void *page)

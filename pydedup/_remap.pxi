@@ -80,12 +80,14 @@ cdef void settle_targets(Core c, size_t first, size_t n, run_kind kind, pass_sta
         st.zeroed += n
 
 
-cdef void remap_run(Core c, size_t first, size_t n, run_kind kind, pass_stats *st) noexcept nogil:
-    """One system call for the run, if the mapping budget allows it. Zero
-    pages in an anonymous mapping cost no mapping and always go."""
+cdef void remap_run(Core c, size_t first, size_t n, run_kind kind, bint charge,
+                    pass_stats *st) noexcept nogil:
+    """One system call for the run. If `charge`, only if the mapping budget
+    allows its worst case, which it is charged: zero pages in an anonymous
+    mapping cost no mapping and always go."""
     cdef char *addr = page_address(c, first)
     cdef size_t length = n * c.page_size
-    cdef long cost = 0 if kind == RUN_ZERO_ANON else MAPPINGS_PER_REMAP
+    cdef long cost = worst_remap_cost(kind) if charge else 0
     cdef int err
     if cost > st.mappings_left:
         drop_targets(c, first, n)
@@ -107,13 +109,29 @@ cdef void remap_run(Core c, size_t first, size_t n, run_kind kind, pass_stats *s
     settle_targets(c, first, n, kind, st)
 
 
+cdef inline long worst_remap_cost(run_kind kind) noexcept nogil:
+    return 0 if kind == RUN_ZERO_ANON else MAPPINGS_PER_REMAP
+
+
 cdef void merge_run(Core c, size_t first, size_t n, run_kind kind, pass_stats *st) noexcept nogil:
     """Remap the pages of the run that still hold the content they were
     matched on, in as few pieces as the pages that changed leave. The run is
-    write-protected from the comparison to the remap (_barrier.pxi)."""
+    write-protected from the comparison to the remap (_barrier.pxi).
+
+    When the budget cannot pay the worst case, the run goes only if the
+    kernel's mappings around it say it costs no more than is left
+    (_maps.pxi), and in one piece, which is what that prediction was for;
+    it is then charged what it really cost."""
     cdef char *addr = page_address(c, first)
     cdef size_t i = 0, j
     cdef int window = -1
+    cdef remap_cost cost
+    cdef bint measured = worst_remap_cost(kind) > st.mappings_left
+    if measured and not (predict_remap_cost(c, first, n, kind, &cost)
+                         and cost.predicted <= st.mappings_left):
+        drop_targets(c, first, n)
+        st.skipped_budget += n
+        return
     if protect_run(c, addr, n * c.page_size, &window) != 0:
         drop_targets(c, first, n)       # the kernel could not split the mapping
         st.skipped_no_memory += n
@@ -122,13 +140,18 @@ cdef void merge_run(Core c, size_t first, size_t n, run_kind kind, pass_stats *s
         j = i
         while j < n and still_matches(c, first + j, kind):
             j += 1
-        if j > i:
-            remap_run(c, first + i, j - i, kind, st)
+        if j > i and measured and i > 0:
+            drop_targets(c, first + i, j - i)
+            st.skipped_budget += j - i
+        elif j > i:
+            remap_run(c, first + i, j - i, kind, not measured, st)
         if j < n:
             drop_targets(c, first + j, 1)
             st.skipped_changed += 1
         i = j + 1
     unprotect_run(c, addr, n * c.page_size, window)
+    if measured:
+        st.mappings_left -= measured_remap_cost(c, &cost)
 
 
 cdef inline bint continues_run(Core c, size_t first, size_t n, uint32_t f) noexcept nogil:

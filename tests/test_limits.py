@@ -149,13 +149,10 @@ def test_raising_the_budget_lets_merging_go_on(rng):
         assert same_bytes(a, expected)
 
 
-@pytest.mark.parametrize("budget", [
-    "ample",
-    pytest.param("spent", marks=pytest.mark.xfail(strict=True, reason=(
-        "remap_run (_remap.pxi) charges every run onto frames MAPPINGS_PER_REMAP mappings "
-        "and refuses it when fewer are left, even a run the kernel coalesces with its "
-        "neighbours (a page going back onto the frame it left, inside its own mapping)"))),
-])
+@pytest.mark.parametrize("budget", ["ample", pytest.param("spent", marks=pytest.mark.skipif(
+    not pydedup.features()["procmap_query"],
+    reason="a spent budget pays for remaps that add no mapping only where the kernel "
+           "shows mappings by address (PROCMAP_QUERY, Linux 6.11)"))])
 def test_remerges_that_add_no_mapping_go_on_when_the_budget_is_spent(arena, rng, budget):
     a = arena.array(rng.random((512, PAGE_FLOATS)))
     b = arena.array(a)
@@ -175,6 +172,33 @@ def test_remerges_that_add_no_mapping_go_on_when_the_budget_is_spent(arena, rng,
     assert report.skipped["mapping_budget"] == 0
     assert frame_offsets(a) == frame_offsets(b)
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(not pydedup.features()["procmap_query"],
+                    reason="needs the kernel to show mappings by address (PROCMAP_QUERY, Linux 6.11)")
+def test_a_spent_budget_pays_for_remerges_but_not_for_new_mappings(arena, rng):
+    a = arena.array(rng.random((256, PAGE_FLOATS)))
+    b = arena.array(a)
+    lo, hi = reservation(arena, a)
+    arena.merge()
+    broken = np.arange(1, 256, 8)
+    b[broken] = a[broken]
+    # Right after b, c's new frames would follow b's at the next offsets and
+    # join its mapping for free; after a page of something else, they cannot.
+    spacer = arena.array(rng.random((1, PAGE_FLOATS)))
+    c = arena.array(rng.random((64, PAGE_FLOATS)))
+    c_copy = arena.array(c)
+    arena.max_mappings = arena.stats().mappings
+    before = len(mappings_in(lo, hi))
+    report = arena.merge()
+    assert report.pages_merged == broken.size
+    assert report.skipped["mapping_budget"] == c.size // PAGE_FLOATS * 2
+    assert report.mappings_left == 0
+    assert len(mappings_in(lo, hi)) == before
+    assert arena.stats(c).pages_merged == arena.stats(c_copy).pages_merged == 0
+    assert arena.stats(spacer).pages_private == 1
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(c, c_copy)
 
 
 # -- the process's vm.max_map_count ------------------------------------------
