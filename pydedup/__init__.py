@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 def features() -> dict:
     """What this kernel offers pydedup, as found by probing it."""
-    from pydedup import procfs
+    from pydedup import numa, procfs
     from pydedup._fast import userfaultfd_allowed
     from pydedup.pages import Pages
     core = Pages(16).core
@@ -25,4 +25,5 @@ def features() -> dict:
         "procmap_query": core.has_procmap_query,
         "userfaultfd": userfaultfd_allowed(),
         "max_map_count": procfs.max_map_count(),
+        "numa_nodes": len(numa.topology().nodes),
     }

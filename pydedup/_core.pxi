@@ -35,6 +35,8 @@ cdef class Core:
             raise ValueError(f"an arena holds 1 to {NO_PAGE - 1} pages, not {npages}")
         self.page_size = sysconf(_SC_PAGESIZE)
         self.zero_colours = 1
+        self.merge_across_nodes = True
+        self.nnodes = 1
         self.npages = npages
         self.xxh3 = <pd_xxh3_fn>xxh3_address
         self.base = <char *>map_lazily(npages * self.page_size)
@@ -89,6 +91,66 @@ cdef class Core:
         is the child's own: the frames it inherited live in its parent's
         memfd(s), shared with the parent, and are not in this one."""
         return self.tiers[self.ntiers - 1].fd
+
+    # -- NUMA nodes (_numa.pxi) ------------------------------------------------
+
+    def set_merge_across_nodes(self, bint value):
+        """KSM's merge_across_nodes. It decides which tree each frame is in,
+        so it changes only while no page is merged (KSM answers EBUSY)."""
+        cdef pass_stats dropped
+        if value == self.merge_across_nodes:
+            return
+        if self.frames_in_use:
+            raise RuntimeError(
+                f"merge_across_nodes cannot change while pages are merged ({self.frames_in_use} "
+                f"frames in use; KSM answers EBUSY): unmerge() first")
+        if self.unstable != NULL:       # a background scan keyed its tree the old way
+            end_scan(self, &dropped)
+        self.merge_across_nodes = value
+
+    def set_nodes(self, int nnodes):
+        """How many nodes pages may be on; with one, nodes are never looked up."""
+        self.nnodes = max(nnodes, 1)
+
+    def simulate_nodes(self, nodes):
+        """Take each page's node from `nodes`, a writable uint16 buffer with
+        one entry a page, instead of the kernel: the per-node logic, tested on
+        a machine of one node. Frames are then on the node they were written
+        for. None: ask the kernel again."""
+        cdef uint16_t[::1] view
+        if nodes is None:
+            self.simulated, self.simulated_nodes = NULL, None
+            return
+        view = nodes
+        if <size_t>view.shape[0] != self.npages:
+            raise ValueError(f"a node map needs one entry per page ({self.npages}), not {view.shape[0]}")
+        self.simulated, self.simulated_nodes = &view[0], nodes
+
+    def place(self, size_t first, size_t n, tuple nodes):
+        """Memory of pages [first, first + n) from `nodes`: one node, several
+        (interleaved page by page), or () for the kernel's default (the node
+        of the CPU that first writes a page)."""
+        cdef unsigned long mask[NODE_MASK_WORDS]
+        cdef int mode = PD_MPOL_DEFAULT if not nodes else PD_MPOL_PREFERRED if len(nodes) == 1 else PD_MPOL_INTERLEAVE
+        self.check_range(first, n)
+        if self.simulated != NULL:
+            for i in range(n):
+                self.simulated[first + i] = nodes[i % len(nodes)] if nodes else 0
+            return
+        memset(mask, 0, sizeof(mask))
+        for node in nodes:
+            mask[node // 64] |= 1UL << (node % 64)
+        if n and pd_mbind(page_address(self, first), n * self.page_size, mode,
+                          mask if nodes else NULL) != 0:
+            raise OSError(errno, f"cannot place pages on NUMA nodes {list(nodes)} (mbind)")
+
+    def frames_by_node(self):
+        """{node: frames in use written for it}."""
+        counts = {}
+        for f in range(self.frame_high):
+            if self.frames[f].mapcount:
+                counts[self.frames[f].node] = counts.get(self.frames[f].node, 0) + 1
+        return counts
 
     @property
     def has_procmap_query(self):

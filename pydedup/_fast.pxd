@@ -27,6 +27,10 @@
 # unstable tree During one pass, the private pages seen so far by checksum,
 #               chained through their own rmap items, so it costs no memory
 #               beyond its bucket heads. Rebuilt on every pass.
+# node          A NUMA node. With merge_across_nodes off, each node has a stable
+#               and an unstable tree of its own (KSM's): the bucket of a page or
+#               frame is found by tree_key(checksum, node), and a match needs the
+#               same node, so pages on different nodes never share a frame.
 # pass          One walk over every arena page in use (KSM's full scan).
 # run           Consecutive arena pages changed by one system call: mapped onto
 #               consecutive frames, or sent to the zero page together.
@@ -75,12 +79,14 @@ cdef struct rmap_item:             # 12 bytes, one per arena page
     uint32_t frame                 # MERGED: its frame; in a pass: see flags
     uint8_t state                  # page_state
     uint8_t flags                  # page_flag bits
-    uint16_t spare                 # keeps the record at 12 bytes, room to grow
+    uint16_t node                  # NUMA node of its own memory when last hashed
 
-cdef struct frame_item:            # 12 bytes, one per frame slot
+cdef struct frame_item:            # 16 bytes, one per frame slot
     uint32_t checksum              # of its content: the stable-tree key
     uint32_t mapcount              # arena pages mapping it (pass: or to map it)
     uint32_t next                  # next frame of the same stable-tree bucket
+    uint16_t node                  # the NUMA node (pool) it was written for
+    uint16_t spare                 # room to grow
 
 cdef enum:
     MAX_TIERS = 8                  # memfds of a frame store: one, plus one a fork level
@@ -112,6 +118,7 @@ cdef struct pass_stats:            # what one merge pass did
     uint64_t skipped_changed       # pages written between comparison and remap
     uint64_t skipped_budget        # merges the mapping budget refused
     uint64_t skipped_no_memory     # merges refused because a frame could not be written
+    uint64_t moved                 # merged pages found on another node than their frame's
     uint64_t syscalls              # mmap and madvise calls made
     long mappings_left             # the mapping budget left at the end
     double refresh_seconds         # reading page tables, noticing writes
@@ -158,6 +165,11 @@ cdef class Core:
     cdef int pagemap_pid               # the process pagemap_fd belongs to
     cdef readonly bint has_pagemap_scan
     cdef uint64_t zero_pfn             # 0 when pagemap hides frame numbers
+    # NUMA nodes (_numa.pxi)
+    cdef readonly bint merge_across_nodes  # one pair of trees; else one per node
+    cdef readonly int nnodes           # nodes pages may be on (1: no lookups)
+    cdef object simulated_nodes        # a writable uint16 map page -> node, or None
+    cdef uint16_t *simulated           # its data: nodes come from it, not the kernel
     # reading the mappings (_maps.pxi)
     cdef int maps_fd                   # /proc/self/maps, for PROCMAP_QUERY; -1 if not open
     cdef int maps_pid                  # the process maps_fd belongs to

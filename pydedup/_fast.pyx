@@ -11,6 +11,7 @@ from libc.string cimport memcmp, memset
 from cpython.buffer cimport PyBUF_FORMAT
 from pydedup._os cimport *
 
+include "_numa.pxi"
 include "_frames.pxi"
 include "_pagemap.pxi"
 include "_track.pxi"

@@ -98,10 +98,16 @@ cdef uint32_t frame_alloc(Core c, uint32_t hint) noexcept nogil:
     return f
 
 
-cdef int frame_write(Core c, uint32_t f, const char *content) noexcept nogil:
-    """Fill a new frame; 0 or an errno. pwrite, not a store through the view:
-    a full memory cgroup or tmpfs then answers ENOMEM or ENOSPC, not SIGBUS."""
-    cdef long done = pwrite(tier_of(c, f).fd, content, c.page_size, <long>f * c.page_size)
+cdef int frame_write(Core c, uint32_t f, const char *content, uint16_t node) noexcept nogil:
+    """Fill a new frame, with memory of `node`; 0 or an errno. pwrite, not a
+    store through the view: a full memory cgroup or tmpfs then answers ENOMEM
+    or ENOSPC, not SIGBUS."""
+    cdef mem_policy saved
+    cdef long done
+    prefer_node(c, node, &saved)
+    done = pwrite(tier_of(c, f).fd, content, c.page_size, <long>f * c.page_size)
+    restore_policy(&saved)
+    c.frames[f].node = node
     if done == <long>c.page_size:
         return 0
     return errno if done < 0 else ENOMEM
@@ -127,12 +133,14 @@ cdef void frame_put(Core c, uint32_t f) noexcept nogil:
     c.norphans += 1
 
 
-cdef uint32_t stable_tree_search(Core c, const char *page, uint32_t checksum,
+cdef uint32_t stable_tree_search(Core c, const char *page, uint32_t checksum, uint16_t node,
                                  uint32_t max_page_sharing) noexcept nogil:
-    """A frame holding exactly `page`'s content that may take one more page."""
-    cdef uint32_t f = c.stable[checksum & c.stable_mask]
+    """A frame holding exactly `page`'s content, in the tree of `node`, that
+    may take one more page."""
+    cdef uint32_t f = c.stable[tree_key(c, checksum, node) & c.stable_mask]
     while f != NO_FRAME:
         if (c.frames[f].checksum == checksum
+                and same_tree(c, c.frames[f].node, node)
                 and c.frames[f].mapcount < max_page_sharing
                 and memcmp(page, frame_address(c, f), c.page_size) == 0):
             return f
@@ -141,7 +149,7 @@ cdef uint32_t stable_tree_search(Core c, const char *page, uint32_t checksum,
 
 
 cdef void stable_tree_link(Core c, uint32_t *heads, uint32_t mask, uint32_t f) noexcept nogil:
-    cdef uint32_t *head = &heads[c.frames[f].checksum & mask]
+    cdef uint32_t *head = &heads[tree_key(c, c.frames[f].checksum, c.frames[f].node) & mask]
     c.frames[f].next = head[0]
     head[0] = f
 
@@ -173,7 +181,7 @@ cdef void stable_tree_insert(Core c, uint32_t f) noexcept nogil:
 
 
 cdef bint stable_tree_erase(Core c, uint32_t f) noexcept nogil:
-    cdef uint32_t *link = &c.stable[c.frames[f].checksum & c.stable_mask]
+    cdef uint32_t *link = &c.stable[tree_key(c, c.frames[f].checksum, c.frames[f].node) & c.stable_mask]
     while link[0] != NO_FRAME:
         if link[0] == f:
             link[0] = c.frames[f].next

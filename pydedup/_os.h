@@ -54,6 +54,35 @@ struct pd_procmap_query {
 
 #define PD_PROCMAP_QUERY _IOWR('f', 17, struct pd_procmap_query)
 
+/* NUMA memory policy (mempolicy.h), through syscall(2): no libnuma needed.
+ * Kernels without CONFIG_NUMA answer ENOSYS. */
+#define PD_MPOL_DEFAULT    0
+#define PD_MPOL_PREFERRED  1
+#define PD_MPOL_INTERLEAVE 3
+#define PD_MAX_NODES       1024     /* bits in a node mask */
+
+static inline long pd_move_pages(unsigned long count, void **pages, int *status)
+{
+    /* No target nodes: only report the node of each page, or -errno. */
+    return syscall(SYS_move_pages, 0, count, pages, NULL, status, 0);
+}
+
+static inline long pd_set_mempolicy(int mode, const unsigned long *nodemask)
+{
+    return syscall(SYS_set_mempolicy, mode, nodemask, nodemask ? PD_MAX_NODES + 1 : 0);
+}
+
+static inline long pd_get_mempolicy(int *mode, unsigned long *nodemask)
+{
+    return syscall(SYS_get_mempolicy, mode, nodemask, PD_MAX_NODES + 1, NULL, 0);
+}
+
+static inline long pd_mbind(void *addr, unsigned long length, int mode,
+                            const unsigned long *nodemask)
+{
+    return syscall(SYS_mbind, addr, length, mode, nodemask, nodemask ? PD_MAX_NODES + 1 : 0, 0);
+}
+
 static inline int pd_memfd_create(const char *name)
 {
     return (int)syscall(SYS_memfd_create, name, 1 /* MFD_CLOEXEC: not for exec'd programs */);

@@ -44,6 +44,12 @@ cdef extern from "_os.h" nogil:
         uint64_t vma_name_addr, build_id_addr
     unsigned long PD_PROCMAP_QUERY
 
+    int PD_MPOL_DEFAULT, PD_MPOL_PREFERRED, PD_MPOL_INTERLEAVE, PD_MAX_NODES
+    long pd_move_pages(unsigned long count, void **pages, int *status)
+    long pd_set_mempolicy(int mode, const unsigned long *nodemask)
+    long pd_get_mempolicy(int *mode, unsigned long *nodemask)
+    long pd_mbind(void *addr, unsigned long length, int mode, const unsigned long *nodemask)
+
     int pd_memfd_create(const char *name)
     int pd_page_is_zero(const void *page, size_t size)
     void pd_touch_write(void *page)

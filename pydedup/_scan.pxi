@@ -103,18 +103,20 @@ cdef size_t unstable_tree_search_insert(Core c, size_t p) noexcept nogil:
     """An earlier page of this scan with the same content as page p, taken
     out of the tree; or NO_PAGE, and p goes into the tree."""
     cdef rmap_item *it = &c.rmap[p]
-    cdef uint32_t *link = &c.unstable[it.checksum & c.unstable_mask]
+    cdef uint32_t *head = &c.unstable[tree_key(c, it.checksum, it.node) & c.unstable_mask]
+    cdef uint32_t *link = head
     cdef uint32_t q = link[0]
     while q != NO_PAGE:
         if (c.rmap[q].checksum == it.checksum
+                and same_tree(c, c.rmap[q].node, it.node)
                 and memcmp(page_address(c, q), page_address(c, p), c.page_size) == 0):
             link[0] = c.rmap[q].frame
             c.rmap[q].flags &= ~PAGE_UNSTABLE
             return q
         link = &c.rmap[q].frame
         q = link[0]
-    it.frame = c.unstable[it.checksum & c.unstable_mask]
-    c.unstable[it.checksum & c.unstable_mask] = <uint32_t>p
+    it.frame = head[0]
+    head[0] = <uint32_t>p
     it.flags |= PAGE_UNSTABLE
     return NO_PAGE
 
@@ -125,7 +127,7 @@ cdef void unstable_tree_erase(Core c, size_t p) noexcept nogil:
     cdef uint32_t *link
     if not c.rmap[p].flags & PAGE_UNSTABLE:
         return
-    link = &c.unstable[c.rmap[p].checksum & c.unstable_mask]
+    link = &c.unstable[tree_key(c, c.rmap[p].checksum, c.rmap[p].node) & c.unstable_mask]
     while link[0] != NO_PAGE:
         if link[0] == p:
             link[0] = c.rmap[p].frame
@@ -142,12 +144,12 @@ cdef inline void set_target(Core c, size_t p, uint32_t f) noexcept nogil:
     frame_get(c, f)
 
 
-cdef uint32_t new_stable_frame(Core c, const char *content, uint32_t checksum,
+cdef uint32_t new_stable_frame(Core c, const char *content, uint32_t checksum, uint16_t node,
                                uint32_t hint, pass_stats *st) noexcept nogil:
-    """A frame holding `content`, in the stable tree; NO_FRAME if the frame
-    store cannot grow."""
+    """A frame holding `content`, on `node` and in its stable tree; NO_FRAME
+    if the frame store cannot grow."""
     cdef uint32_t f = frame_alloc(c, hint)
-    if f == NO_FRAME or frame_write(c, f, content) != 0:
+    if f == NO_FRAME or frame_write(c, f, content, node) != 0:
         return NO_FRAME
     c.frames[f].checksum = checksum
     c.frames[f].mapcount = 0
@@ -193,13 +195,15 @@ cdef void cmp_and_merge_page(Core c, size_t p, bint written, scan_knobs *k,
     if zero and k.use_zero_pages:
         it.flags |= PAGE_TARGET_ZERO
         return
-    f = stable_tree_search(c, page, checksum, k.max_page_sharing)
+    f = stable_tree_search(c, page, checksum, it.node, k.max_page_sharing)
     if f == NO_FRAME:
         q = unstable_tree_search_insert(c, p)
         if q == NO_PAGE:
             return
-        # The frame after the last new one: a copied array maps back in one run.
-        f = new_stable_frame(c, page, checksum, c.last_new_frame + 1, st)
+        # The frame after the last new one: a copied array maps back in one
+        # run. It is written on the node of the page that was there first,
+        # which KSM would have made the shared page.
+        f = new_stable_frame(c, page, checksum, c.rmap[q].node, c.last_new_frame + 1, st)
         if f == NO_FRAME:
             st.skipped_no_memory += 2
             return
@@ -212,22 +216,36 @@ cdef int scan_range(Core c, size_t first, size_t end, scan_knobs *k,
                     pass_stats *st) noexcept nogil:
     """Look at every mergeable page of [first, end) that holds memory."""
     cdef uint8_t *cats = <uint8_t *>malloc(STATE_CHUNK)
+    cdef uint16_t *nodes = NULL
     cdef size_t p, n
     cdef int err = 0
-    if cats == NULL:
+    if knows_nodes(c):
+        nodes = <uint16_t *>malloc(STATE_CHUNK * sizeof(uint16_t))
+    if cats == NULL or (knows_nodes(c) and nodes == NULL):
+        free(cats)
+        free(nodes)
         return ENOMEM
     while first < end and err == 0:
         n = min(end - first, <size_t>STATE_CHUNK)
         err = take_written(c, first, n, cats)
+        if err == 0 and nodes != NULL:
+            read_nodes(c, first, n, cats, nodes)
         for p in range(first, first + n if err == 0 else first):
+            if (nodes != NULL and not c.merge_across_nodes and c.rmap[p].state == PAGE_MERGED
+                    and away_from_home(c, p, nodes[p - first]) and go_home(c, p, st) == 0):
+                cats[p - first] = PD_PAGE_IS_PRESENT | PD_PAGE_IS_WRITTEN
+                nodes[p - first] = c.rmap[p].node
             if mergeable(&c.rmap[p]):
                 if holds_own_memory(cats[p - first]):
                     st.scanned += 1
+                    if nodes != NULL and nodes[p - first] != NO_NODE:
+                        c.rmap[p].node = nodes[p - first]
                     cmp_and_merge_page(c, p, cats[p - first] & PD_PAGE_IS_WRITTEN != 0, k, st)
             elif c.rmap[p].state != PAGE_FREE and c.rmap[p].flags & PAGE_UNMERGEABLE:
                 st.skipped_unmergeable += 1
         first += n
     free(cats)
+    free(nodes)
     return err
 
 

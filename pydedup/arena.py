@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from pydedup import knobs, procfs
+from pydedup import knobs, numa, procfs
 from pydedup._fast import Block
 from pydedup.pages import Pages
 from pydedup.scanner import Scanner
@@ -43,6 +43,7 @@ class Arena:
     use_zero_pages = _Knob()
     zero_page_colours = _Knob()
     max_page_sharing = _Knob()
+    merge_across_nodes = _Knob()
     max_mappings = _Knob()
     run = _Knob()
     pages_to_scan = _Knob()
@@ -58,6 +59,9 @@ class Arena:
         _choose_barrier(core, self.barrier)
         core.set_tracking(self.track_writes)
         core.zero_colours = self.zero_page_colours
+        self._topology = numa.topology()
+        core.set_nodes(len(self._topology.nodes))
+        core.set_merge_across_nodes(self.merge_across_nodes)
         self._lo = core.base_address
         self._hi = self._lo + core.npages * PAGE_SIZE
         self._set_knob("run", self.run)
@@ -73,6 +77,8 @@ class Arena:
                 core.set_tracking(value)
             elif name == "zero_page_colours":
                 core.zero_colours = value
+            elif name == "merge_across_nodes":
+                core.set_merge_across_nodes(value)
             self._knobs[name] = value
 
     # -- life --------------------------------------------------------------
@@ -105,50 +111,54 @@ class Arena:
 
     # -- arrays, as numpy makes them ------------------------------------------
 
-    def empty(self, shape, dtype=float, order="C"):
+    # node=: where the array's memory comes from: a NUMA node number,
+    # "interleave" (page by page over every node with memory) or None (the
+    # node of the CPU that first writes each page, the kernel's default).
+
+    def empty(self, shape, dtype=float, order="C", *, node=None):
         """Like numpy.empty. Fresh arena pages are zero-filled."""
-        return self._new(shape, dtype, _c_or_f(order))
+        return self._new(shape, dtype, _c_or_f(order), node=node)
 
-    def zeros(self, shape, dtype=float, order="C"):
-        return self._new(shape, dtype, _c_or_f(order))
+    def zeros(self, shape, dtype=float, order="C", *, node=None):
+        return self._new(shape, dtype, _c_or_f(order), node=node)
 
-    def ones(self, shape, dtype=None, order="C"):
-        return self.full(shape, 1, dtype, order)
+    def ones(self, shape, dtype=None, order="C", *, node=None):
+        return self.full(shape, 1, dtype, order, node=node)
 
-    def full(self, shape, fill_value, dtype=None, order="C"):
+    def full(self, shape, fill_value, dtype=None, order="C", *, node=None):
         if dtype is None:
             dtype = np.array(fill_value).dtype
-        out = self._new(shape, dtype, _c_or_f(order))
+        out = self._new(shape, dtype, _c_or_f(order), node=node)
         np.copyto(out, fill_value, casting="unsafe")
         return out
 
-    def empty_like(self, prototype, dtype=None, order="K", shape=None):
+    def empty_like(self, prototype, dtype=None, order="K", shape=None, *, node=None):
         prototype = np.asanyarray(prototype)
         dtype = prototype.dtype if dtype is None else dtype
         shape = prototype.shape if shape is None else _normalize_shape(shape)
         order, strides = _like_layout(prototype, shape, np.dtype(dtype), order)
-        return self._new(shape, dtype, order, strides)
+        return self._new(shape, dtype, order, strides, node=node)
 
-    def zeros_like(self, prototype, dtype=None, order="K", shape=None):
-        return self.empty_like(prototype, dtype, order, shape)
+    def zeros_like(self, prototype, dtype=None, order="K", shape=None, *, node=None):
+        return self.empty_like(prototype, dtype, order, shape, node=node)
 
-    def ones_like(self, prototype, dtype=None, order="K", shape=None):
-        return self.full_like(prototype, 1, dtype, order, shape)
+    def ones_like(self, prototype, dtype=None, order="K", shape=None, *, node=None):
+        return self.full_like(prototype, 1, dtype, order, shape, node=node)
 
-    def full_like(self, prototype, fill_value, dtype=None, order="K", shape=None):
-        out = self.empty_like(prototype, dtype, order, shape)
+    def full_like(self, prototype, fill_value, dtype=None, order="K", shape=None, *, node=None):
+        out = self.empty_like(prototype, dtype, order, shape, node=node)
         np.copyto(out, fill_value, casting="unsafe")
         return out
 
-    def array(self, object, dtype=None, *, copy=True, order="K", ndmin=0):
+    def array(self, object, dtype=None, *, copy=True, order="K", ndmin=0, node=None):
         """Like numpy.array: a copy of `object` in the arena (no copy if
         copy=False and it already is one of this arena's arrays)."""
         source = np.asanyarray(object, dtype=dtype)
         if ndmin > source.ndim:
             source = source.reshape((1,) * (ndmin - source.ndim) + source.shape)
-        if not copy and self.owns(source):
+        if not copy and self.owns(source) and node is None:
             return source
-        out = self.empty_like(source, order=order)
+        out = self.empty_like(source, order=order, node=node)
         np.copyto(out, source)
         return out
 
@@ -168,14 +178,15 @@ class Arena:
         block = _block_of(array)
         return block is not None and self._pages is not None and block.owner is self._pages
 
-    def _new(self, shape, dtype, order, strides=None):
+    def _new(self, shape, dtype, order, strides=None, node=None):
         shape = _normalize_shape(shape)
         dtype = _check_dtype(dtype)
+        nodes = self._topology.check(node)
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes > np.iinfo(np.intp).max:
             raise ValueError(f"array is too big: {shape} of {dtype} needs {nbytes} bytes")
         with self._locked():
-            block = self._pages.take(-(-nbytes // PAGE_SIZE), nbytes)
+            block = self._pages.take(-(-nbytes // PAGE_SIZE), nbytes, nodes)
         return np.ndarray(shape, dtype, buffer=block, order=order, strides=strides)
 
     # -- merging -----------------------------------------------------------
@@ -191,7 +202,7 @@ class Arena:
             pages_scanned=st["scanned"], pages_hashed=st["hashed"],
             pages_merged=st["merged"], pages_zeroed=st["zeroed"],
             frames_new=st["frames_new"], pages_unshared=st["unshared"],
-            pages_volatile=st["volatile"],
+            pages_volatile=st["volatile"], pages_moved=st["moved"],
             skipped={"unmergeable": st["skipped_unmergeable"], "changed": st["skipped_changed"],
                      "mapping_budget": st["skipped_budget"], "no_memory": st["skipped_no_memory"]},
             mappings_left=st["mappings_left"], seconds=time.perf_counter() - start,
@@ -252,6 +263,18 @@ class Arena:
         and error), else None."""
         return self._scanner
 
+    def _simulate_numa(self, nnodes: int):
+        """For tests of the per-node logic on a machine of one node: the arena
+        believes in `nnodes` nodes and takes each page's node from the map this
+        returns (a writable numpy array, one entry a page, all 0 at first)
+        instead of the kernel; node= of the constructors writes it."""
+        page_nodes = np.zeros(self._hi // PAGE_SIZE - self._lo // PAGE_SIZE, np.uint16)
+        with self._locked() as core:
+            core.simulate_nodes(page_nodes)
+            core.set_nodes(nnodes)
+        self._topology = numa.Topology(tuple(numa.Node(i, (), PAGE_SIZE) for i in range(nnodes)), False)
+        return page_nodes
+
     @staticmethod
     def _unmerge(core, first, n) -> int:
         core.refresh(first, n)
@@ -288,6 +311,7 @@ class Arena:
             full_scans, unshared, volatile = core.full_scans, core.pages_unshared, core.pages_volatile
             barrier = core.barrier_name
             frame_store_bytes = os.fstat(core.memfd).st_blocks * 512
+            frames_by_node = core.frames_by_node()
             _, mappings = procfs.count_mappings(self._lo, self._hi)
             pss = procfs.smaps_fields(self._lo, self._hi)
         sharing = c["merged"] - frames
@@ -302,7 +326,7 @@ class Arena:
             frame_store_bytes=frame_store_bytes, metadata_bytes=metadata, mappings=mappings,
             pss_bytes=pss["pss"], bytes_saved=(sharing + c["zero"]) * PAGE_SIZE,
             pss_bytes_saved=data_pages * PAGE_SIZE - pss["pss_anon"] - frame_store_bytes,
-            barrier=barrier)
+            barrier=barrier, frames_by_node=frames_by_node)
 
     def _page_range(self, array):
         """(first page, page count) that `array`'s bytes span."""

@@ -57,6 +57,11 @@ KNOBS = {knob.name: knob for knob in (
          "pages of its colour (virtual page number modulo this), as the kernel "
          "colours its zero pages. Default: the kernel's own count, read from "
          "pagemap where frame numbers are visible, else 1 (right on x86-64)."),
+    Knob("merge_across_nodes", lambda: True, _boolean, "True or False (or 1, 0)",
+         "merge_across_nodes",
+         "Pages on different NUMA nodes may share a frame. Off: each node has "
+         "its own trees and frames, so merged pages stay local. Changes only "
+         "while no page is merged (KSM answers EBUSY): unmerge() first."),
     Knob("max_page_sharing", lambda: 256, _integer_at_least(2), "an integer >= 2", "max_page_sharing",
          "Most arena pages one frame backs; more copies get another frame."),
     Knob("max_mappings", lambda: procfs.max_map_count() // 3, _integer_at_least(0),

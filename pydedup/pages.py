@@ -30,6 +30,7 @@ class Pages:
         self.extents = Extents(npages)
         self._lock = threading.Lock()
         self._given_back = collections.deque()
+        self._placed = set()            # first pages of blocks placed on chosen nodes
         _LIVE.add(self)
 
     @contextmanager
@@ -41,8 +42,9 @@ class Pages:
         if self._given_back:
             self._release_if_free()
 
-    def take(self, npages: int, nbytes: int) -> Block:
-        """A Block of npages fresh, zero-filled pages. Call under locked()."""
+    def take(self, npages: int, nbytes: int, nodes: tuple = ()) -> Block:
+        """A Block of npages fresh, zero-filled pages, whose memory comes from
+        `nodes` if any are given (interleaved if several). Call under locked()."""
         if npages == 0:
             return Block(self.core, self, 0, 0, 0)
         first = self.extents.take(npages)
@@ -52,6 +54,13 @@ class Pages:
                 f"arena has no {npages * page} free bytes in one piece "
                 f"(largest free run: {self.extents.largest * page} bytes, "
                 f"free in all: {self.extents.free_pages * page}); make a larger Arena(size=...)")
+        if nodes:
+            try:
+                self.core.place(first, npages, nodes)
+            except OSError:
+                self.extents.give(first, npages)
+                raise
+            self._placed.add(first)
         self.core.adopt(first, npages)
         return Block(self.core, self, first, npages, nbytes)
 
@@ -71,6 +80,9 @@ class Pages:
     def _release_given_back(self):
         for _ in range(len(self._given_back)):
             first, npages = self._given_back.popleft()
+            if first in self._placed:   # the next array here gets the default again
+                self.core.place(first, npages, ())
+                self._placed.discard(first)
             if self.core.release(first, npages):
                 self.extents.give(first, npages)
             else:                       # at the mapping limit: try again later

@@ -30,6 +30,8 @@ class MergeReport(_Readable):
     frames_new: int           # frames written for new shared content
     pages_unshared: int       # unique pages: nothing else holds their content
     pages_volatile: int       # pages that changed since the last pass (merged anyway)
+    pages_moved: int          # merged pages whose frame was on another node than the
+                              # page's own (merge_across_nodes off): merged again at home
     skipped: dict = field(default_factory=dict)  # pages not merged, by reason
     mappings_left: int = 0    # what the mapping budget had left at the end
     seconds: float = 0.0
@@ -69,6 +71,7 @@ class ArenaStats(_Readable):
     pss_bytes_saved: int      # measured: what the data would hold unmerged, less
                               # anonymous PSS and the frame store
     barrier: str              # the write barrier in use: 'uffd' or 'mprotect'
+    frames_by_node: dict      # {NUMA node: frames in use written on it}
 
 
 @dataclass(frozen=True)
