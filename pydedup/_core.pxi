@@ -37,6 +37,7 @@ cdef class Core:
         self.zero_colours = 1
         self.merge_across_nodes = True
         self.nnodes = 1
+        self.policy_node = -1
         self.npages = npages
         self.xxh3 = <pd_xxh3_fn>xxh3_address
         self.base = <char *>map_lazily(npages * self.page_size)

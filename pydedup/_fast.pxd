@@ -101,6 +101,13 @@ cdef enum barrier_mode:           # how a run is write-protected while it is mer
     BARRIER_MPROTECT = 1           # mprotect and a SIGSEGV handler that waits
     BARRIER_UFFD = 2               # userfaultfd write-protect: the kernel waits
 
+cdef enum:
+    NODE_MASK_WORDS = 16           # longs in a NUMA node mask (PD_MAX_NODES bits)
+
+cdef struct mem_policy:            # a thread's NUMA memory policy, kept to restore
+    int mode
+    unsigned long mask[NODE_MASK_WORDS]
+
 cdef struct scan_knobs:            # what a scan is asked to do
     bint use_zero_pages
     uint32_t max_page_sharing
@@ -170,6 +177,8 @@ cdef class Core:
     cdef readonly int nnodes           # nodes pages may be on (1: no lookups)
     cdef object simulated_nodes        # a writable uint16 map page -> node, or None
     cdef uint16_t *simulated           # its data: nodes come from it, not the kernel
+    cdef int policy_node               # the node a pass prefers for new memory, or -1
+    cdef mem_policy saved_policy       # the thread's own policy while policy_node >= 0
     # reading the mappings (_maps.pxi)
     cdef int maps_fd                   # /proc/self/maps, for PROCMAP_QUERY; -1 if not open
     cdef int maps_pid                  # the process maps_fd belongs to

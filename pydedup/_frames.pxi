@@ -102,11 +102,9 @@ cdef int frame_write(Core c, uint32_t f, const char *content, uint16_t node) noe
     """Fill a new frame, with memory of `node`; 0 or an errno. pwrite, not a
     store through the view: a full memory cgroup or tmpfs then answers ENOMEM
     or ENOSPC, not SIGBUS."""
-    cdef mem_policy saved
     cdef long done
-    prefer_node(c, node, &saved)
+    prefer_node(c, node)
     done = pwrite(tier_of(c, f).fd, content, c.page_size, <long>f * c.page_size)
-    restore_policy(&saved)
     c.frames[f].node = node
     if done == <long>c.page_size:
         return 0

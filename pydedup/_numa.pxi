@@ -12,11 +12,6 @@
 
 cdef enum:
     NO_NODE = 0xFFFF                    # not present: on no node yet
-    NODE_MASK_WORDS = 16                # longs in a node mask of PD_MAX_NODES bits
-
-cdef struct mem_policy:                 # a thread's memory policy, to restore
-    int mode
-    unsigned long mask[NODE_MASK_WORDS]
 
 
 cdef inline uint32_t tree_key(Core c, uint32_t checksum, uint16_t node) noexcept nogil:
@@ -70,24 +65,25 @@ cdef inline bint places_memory(Core c, uint16_t node) noexcept nogil:
     return c.nnodes > 1 and c.simulated == NULL and node < PD_MAX_NODES
 
 
-cdef void prefer_node(Core c, uint16_t node, mem_policy *saved) noexcept nogil:
-    """This thread's next allocations come from `node` where it has memory.
-    A shmem file's pages (frames) are allocated under the writer's policy."""
+cdef void prefer_node(Core c, uint16_t node) noexcept nogil:
+    """This thread's next allocations come from `node` where it has memory:
+    a shmem file's pages (frames) are allocated under the writer's policy.
+    The thread's own policy is kept and comes back at the end of the pass
+    (restore_policy); in between the policy changes only with the node."""
     cdef unsigned long mask[NODE_MASK_WORDS]
-    saved.mode = -1
-    if not places_memory(c, node):
+    if not places_memory(c, node) or node == c.policy_node:
         return
-    if pd_get_mempolicy(&saved.mode, saved.mask) != 0:
-        saved.mode = -1
+    if c.policy_node < 0 and pd_get_mempolicy(&c.saved_policy.mode, c.saved_policy.mask) != 0:
         return
     memset(mask, 0, sizeof(mask))
     mask[node // 64] = 1UL << (node % 64)
-    pd_set_mempolicy(PD_MPOL_PREFERRED, mask)
+    c.policy_node = node if pd_set_mempolicy(PD_MPOL_PREFERRED, mask) == 0 else c.policy_node
 
 
-cdef void restore_policy(mem_policy *saved) noexcept nogil:
-    if saved.mode >= 0:
-        pd_set_mempolicy(saved.mode, saved.mask)
+cdef void restore_policy(Core c) noexcept nogil:
+    if c.policy_node >= 0:
+        pd_set_mempolicy(c.saved_policy.mode, c.saved_policy.mask)
+        c.policy_node = -1
 
 
 cdef inline bint away_from_home(Core c, size_t p, uint16_t seen) noexcept nogil:
@@ -102,12 +98,10 @@ cdef inline bint away_from_home(Core c, size_t p, uint16_t seen) noexcept nogil:
 cdef int go_home(Core c, size_t p, pass_stats *st) noexcept nogil:
     """Give merged page p a private copy on its own node, where this pass
     merges it again, in its node's trees."""
-    cdef mem_policy saved
     cdef uint16_t home = c.simulated[p] if c.simulated != NULL else c.rmap[p].node
     cdef int err
-    prefer_node(c, home, &saved)
+    prefer_node(c, home)
     err = populate_write(c, p, 1)
-    restore_policy(&saved)
     if err:
         return err
     frame_put(c, c.rmap[p].frame)

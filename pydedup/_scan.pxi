@@ -275,6 +275,7 @@ cdef int merge_pass(Core c, scan_knobs *k, pass_stats *st) noexcept nogil:
     if c.unstable != NULL:
         end_scan(c, st)
     reclaim_frames(c)
+    restore_policy(c)
     st.refresh_seconds = refreshed - started
     st.decide_seconds = decided - refreshed
     st.apply_seconds = now() - decided
@@ -299,6 +300,7 @@ cdef int scan_batch(Core c, size_t npages, scan_knobs *k, pass_stats *st,
         err = scan_range(c, first, end, k, st)
     apply_targets(c, st)
     reclaim_frames(c)
+    restore_policy(c)
     c.scan_cursor = end
     if end >= c.high_water:
         end_scan(c, st)
