@@ -1,7 +1,7 @@
 """What NUMA awareness costs merge(), measured against merge() without it in
 the same run: alternating rounds on the same arrays, the median of each.
 
-    python benchmarks/numa.py [--size 512M] [--rounds 7]
+    python benchmarks/numa.py [--size 512M] [--rounds 9]
 
 Rows:
   one pair of trees     merge_across_nodes=True, as on any machine of one node
@@ -52,14 +52,17 @@ def merge_seconds(arena, setup) -> float:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=parse_size, default=parse_size("512M"))
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args(argv)
     with pydedup.Arena(size=2 * args.size) as arena:
         arrays = build(arena, args.size, np.random.default_rng(0))
         seconds = {name: [] for name in SETUPS}
-        for _ in range(args.rounds):
-            for name, setup in SETUPS.items():
-                seconds[name].append(merge_seconds(arena, setup))
+        names = list(SETUPS)
+        for round in range(args.rounds):
+            # Each setup takes each place in the order in turn: the merge
+            # after another setup's differs (what unmerge left, caches).
+            for name in names[round % len(names):] + names[:round % len(names)]:
+                seconds[name].append(merge_seconds(arena, SETUPS[name]))
         base = statistics.median(seconds["one pair of trees"])
         print(f"merge() of {args.size / 2**20:.0f} MiB, median of {args.rounds} alternating rounds, "
               f"{pydedup.features()['numa_nodes']} NUMA node(s) here")
