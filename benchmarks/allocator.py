@@ -1,6 +1,6 @@
 """numpy's allocator in an arena (pydedup.arena()): what it costs and what it saves.
 
-    python benchmarks/allocator.py [--rounds 9] [--size 512MiB] [--no-cache]
+    python benchmarks/allocator.py [--rounds 15] [--size 512MiB] [--cache 64MiB]
 
 1. Speed: allocation-heavy numpy code (ufunc chains, concatenate, matmul,
    cumsum: many medium and large temporaries) run with numpy's default
@@ -55,11 +55,12 @@ def temporaries(sizes):
 SIZES = [32 << 10] * 256 + [256 << 10] * 64 + [2 * MiB] * 16 + [16 * MiB] * 2
 
 
-def time_once(fn, *args):
+def time_once(fn):
+    """(wall seconds, CPU seconds of this process: the machine may be shared)"""
     gc.collect()
-    start = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - start
+    start, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def speed(rounds, cache):
@@ -74,7 +75,7 @@ def speed(rounds, cache):
         assert temporaries(SIZES) == expected
 
     inside(), outside()                     # warm both
-    ratios = []
+    ratios, cpu_ratios = [], []
     print(f"speed: {len(SIZES)} inputs, alloc_threshold {ar.alloc_threshold} B, "
           f"alloc_cache {ar.alloc_cache >> 20} MiB")
     for r in range(rounds):
@@ -82,13 +83,15 @@ def speed(rounds, cache):
             t_in, t_out = time_once(inside), time_once(outside)
         else:
             t_out, t_in = time_once(outside), time_once(inside)
-        ratios.append(t_in / t_out)
-        print(f"  round {r}: outside {t_out * 1e3:7.1f} ms  inside {t_in * 1e3:7.1f} ms  "
-              f"ratio {t_in / t_out:.3f}")
+        ratios.append(t_in[0] / t_out[0])
+        cpu_ratios.append(t_in[1] / t_out[1])
+        print(f"  round {r:2}: outside {t_out[0] * 1e3:7.1f} ms  inside {t_in[0] * 1e3:7.1f} ms  "
+              f"ratio {ratios[-1]:.3f}  (CPU time ratio {cpu_ratios[-1]:.3f})")
     counters = ar.allocator_stats()
     print(f"  arena allocations {counters['allocations']:,}, cache hits {counters['cache_hits']:,}, "
           f"fell back {counters['fell_back']:,}")
-    print(f"  median ratio (inside / outside): {statistics.median(ratios):.3f}")
+    print(f"  median ratio (inside / outside): {statistics.median(ratios):.3f} wall, "
+          f"{statistics.median(cpu_ratios):.3f} CPU time")
     ar.close()
 
 
@@ -132,11 +135,13 @@ def parse_size(text):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--size", type=parse_size, default=512 * MiB, help="bytes of one matrix")
-    parser.add_argument("--no-cache", action="store_true", help="alloc_cache=0")
+    parser.add_argument("--cache", type=parse_size, default=None,
+                        help="the arena's alloc_cache (default: the knob's default)")
     args = parser.parse_args()
-    speed(args.rounds, 0 if args.no_cache else pydedup.KNOBS["alloc_cache"].default())
+    cache = pydedup.KNOBS["alloc_cache"].default() if args.cache is None else args.cache
+    speed(args.rounds, cache)
     memory(args.size)
 
 

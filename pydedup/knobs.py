@@ -88,10 +88,11 @@ KNOBS = {knob.name: knob for knob in (
          "Inside pydedup.arena() or after pydedup.install(), numpy allocations "
          "of at least this many bytes take whole arena pages; smaller ones go "
          "to numpy's default allocator. Default: four pages."),
-    Knob("alloc_cache", lambda: 64 << 20, _integer_at_least(0), "a number of bytes >= 0", "",
+    Knob("alloc_cache", lambda: 256 << 20, _integer_at_least(0), "a number of bytes >= 0", "",
          "Most bytes of arena pages that numpy's allocator keeps after a free, "
          "to reuse for the next allocation of the same page count (fresh pages "
-         "fault in on first touch); merge() and stats() hand them back first. "
+         "fault in on first touch); merge(), stats() and close() hand them "
+         "back. "
          "0: no cache."),
 )}
 

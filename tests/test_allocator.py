@@ -201,11 +201,17 @@ def test_cache_reuses_runs_and_merge_hands_them_back(ar):
         del x
         assert ar.allocator_stats()["cache_bytes"] == BIG
         y = np.empty(BIG, np.uint8)
-    assert y.ctypes.data == address
-    assert ar.allocator_stats()["cache_hits"] == 1
-    del y
-    assert ar.stats().pages_in_use == 0        # stats() hands the cache back first
-    assert ar.allocator_stats()["cache_bytes"] == 0
+        assert y.ctypes.data == address
+        assert ar.allocator_stats()["cache_hits"] == 1
+        del y
+        assert ar.stats().pages_in_use == 0    # stats() hands the cache back first
+        assert ar.allocator_stats()["cache_bytes"] == 0
+        z = np.empty(BIG, np.uint8)
+        del z
+        assert ar.allocator_stats()["cache_bytes"] == BIG
+    assert ar.allocator_stats()["cache_bytes"] == BIG    # kept for the next block
+    ar.close()
+    assert ar.allocator_stats()["cache_bytes"] == 0      # close() hands it back
 
 
 def test_no_cache(ar):
@@ -408,7 +414,7 @@ def test_bad_arguments(ar):
         ar.alloc_cache = -1
     with pytest.raises(ValueError, match="alloc_threshold"):
         ar.alloc_threshold = "4KiB"
-    assert ar.alloc_threshold == 4 * PAGE_SIZE and ar.alloc_cache == 64 << 20
+    assert ar.alloc_threshold == 4 * PAGE_SIZE and ar.alloc_cache == 256 << 20
     with pytest.raises(RuntimeError, match="not installed"):
         pydedup.uninstall()
     pydedup.install(ar)
