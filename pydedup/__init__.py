@@ -4,12 +4,19 @@
         m = arena.zeros((20_000, 20_000))
         ...
         arena.merge()
+
+    with pydedup.arena() as arena:       # numpy's own allocations go to the arena
+        m = np.zeros((20_000, 20_000))
+        arena.merge()
 """
 from pydedup.arena import Arena
+# After the submodule pydedup.arena: the name pydedup.arena is the function.
+from pydedup.allocator import arena, install, installed_arena, uninstall
 from pydedup.knobs import KNOBS
 from pydedup.stats import ArenaStats, ArrayStats, MergeReport, UnmergeReport
 
-__all__ = ["Arena", "ArenaStats", "ArrayStats", "KNOBS", "MergeReport", "UnmergeReport", "features"]
+__all__ = ["Arena", "ArenaStats", "ArrayStats", "KNOBS", "MergeReport", "UnmergeReport", "arena",
+           "features", "install", "installed_arena", "uninstall"]
 __version__ = "0.1.0"
 
 

@@ -50,10 +50,13 @@ class Arena:
     sleep_millisecs = _Knob()
     track_writes = _Knob()
     barrier = _Knob()
+    alloc_threshold = _Knob()
+    alloc_cache = _Knob()
 
     def __init__(self, size=None, **knob_values):
         self._knobs = knobs.initial(knob_values)
         self._scanner = None
+        self._allocator = None      # numpy's memory handler for this arena, once asked for
         self._pages = _reserve(size)
         core = self._pages.core
         _choose_barrier(core, self.barrier)
@@ -69,6 +72,14 @@ class Arena:
     def _set_knob(self, name, value):
         if name == "run":
             self._run_scanner(value)
+            return
+        if name in ("alloc_threshold", "alloc_cache"):
+            if self.closed:
+                raise ValueError("the arena is closed")
+            self._knobs[name] = value
+            if self._allocator is not None:
+                self._allocator.threshold = self.alloc_threshold
+                self._allocator.cache_limit = self.alloc_cache
             return
         with self._locked() as core:
             if name == "barrier":
@@ -87,6 +98,8 @@ class Arena:
         """No more arrays, merges or stats; the background scanner stops.
         Live arrays keep their memory until the last of them goes."""
         self._stop_scanner()
+        if self._allocator is not None:
+            self._allocator.close()
         self._pages = None
 
     @property
@@ -174,9 +187,46 @@ class Arena:
         return self.array(a, dtype, order=order or "K")
 
     def owns(self, array) -> bool:
-        """Whether `array`'s memory lives in this arena."""
-        block = _block_of(array)
-        return block is not None and self._pages is not None and block.owner is self._pages
+        """Whether `array`'s memory lives in this arena: made by its
+        constructors, or by numpy inside pydedup.arena() (or a view of either)."""
+        if self._pages is None:
+            return False
+        root = _root_of(array)
+        if isinstance(root, Block):
+            return root.owner is self._pages
+        return (isinstance(root, np.ndarray) and root.flags.owndata
+                and self._lo <= root.__array_interface__["data"][0] < self._hi)
+
+    # -- numpy's allocator (pydedup.arena(), pydedup.install()) --------------------
+
+    def _numpy_handler(self):
+        """The NEP 49 memory handler (a PyCapsule) that puts numpy's
+        allocations in this arena; see pydedup/allocator.py."""
+        if self._pages is None:
+            raise ValueError("the arena is closed")
+        if self._allocator is None:
+            from pydedup._handler import Allocator
+            core = self._pages.core
+            self._allocator = Allocator(self._pages, self._lo, core.npages, PAGE_SIZE,
+                                        self.alloc_threshold, self.alloc_cache)
+        return self._allocator.capsule
+
+    def allocator_stats(self) -> dict:
+        """numpy's allocator in this arena: `allocations` it made in arena
+        pages (`cache_hits` of them reused a freed run), `fell_back` (sent
+        to numpy's default allocator: arena full, closed, or allocating
+        inside an arena operation), `bytes_in_use` by live arrays,
+        `cache_bytes` and `cached_runs` held for reuse."""
+        if self._allocator is None:
+            return dict(allocations=0, cache_hits=0, fell_back=0, bytes_in_use=0,
+                        cache_bytes=0, cached_runs=0)
+        return self._allocator.counters()
+
+    def _flush_allocator_cache(self):
+        """Cached runs are free memory to the user: they must not be merged
+        nor counted in use."""
+        if self._allocator is not None:
+            self._allocator.flush()
 
     def _new(self, shape, dtype, order, strides=None, node=None):
         shape = _normalize_shape(shape)
@@ -196,6 +246,7 @@ class Arena:
         kernel zero page (use_zero_pages), identical pages onto one shared,
         immutable frame, byte for byte."""
         start = time.perf_counter()
+        self._flush_allocator_cache()
         with self._locked() as core:
             st = core.merge(self.use_zero_pages, self.max_page_sharing, self._mapping_budget())
         return MergeReport(
@@ -304,6 +355,7 @@ class Arena:
                 pages=n, pages_private=c["private"], pages_merged=c["merged"],
                 zero_pages=c["zero"], pages_unmergeable=c["unmergeable"],
                 bytes_saved=round(c["saved_pages"] * PAGE_SIZE))
+        self._flush_allocator_cache()
         with self._locked() as core:
             core.refresh(0, core.high_water)
             c = core.counts(0, core.high_water)
@@ -418,10 +470,12 @@ def _like_layout(prototype, shape, dtype, order):
     return "C", strides
 
 
-def _block_of(array):
-    while isinstance(array, np.ndarray):
+def _root_of(array):
+    """The object at the end of `array`'s chain of bases: a Block, the
+    ndarray that owns the memory, or something else."""
+    while isinstance(array, np.ndarray) and array.base is not None:
         array = array.base
-    return array if isinstance(array, Block) else None
+    return array
 
 
 def _byte_bounds(array):

@@ -22,6 +22,22 @@ class Extents:
         self.free_pages -= n
         return start
 
+    def take_at(self, start: int, n: int) -> bool:
+        """Take pages [start, start + n) if they are all free."""
+        i = self._by_start.bisect_right(start) - 1
+        if i < 0 or n <= 0:
+            return False
+        run, length = self._by_start.peekitem(i)
+        if run + length < start + n:
+            return False
+        self._remove(run, length)
+        if run < start:
+            self._add(run, start - run)
+        if start + n < run + length:
+            self._add(start + n, run + length - start - n)
+        self.free_pages -= n
+        return True
+
     def give(self, start: int, n: int):
         self.free_pages += n
         i = self._by_start.bisect_left(start)

@@ -88,6 +88,17 @@ KNOBS = {knob.name: knob for knob in (
          "CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1; 'mprotect' (a SIGSEGV "
          "handler makes writers wait; a kernel write into such a page fails with "
          "EFAULT) works everywhere; 'auto' takes uffd where allowed."),
+    Knob("alloc_threshold", lambda: 4 * procfs.PAGE_SIZE, _integer_at_least(1),
+         "a number of bytes >= 1", "",
+         "Inside pydedup.arena() or after pydedup.install(), numpy allocations "
+         "of at least this many bytes take whole arena pages; smaller ones go "
+         "to numpy's default allocator. Default: four pages."),
+    Knob("alloc_cache", lambda: 256 << 20, _integer_at_least(0), "a number of bytes >= 0", "",
+         "Most bytes of arena pages that numpy's allocator keeps after a free, "
+         "to reuse for the next allocation of the same page count (fresh pages "
+         "fault in on first touch); merge(), stats() and close() hand them "
+         "back. "
+         "0: no cache."),
 )}
 
 

@@ -29,6 +29,7 @@ class Pages:
         self.core = Core(npages, _xxh3_address())
         self.extents = Extents(npages)
         self._lock = threading.Lock()
+        self._holder = None         # the thread holding _lock, for numpy's allocator
         self._given_back = collections.deque()
         self._placed = set()            # first pages of blocks placed on chosen nodes
         _LIVE.add(self)
@@ -36,9 +37,13 @@ class Pages:
     @contextmanager
     def locked(self):
         with self._lock:
-            self._release_given_back()
-            yield self.core
-            self._release_given_back()
+            self._holder = threading.get_ident()
+            try:
+                self._release_given_back()
+                yield self.core
+                self._release_given_back()
+            finally:
+                self._holder = None
         if self._given_back:
             self._release_if_free()
 
@@ -64,6 +69,41 @@ class Pages:
         self.core.adopt(first, npages)
         return Block(self.core, self, first, npages, nbytes)
 
+    def take_pages(self, npages: int):
+        """For numpy's allocator (pydedup/_handler.pyx): the first of npages
+        fresh, zero-filled pages, or None if no free run is that long, or if
+        this thread holds the lock already: numpy allocating inside an arena
+        operation (a garbage collection running a __del__) must not wait for
+        itself. Other threads wait for the operation in progress."""
+        if self._holder == threading.get_ident():
+            return None
+        with self._lock:
+            self._holder = threading.get_ident()
+            try:
+                self._release_given_back()
+                first = self.extents.take(npages)
+                if first is not None:
+                    self.core.adopt(first, npages)
+            finally:
+                self._holder = None
+        return first
+
+    def take_at(self, first: int, npages: int) -> bool:
+        """For numpy's allocator: take pages [first, first + npages) if all
+        are free (an allocation grown in place)."""
+        if self._holder == threading.get_ident():
+            return False
+        with self._lock:
+            self._holder = threading.get_ident()
+            try:
+                self._release_given_back()
+                taken = self.extents.take_at(first, npages)
+                if taken:
+                    self.core.adopt(first, npages)
+            finally:
+                self._holder = None
+        return taken
+
     def give_back(self, first: int, npages: int):
         if npages == 0:
             return
@@ -72,9 +112,11 @@ class Pages:
 
     def _release_if_free(self):
         if self._lock.acquire(blocking=False):
+            self._holder = threading.get_ident()
             try:
                 self._release_given_back()
             finally:
+                self._holder = None
                 self._lock.release()
 
     def _release_given_back(self):
