@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from pydedup import knobs, procfs
+from pydedup import knobs, procfs, publish
 from pydedup._fast import Block
 from pydedup.pages import Pages
 from pydedup.scanner import Scanner
@@ -60,6 +60,7 @@ class Arena:
         core.zero_colours = self.zero_page_colours
         self._lo = core.base_address
         self._hi = self._lo + core.npages * PAGE_SIZE
+        self._publisher = publish.Publisher(self)     # for `python -m pydedup stats`
         self._set_knob("run", self.run)
 
     def _set_knob(self, name, value):
@@ -82,6 +83,7 @@ class Arena:
         Live arrays keep their memory until the last of them goes."""
         self._stop_scanner()
         self._pages = None
+        self._publisher.remove()
 
     @property
     def closed(self) -> bool:
@@ -187,7 +189,7 @@ class Arena:
         start = time.perf_counter()
         with self._locked() as core:
             st = core.merge(self.use_zero_pages, self.max_page_sharing, self._mapping_budget())
-        return MergeReport(
+        report = MergeReport(
             pages_scanned=st["scanned"], pages_hashed=st["hashed"],
             pages_merged=st["merged"], pages_zeroed=st["zeroed"],
             frames_new=st["frames_new"], pages_unshared=st["unshared"],
@@ -196,6 +198,8 @@ class Arena:
                      "mapping_budget": st["skipped_budget"], "no_memory": st["skipped_no_memory"]},
             mappings_left=st["mappings_left"], seconds=time.perf_counter() - start,
             phase_seconds={phase: round(st[f"{phase}_seconds"], 6) for phase in ("refresh", "decide", "apply")})
+        self._publish_if_due()
+        return report
 
     def unmerge(self) -> UnmergeReport:
         """Every merged and zero page gets its own copy; contents unchanged."""
@@ -244,6 +248,7 @@ class Arena:
             budget = self._mapping_budget() if core.scan_cursor == 0 else 0
             step, _ = core.scan_batch(self.pages_to_scan, self.use_zero_pages,
                                       self.max_page_sharing, budget)
+        self._publish_if_due()
         return step["merged"] + step["zeroed"], self.sleep_millisecs / 1000
 
     @property
@@ -292,7 +297,7 @@ class Arena:
             pss = procfs.smaps_fields(self._lo, self._hi)
         sharing = c["merged"] - frames
         data_pages = c["private_resident"] + c["merged"] + c["zero"]
-        return ArenaStats(
+        stats = ArenaStats(
             pages_shared=frames, pages_sharing=sharing, pages_unshared=unshared,
             pages_volatile=volatile, zero_pages=c["zero"], full_scans=full_scans,
             general_profit=(sharing + c["zero"]) * PAGE_SIZE - metadata,
@@ -303,6 +308,17 @@ class Arena:
             pss_bytes=pss["pss"], bytes_saved=(sharing + c["zero"]) * PAGE_SIZE,
             pss_bytes_saved=data_pages * PAGE_SIZE - pss["pss_anon"] - frame_store_bytes,
             barrier=barrier)
+        self._publisher.publish(stats, self._scanner)
+        return stats
+
+    def _publish_if_due(self):
+        # At most a stats() a second: merge() and the scanner keep the
+        # published counters fresh without paying for them every time.
+        if self._publisher.due():
+            try:
+                self.stats()
+            except (OSError, ValueError):   # best effort: never fail a merge or stop the scanner
+                pass
 
     def _page_range(self, array):
         """(first page, page count) that `array`'s bytes span."""
