@@ -312,8 +312,8 @@ class Arena:
         return stats
 
     def _publish_if_due(self):
-        # At most a stats() a second: merge() and the scanner keep the
-        # published counters fresh without paying for them every time.
+        # While `pydedup stats` watches, at most a stats() a second: merge()
+        # and the scanner keep the published counters fresh (see publish.py).
         if self._publisher.due():
             try:
                 self.stats()
