@@ -69,23 +69,29 @@ def structured(alloc, size, rng) -> Workload:
 
 
 def scattered(alloc, size, rng) -> Workload:
-    npages = max(size // PAGE, 4 * DISTINCT)
-    kinds = np.repeat(np.array([0, 1, 2], np.uint8), [npages // 2, npages // 4, npages - npages // 2 - npages // 4])
+    npages = max(size // PAGE, 8)
+    counts = [npages // 2, npages // 4, npages - npages // 2 - npages // 4]
+    kinds = np.repeat(np.array([0, 1, 2], np.uint8), counts)
     rng.shuffle(kinds)                               # page by page
+    # each distinct page at least twice, so every copy page has a twin
+    ndistinct = max(1, min(DISTINCT, counts[1] // 2))
+    distinct = rng.random((ndistinct, PAGE_FLOATS))
     data = alloc(npages * PAGE_FLOATS)
     pages = data.reshape(npages, PAGE_FLOATS)
-    distinct = rng.random((DISTINCT, PAGE_FLOATS))
+    copied = 0
     for lo in range(0, npages, CHUNK):
         k = kinds[lo:lo + CHUNK]
         chunk = pages[lo:lo + CHUNK]
         chunk[k == 0] = 0.0
-        copies = k == 1
-        chunk[copies] = distinct[rng.integers(0, DISTINCT, int(copies.sum()))]
+        copies = int((k == 1).sum())
+        # the copies take the distinct pages in turn: shuffled by position
+        chunk[k == 1] = distinct[np.arange(copied, copied + copies) % ndistinct]
+        copied += copies
         unique = k == 2
         chunk[unique] = rng.random((int(unique.sum()), PAGE_FLOATS))
     duplicated = np.flatnonzero(kinds != 2)
     picked = duplicated[_spread(len(duplicated), SAMPLE_PAGES) // PAGE]
-    minimum = (DISTINCT + int((kinds == 2).sum())) * PAGE
+    minimum = (ndistinct + counts[2]) * PAGE
     return Workload("scattered", [data], data.nbytes - minimum, [(0, picked * PAGE)])
 
 
