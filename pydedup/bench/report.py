@@ -56,11 +56,11 @@ def table(workload: str, result: dict) -> str:
     # the ratios that matter most; the JSON has them all
     keys = [k for k in SHOWN_RATIOS if any(k in row.get("ratios", {}) for row in rows.values())]
     if keys:
-        lines.append("  ratios      " + "".join(f"{k:>19}" for k in keys))
+        lines.append("  ratios      " + "".join(f"{k:>20}" for k in keys))
         for name, row in rows.items():
             if "ratios" in row:
                 lines.append(f"  {name:<12}" + "".join(
-                    f"{_num(row['ratios'].get(k), '19.3f')}" for k in keys))
+                    f"{_num(row['ratios'].get(k), '20.3f')}" for k in keys))
     return "\n".join(lines)
 
 
