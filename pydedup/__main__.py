@@ -1,10 +1,15 @@
-"""python -m pydedup [demo | bench [options]]
+"""python -m pydedup [demo | bench [options] | stats [PID]]
 
 demo   the README's example: a mostly-zero matrix and copies of its rows,
        merged, with the counters before and after (the default)
-bench  the merge benchmark (see `python -m pydedup bench --help`)
+bench  the benchmark against plain numpy and kernel KSM
+       (see `python -m pydedup bench --help`)
+stats  the counters of running processes' arenas (of PID if given)
 """
+import argparse
+import os
 import sys
+import time
 
 import numpy as np
 
@@ -26,6 +31,55 @@ def demo():
         print(f"unmerge: {report.pages_unmerged} pages private again in {report.seconds:.3f} s")
 
 
+def process_pss(pid):
+    """PSS of a whole process in bytes, or None where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def stats(argv):
+    from pydedup import publish
+    from pydedup.stats import ArenaStats
+    parser = argparse.ArgumentParser(
+        prog="pydedup stats", description="The counters running arenas publish (see "
+        "pydedup/publish.py): arenas refresh them at stats(), and at merge() and "
+        "in the background scanner for a while after this command asks.")
+    parser.add_argument("pid", nargs="?", type=int, help="only this process's arenas")
+    parser.add_argument("--wait", type=float, default=1.5,
+                        help="seconds to give merging arenas to refresh (default 1.5)")
+    parser.add_argument("--uid", type=int, help="another user's arenas (root)")
+    args = parser.parse_args(argv)
+    try:
+        asked = publish.request(args.uid)
+    except OSError:
+        asked = time.time()
+    deadline = time.monotonic() + args.wait
+    while True:
+        records = publish.published(args.pid, args.uid)
+        if time.monotonic() >= deadline or (records and all(r["time"] >= asked for r in records)):
+            break
+        time.sleep(0.1)
+    if not records:
+        who = f"process {args.pid}" if args.pid else "any running process"
+        print(f"no arena of {who} has published counters in {publish.directory(args.uid)} "
+              "(an arena publishes at its first stats() call)")
+        return 1
+    for r in records:
+        pss = process_pss(r["pid"])
+        print(f"pid {r['pid']}  arena {r['arena']}  counters {time.time() - r['time']:.1f} s old  "
+              f"process PSS {'?' if pss is None else f'{pss / 2**20:,.1f} MiB'}")
+        print(f"knobs: " + ", ".join(f"{k}={v}" for k, v in r["knobs"].items()))
+        fields = {f: r["stats"].get(f) for f in ArenaStats.__dataclass_fields__}
+        print(ArenaStats(**fields), end="\n\n")
+    return 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     command, rest = (argv[0], argv[1:]) if argv else ("demo", [])
@@ -34,9 +88,12 @@ def main(argv=None):
     elif command == "bench":
         from pydedup.bench import main as bench
         bench(rest)
+    elif command == "stats":
+        return stats(rest)
     else:
         sys.exit(__doc__)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from pydedup import knobs, numa, procfs
+from pydedup import knobs, numa, procfs, publish
 from pydedup._fast import Block
 from pydedup.pages import Pages
 from pydedup.scanner import Scanner
@@ -67,6 +67,7 @@ class Arena:
         core.set_merge_across_nodes(self.merge_across_nodes)
         self._lo = core.base_address
         self._hi = self._lo + core.npages * PAGE_SIZE
+        self._publisher = publish.Publisher(self)     # for `python -m pydedup stats`
         self._set_knob("run", self.run)
 
     def _set_knob(self, name, value):
@@ -101,6 +102,7 @@ class Arena:
         if self._allocator is not None:
             self._allocator.close()
         self._pages = None
+        self._publisher.remove()
 
     @property
     def closed(self) -> bool:
@@ -249,7 +251,7 @@ class Arena:
         self._flush_allocator_cache()
         with self._locked() as core:
             st = core.merge(self.use_zero_pages, self.max_page_sharing, self._mapping_budget())
-        return MergeReport(
+        report = MergeReport(
             pages_scanned=st["scanned"], pages_hashed=st["hashed"],
             pages_merged=st["merged"], pages_zeroed=st["zeroed"],
             frames_new=st["frames_new"], pages_unshared=st["unshared"],
@@ -258,6 +260,8 @@ class Arena:
                      "mapping_budget": st["skipped_budget"], "no_memory": st["skipped_no_memory"]},
             mappings_left=st["mappings_left"], seconds=time.perf_counter() - start,
             phase_seconds={phase: round(st[f"{phase}_seconds"], 6) for phase in ("refresh", "decide", "apply")})
+        self._publish_if_due()
+        return report
 
     def unmerge(self) -> UnmergeReport:
         """Every merged and zero page gets its own copy; contents unchanged."""
@@ -306,6 +310,7 @@ class Arena:
             budget = self._mapping_budget() if core.scan_cursor == 0 else 0
             step, _ = core.scan_batch(self.pages_to_scan, self.use_zero_pages,
                                       self.max_page_sharing, budget)
+        self._publish_if_due()
         return step["merged"] + step["zeroed"], self.sleep_millisecs / 1000
 
     @property
@@ -368,7 +373,7 @@ class Arena:
             pss = procfs.smaps_fields(self._lo, self._hi)
         sharing = c["merged"] - frames
         data_pages = c["private_resident"] + c["merged"] + c["zero"]
-        return ArenaStats(
+        stats = ArenaStats(
             pages_shared=frames, pages_sharing=sharing, pages_unshared=unshared,
             pages_volatile=volatile, zero_pages=c["zero"], full_scans=full_scans,
             general_profit=(sharing + c["zero"]) * PAGE_SIZE - metadata,
@@ -379,6 +384,17 @@ class Arena:
             pss_bytes=pss["pss"], bytes_saved=(sharing + c["zero"]) * PAGE_SIZE,
             pss_bytes_saved=data_pages * PAGE_SIZE - pss["pss_anon"] - frame_store_bytes,
             barrier=barrier, frames_by_node=frames_by_node)
+        self._publisher.publish(stats, self._scanner)
+        return stats
+
+    def _publish_if_due(self):
+        # While `pydedup stats` watches, at most a stats() a second: merge()
+        # and the scanner keep the published counters fresh (see publish.py).
+        if self._publisher.due():
+            try:
+                self.stats()
+            except (OSError, ValueError):   # best effort: never fail a merge or stop the scanner
+                pass
 
     def _page_range(self, array):
         """(first page, page count) that `array`'s bytes span."""

@@ -1,0 +1,161 @@
+"""The benchmark: its workloads hold the mix they claim, every method gives
+the same figures, the ratios are against rows of the same run, JSON and plot
+come out, kernel KSM rows are skipped with a reason where KSM cannot run.
+Sizes are tiny; nothing here asserts a timing."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from pydedup import bench, ksm
+from pydedup.bench import methods, report, workloads
+from pydedup.bench.workloads import PAGE, PAGE_FLOATS
+
+FIGURES = {"seconds", "cpu_seconds", "pss_before", "pss_after", "saved_over_theoretical",
+           "metadata_bytes_per_page", "read_gib_per_second", "first_write_us", "pss_samples", "ratios"}
+
+
+def page_rows(workload):
+    return np.concatenate([a.reshape(-1, PAGE_FLOATS) for a in workload.arrays])
+
+
+def test_parse_size():
+    assert workloads.parse_size("16MiB") == 16 << 20
+    assert workloads.parse_size("1GiB") == 1 << 30
+    assert workloads.parse_size("4096") == 4096
+
+
+def test_scattered_workload_is_the_ksm_mix_shuffled_page_by_page():
+    w = workloads.scattered(np.empty, 16 << 20, np.random.default_rng(1))
+    pages = page_rows(w)
+    n = len(pages)
+    zero = ~pages.any(axis=1)
+    _, first, counts = np.unique(pages[~zero], axis=0, return_index=True, return_counts=True)
+    repeated = counts > 1
+    assert zero.sum() == n // 2
+    assert repeated.sum() <= workloads.DISTINCT                   # copies of at most 1,024 pages
+    assert counts[repeated].sum() == n // 4                         # a quarter are those copies
+    assert (~repeated).sum() == n - n // 2 - n // 4                 # the rest unique
+    assert 0.3 < zero[: n // 2].mean() < 0.7                        # shuffled, not in blocks
+    assert w.theoretical_saved == (n - repeated.sum() - (~repeated).sum()) * PAGE
+
+
+def test_structured_workload_duplicates_whole_arrays():
+    w = workloads.structured(np.empty, 16 << 20, np.random.default_rng(1))
+    pages = page_rows(w)
+    distinct_nonzero = len(np.unique(pages[pages.any(axis=1)], axis=0))
+    assert w.theoretical_saved == (len(pages) - distinct_nonzero) * PAGE
+    sources, copies = w.arrays[2], w.arrays[2 + workloads.SOURCES:2 + workloads.SOURCES + workloads.COPIES - 1]
+    assert all(np.array_equal(sources, c) for c in copies)
+
+
+@pytest.mark.parametrize("name", ["structured", "scattered"])
+def test_pages_whose_first_write_is_timed_are_duplicated(name):
+    w = workloads.WORKLOADS[name](np.empty, 16 << 20, np.random.default_rng(1))
+    pages = page_rows(w)
+    counts = {row.tobytes(): 0 for row in pages}
+    for row in pages:
+        counts[row.tobytes()] += 1
+    for index, offsets in w.write_sample:
+        sample = w.arrays[index].reshape(-1, PAGE_FLOATS)[offsets // PAGE]
+        assert all(counts[row.tobytes()] > 1 for row in sample)
+
+
+def run_bench(tmp_path, *args):
+    out = tmp_path / "out"
+    result = bench.main(["--size", "16MiB", "--out", str(out), *args])
+    with open(out / "bench.json") as f:
+        return result, json.load(f), out
+
+
+def test_bench_figures_and_ratios_for_both_workloads(tmp_path, capsys):
+    result, saved, out = run_bench(tmp_path, "--methods", "numpy,merge,background", "--no-plot")
+    assert set(saved["workloads"]) == {"structured", "scattered"}
+    assert saved["machine"]["kernel"] and saved["command"].startswith("python -m pydedup bench")
+    for name, figures in saved["workloads"].items():
+        rows = figures["rows"]
+        assert list(rows) == ["numpy", "merge", "background"]
+        for row in rows.values():
+            assert FIGURES <= set(row)
+        numpy, merge = rows["numpy"], rows["merge"]
+        assert numpy["seconds"] is None and numpy["ratios"]["pss_after/numpy"] == 1.0
+        for row in (merge, rows["background"]):
+            assert row["pss_after"] < row["pss_before"]
+            assert row["saved_over_theoretical"] > 0.5, (name, row)
+            assert row["ratios"]["pss_after/numpy"] == row["pss_after"] / numpy["pss_after"]
+            assert 0 < row["metadata_bytes_per_page"] < 64
+    assert not (out / "bench.png").exists()
+    printed = capsys.readouterr().out
+    assert "structured:" in printed and "scattered:" in printed and "pss_after/numpy" in printed
+
+
+def test_bench_one_workload_and_the_json_option(tmp_path):
+    extra = tmp_path / "extra.json"
+    _, saved, _ = run_bench(tmp_path, "--workload", "scattered", "--methods", "numpy,merge",
+                            "--no-plot", "--json", str(extra))
+    assert list(saved["workloads"]) == ["scattered"]
+    assert json.loads(extra.read_text()) == saved
+
+
+def test_kernel_ksm_rows_are_skipped_with_the_reason(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ksm, "available", lambda: "kernel KSM needs root: test")
+    _, saved, _ = run_bench(tmp_path, "--workload", "structured", "--methods", "numpy",
+                            "--ksm", "--ksm-defaults", "--no-plot")
+    rows = saved["workloads"]["structured"]["rows"]
+    assert rows["ksm-fast"] == {"skipped": "kernel KSM needs root: test"}
+    assert rows["ksm-default"] == {"skipped": "kernel KSM needs root: test"}
+    printed = capsys.readouterr().out
+    assert "note: ksm-fast skipped: kernel KSM needs root: test" in printed
+
+
+@pytest.mark.skipif(ksm.available() is not None, reason=str(ksm.available()))
+def test_kernel_ksm_row_merges_and_restores_every_knob(tmp_path):
+    before = ksm.knobs()
+    _, saved, _ = run_bench(tmp_path, "--workload", "structured", "--methods", "numpy,ksm-fast", "--no-plot")
+    assert ksm.knobs() == before
+    row = saved["workloads"]["structured"]["rows"]["ksm-fast"]
+    assert row["saved_over_theoretical"] > 0.5
+    assert row["ratios"]["seconds/ksm-fast"] == 1.0
+
+
+def test_plot_is_a_png_when_matplotlib_is_there(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (the bench extra)")
+    _, _, out = run_bench(tmp_path, "--workload", "structured", "--methods", "numpy,merge")
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_is_skipped_with_a_note_without_matplotlib(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)        # import fails
+    _, _, out = run_bench(tmp_path, "--workload", "structured", "--methods", "numpy")
+    assert not (out / "bench.png").exists()
+    assert "plot skipped: matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_unknown_method_is_an_error(tmp_path):
+    with pytest.raises(SystemExit):
+        bench.main(["--methods", "numpy,nope", "--out", str(tmp_path)])
+
+
+def test_ratios_leave_out_missing_baselines():
+    rows = {"numpy": {"pss_after": 100, "read_gib_per_second": 10.0, "first_write_us": 0.5,
+                      "seconds": None, "cpu_seconds": None, "metadata_bytes_per_page": 0.0},
+            "merge": {"pss_after": 50, "read_gib_per_second": 20.0, "first_write_us": 2.0,
+                      "seconds": 1.0, "cpu_seconds": 0.5, "metadata_bytes_per_page": 12.0},
+            "ksm-fast": {"skipped": "no"}}
+    report.add_ratios(rows)
+    assert rows["merge"]["ratios"] == {"pss_after/numpy": 0.5, "read/numpy": 2.0, "first_write/numpy": 4.0}
+    assert "ratios" not in rows["ksm-fast"]
+
+
+def test_progress_without_tqdm_prints_a_line_a_step(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    progress = report.Progress(2)
+    progress.step("structured: numpy")
+    progress.advance()
+    progress.step("structured: merge")
+    progress.advance()
+    progress.close()
+    err = capsys.readouterr().err
+    assert "0/2" in err and "1/2" in err and "structured: merge" in err

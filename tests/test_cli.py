@@ -1,0 +1,99 @@
+"""python -m pydedup: demo runs the README's example; stats shows the
+counters running arenas publish, and only theirs."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import pydedup
+from pydedup import publish
+from pydedup.__main__ import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def own_directory(tmp_path, monkeypatch):
+    """Arenas of this test publish into a directory of its own."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    return tmp_path / "pydedup"
+
+
+def test_demo_merges_and_unmerges(capsys):
+    main(["demo"])
+    out = capsys.readouterr().out
+    report = dict(line.split(None, 1) for line in out.split("\n\n")[1].splitlines())
+    assert int(report["pages_merged"].replace(",", "")) > 0
+    assert int(report["pages_zeroed"].replace(",", "")) > 0
+    assert "unmerge:" in out and "pages private again" in out
+
+
+def test_readme_names_the_demo_and_the_bench_extra():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    assert "python -m pydedup demo" in readme
+    assert "pip install -e '.[bench]' && python -m pydedup bench" in readme
+
+
+def test_stats_shows_this_process_arena(arena, capsys, own_directory):
+    a = arena.zeros(100_000)
+    a[:] = 0.0
+    arena.merge()
+    arena.stats()
+    assert main(["stats", str(os.getpid()), "--wait", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"pid {os.getpid()}" in out
+    assert "zero_pages" in out and "pages_in_use       196" in out
+    arena.close()
+    assert os.listdir(own_directory) == ["request"]            # the file went with the arena
+    assert main(["stats", "--wait", "0"]) == 1
+    assert "no arena" in capsys.readouterr().out
+
+
+def test_a_scanning_arena_refreshes_when_stats_asks(capsys):
+    with pydedup.Arena(size=1 << 30, run=1, sleep_millisecs=1) as arena:
+        a = arena.zeros(100_000)
+        a[:] = 0.0                           # never a stats() call: the scanner must publish
+        assert main(["stats", "--wait", "5"]) == 0
+        out = capsys.readouterr().out
+        assert f"pid {os.getpid()}" in out and "run=1" in out
+
+
+def test_merge_does_not_publish_while_nobody_watches(arena, own_directory):
+    arena.merge()
+    assert not own_directory.exists() or not os.listdir(own_directory)
+
+
+def test_a_forked_child_leaves_the_parent_file(arena, own_directory):
+    arena.stats()
+    parent_files = os.listdir(own_directory)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            arena.stats()                    # the child's own file...
+            arena.close()                    # ...removed; the parent's stays
+            os._exit(0 if os.listdir(own_directory) == parent_files else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    records = publish.published()
+    assert [r["pid"] for r in records] == [os.getpid()]
+
+
+def test_files_of_dead_processes_are_ignored_and_removed(own_directory):
+    own_directory.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    stale = own_directory / f"{dead}-1.json"
+    stale.write_text(json.dumps({"pid": int(dead)}))
+    assert publish.published() == []
+    assert not stale.exists()
+
+
+def test_unknown_command_prints_usage():
+    with pytest.raises(SystemExit) as e:
+        main(["nope"])
+    assert "demo" in str(e.value) and "stats" in str(e.value)

@@ -1,0 +1,77 @@
+"""The documentation builds without a warning, and the reference names every
+public function, knob and counter, so it cannot silently fall behind."""
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import pydedup
+from pydedup import Arena
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def reference():
+    with open(os.path.join(ROOT, "docs", "reference.md")) as f:
+        return f.read()
+
+
+# No -q: mkdocs 1.6 with --quiet does not count warnings, and --strict passes.
+
+
+def test_docs_build_with_warnings_as_errors(tmp_path):
+    pytest.importorskip("mkdocs", reason="mkdocs is not installed (pip install -e '.[test]')")
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict",
+                           "-f", os.path.join(ROOT, "mkdocs.yml"), "-d", str(tmp_path / "site")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "site" / "reference" / "index.html").exists()
+
+
+def test_strict_build_fails_on_a_broken_link(tmp_path):
+    """The test above can fail: a page linking to a missing page breaks the build."""
+    pytest.importorskip("mkdocs", reason="mkdocs is not installed (pip install -e '.[test]')")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "index.md").write_text("# x\n\nSee [nothing](missing.md).\n")
+    (tmp_path / "mkdocs.yml").write_text("site_name: x\nstrict: true\n")
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict",
+                           "-f", str(tmp_path / "mkdocs.yml"), "-d", str(tmp_path / "site")],
+                          capture_output=True, text=True)
+    assert done.returncode != 0
+
+
+def public_names():
+    names = set(pydedup.__all__) - {"KNOBS"}
+    names |= {name for name in vars(Arena) if not name.startswith("_")}
+    return sorted(names)
+
+
+@pytest.mark.parametrize("name", public_names())
+def test_reference_names_every_public_function(name):
+    # `name(...)`, `pydedup.name(...)`, `name` in a list of methods
+    assert re.search(rf"`(pydedup\.)?{name}\b", reference()), name
+
+
+@pytest.mark.parametrize("name", sorted(pydedup.KNOBS))
+def test_reference_has_a_row_for_every_knob(name):
+    assert f"| `{name}` |" in reference()
+
+
+@pytest.mark.parametrize("cls", [pydedup.ArenaStats, pydedup.ArrayStats,
+                                 pydedup.MergeReport, pydedup.UnmergeReport])
+def test_reference_names_every_counter(cls):
+    missing = [f.name for f in dataclasses.fields(cls) if f"`{f.name}`" not in reference()]
+    assert not missing, f"{cls.__name__} fields missing from docs/reference.md: {missing}"
+
+
+def test_every_knob_and_ksm_counter_names_its_ksm_counterpart():
+    """Knob rows carry the /sys/kernel/mm/ksm file they mirror (KNOBS[...].ksm)."""
+    text = reference()
+    for name, knob in pydedup.KNOBS.items():
+        row = next(line for line in text.splitlines() if line.startswith(f"| `{name}` |"))
+        if knob.ksm:
+            assert f"`{knob.ksm}`" in row.split("|")[4], row
