@@ -127,6 +127,11 @@ cdef class Core:
             raise ValueError(f"a node map needs one entry per page ({self.npages}), not {view.shape[0]}")
         self.simulated, self.simulated_nodes = &view[0], nodes
 
+    @property
+    def simulating(self):
+        """Whether pages' nodes come from a simulated map (simulate_nodes)."""
+        return self.simulated != NULL
+
     def place(self, size_t first, size_t n, tuple nodes):
         """Memory of pages [first, first + n) from `nodes`: one node, several
         (interleaved page by page), or () for the kernel's default (the node

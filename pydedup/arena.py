@@ -251,6 +251,7 @@ class Arena:
         self._flush_allocator_cache()
         with self._locked() as core:
             st = core.merge(self.use_zero_pages, self.max_page_sharing, self._mapping_budget())
+            self._pages.keep_placements()
         report = MergeReport(
             pages_scanned=st["scanned"], pages_hashed=st["hashed"],
             pages_merged=st["merged"], pages_zeroed=st["zeroed"],
@@ -310,6 +311,8 @@ class Arena:
             budget = self._mapping_budget() if core.scan_cursor == 0 else 0
             step, _ = core.scan_batch(self.pages_to_scan, self.use_zero_pages,
                                       self.max_page_sharing, budget)
+            if step["merged"] or step["zeroed"]:
+                self._pages.keep_placements()
         self._publish_if_due()
         return step["merged"] + step["zeroed"], self.sleep_millisecs / 1000
 

@@ -31,7 +31,7 @@ class Pages:
         self._lock = threading.Lock()
         self._holder = None         # the thread holding _lock, for numpy's allocator
         self._given_back = collections.deque()
-        self._placed = set()            # first pages of blocks placed on chosen nodes
+        self._placed = {}               # first page -> (npages, nodes) of placed blocks
         _LIVE.add(self)
 
     @contextmanager
@@ -65,9 +65,18 @@ class Pages:
             except OSError:
                 self.extents.give(first, npages)
                 raise
-            self._placed.add(first)
+            self._placed[first] = (npages, nodes)
         self.core.adopt(first, npages)
         return Block(self.core, self, first, npages, nbytes)
+
+    def keep_placements(self):
+        """After remaps: a remap gives pages a new mapping, without the NUMA
+        policy the old one had, and copy-on-write and unmerge() would then
+        put their copies wherever the writing CPU is. Call under locked()."""
+        if self.core.simulating:        # simulated nodes live in their map, not in mappings
+            return
+        for first, (npages, nodes) in self._placed.items():
+            self.core.place(first, npages, nodes)
 
     def take_pages(self, npages: int):
         """For numpy's allocator (pydedup/_handler.pyx): the first of npages
@@ -122,9 +131,8 @@ class Pages:
     def _release_given_back(self):
         for _ in range(len(self._given_back)):
             first, npages = self._given_back.popleft()
-            if first in self._placed:   # the next array here gets the default again
+            if self._placed.pop(first, None):   # the next array here gets the default again
                 self.core.place(first, npages, ())
-                self._placed.discard(first)
             if self.core.release(first, npages):
                 self.extents.give(first, npages)
             else:                       # at the mapping limit: try again later

@@ -204,14 +204,26 @@ def test_an_array_placed_on_node_0_gets_a_policy_until_it_is_freed(arena):
     assert address(c) == lo and numa_policy_of(c) == "default"
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/numa_maps"), reason="the kernel has no NUMA support")
+def test_a_placed_array_keeps_its_policy_through_merge_and_unmerge(arena, rng):
+    # A remap replaces the mapping that held the policy: without it, copies
+    # made by unmerge() or a write would go wherever the writing CPU is.
+    a = arena.array(rng.random((8, PAGE_FLOATS)), node=0)
+    b = arena.array(a, node=0)
+    assert arena.merge().pages_merged == 16
+    assert numa_policy_of(a) == numa_policy_of(b) == "prefer:0"
+    arena.unmerge()
+    assert numa_policy_of(a) == numa_policy_of(b) == "prefer:0"
+
+
 def test_node_lookups_through_the_kernel_merge_on_node_0(arena, rng):
-    # Two nodes believed in, one real: every lookup (move_pages) answers 0,
-    # and every frame is written under a policy preferring node 0.
+    # At least two nodes believed in: every lookup (move_pages) answers 0 for
+    # pages placed there, and every frame is written preferring node 0.
     arena._pages.core.set_nodes(2)
     arena.merge_across_nodes = False
-    a = arena.array(rng.random((16, PAGE_FLOATS)))
-    b = arena.array(a)
-    c = arena.zeros((4, PAGE_FLOATS))
+    a = arena.array(rng.random((16, PAGE_FLOATS)), node=0)
+    b = arena.array(a, node=0)
+    c = arena.zeros((4, PAGE_FLOATS), node=0)
     c[:] = 0.0
     report = arena.merge()
     assert (report.pages_merged, report.pages_zeroed, report.pages_moved) == (32, 4, 0)
