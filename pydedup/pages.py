@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import xxhash._xxhash
 
-from pydedup._fast import Block, Core
+from pydedup._fast import DEBUG_CHECKS, Block, Core, check_invariants
 from pydedup.extents import Extents
 
 
@@ -30,16 +30,35 @@ class Pages:
         self.extents = Extents(npages)
         self._lock = threading.Lock()
         self._given_back = collections.deque()
+        self.debug_checks = DEBUG_CHECKS   # check every invariant after each operation
         _LIVE.add(self)
 
     @contextmanager
     def locked(self):
         with self._lock:
             self._release_given_back()
-            yield self.core
-            self._release_given_back()
+            try:
+                yield self.core
+                self._release_given_back()
+            finally:
+                if self.debug_checks:     # after a failed operation too: it must not corrupt
+                    self._check_invariants()
         if self._given_back:
             self._release_if_free()
+
+    def check_invariants(self):
+        """Raise pydedup._fast.InvariantError if the core's records, the
+        frame store, the process's mappings or the free extents disagree."""
+        with self._lock:
+            self._check_invariants()
+
+    def _check_invariants(self):
+        high_water = self.core.high_water
+        free = bytearray(high_water)
+        for first, n in self.extents.runs():
+            if first < high_water:
+                free[first:min(first + n, high_water)] = b"\1" * (min(first + n, high_water) - first)
+        check_invariants(self.core, free)
 
     def take(self, npages: int, nbytes: int) -> Block:
         """A Block of npages fresh, zero-filled pages. Call under locked()."""
