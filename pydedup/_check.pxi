@@ -98,10 +98,12 @@ cdef bytes check_pages(Core c, free_pages):
             fail("a page's state is one of FREE, PRIVATE, ZERO, MERGED, BROKEN",
                  f"page {p}, state {it.state}")
         if it.flags & (PAGE_TARGET | PAGE_TARGET_ZERO):
-            fail("the TARGET flags of a pass are cleared when it ends", f"page {p}, flags {it.flags:#x}")
+            fail("the TARGET flags of a pass are cleared when it ends",
+                 f"page {p}, flags {it.flags:#x}")
         if it.state == PAGE_FREE and (it.flags or it.frame or it.checksum):
             fail("a FREE page has a blank record", f"page {p}")
-        if it.flags & PAGE_UNSTABLE and (c.unstable == NULL or p >= c.scan_cursor or not mergeable(it)):
+        if it.flags & PAGE_UNSTABLE and (c.unstable == NULL or p >= c.scan_cursor
+                                         or not mergeable(it)):
             fail("only mergeable pages behind the cursor of a scan in progress are in the "
                  "unstable tree", f"page {p}, state {it.state}, cursor {c.scan_cursor}")
         if it.state == PAGE_MERGED:
@@ -200,7 +202,8 @@ cdef check_tiers(Core c):
     cdef int t
     cdef frame_tier *top = &c.tiers[c.ntiers - 1]
     if not 1 <= c.ntiers <= MAX_TIERS or c.tiers[0].first_frame != 0:
-        fail("the frame store has 1 to MAX_TIERS tiers, the first from frame 0", f"{c.ntiers} tiers")
+        fail("the frame store has 1 to MAX_TIERS tiers, the first from frame 0",
+             f"{c.ntiers} tiers")
     for t in range(c.ntiers):
         if c.tiers[t].fd < 0 or <void *>c.tiers[t].view == MAP_FAILED:
             fail("every tier has its memfd and view", f"tier {t}")
@@ -274,13 +277,16 @@ cdef check_mapping(Core c, size_t first, size_t end, size_t pgoff, int tier):
     for p in range(first, end):
         it = &c.rmap[p]
         if it.state in (PAGE_MERGED, PAGE_BROKEN) and tier == -2:
-            fail("MERGED and BROKEN pages lie in a frame-store mapping", f"page {p}, state {it.state}")
+            fail("MERGED and BROKEN pages lie in a frame-store mapping",
+                 f"page {p}, state {it.state}")
         if it.state in (PAGE_FREE, PAGE_PRIVATE, PAGE_ZERO) and tier != -2:
-            fail("FREE, PRIVATE and ZERO pages lie in anonymous memory", f"page {p}, state {it.state}")
+            fail("FREE, PRIVATE and ZERO pages lie in anonymous memory",
+                 f"page {p}, state {it.state}")
         if it.state == PAGE_MERGED and (pgoff + p - first != it.frame
                                         or tier < 0 or tier_of(c, it.frame) != &c.tiers[tier]):
             fail("a MERGED page maps its own frame, in its tier's memfd",
-                 f"page {p}: frame {it.frame}, mapped at file page {pgoff + p - first} of tier {tier}")
+                 f"page {p}: frame {it.frame}, mapped at file page {pgoff + p - first} "
+                 f"of tier {tier}")
 
 
 def check_page_tables(Core c):
@@ -298,7 +304,7 @@ def check_page_tables(Core c):
         if pread(c.pagemap_fd, &entry, 8, <long>((<size_t>c.base // ps + p) * 8)) != 8:
             raise OSError(errno, "cannot read /proc/self/pagemap")
         if not (entry & PM_PRESENT and entry & PM_FILE):
-            continue                    # not faulted in, or written since (BROKEN at the next refresh)
+            continue                    # not faulted in, or written (BROKEN at the next refresh)
         content = frame_address(c, c.rmap[p].frame)
         touch = content[0]              # the view maps the frame's page
         if pread(c.pagemap_fd, &frame_entry, 8, <long>(<size_t>content // ps * 8)) != 8:

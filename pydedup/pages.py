@@ -56,8 +56,9 @@ class Pages:
         high_water = self.core.high_water
         free = bytearray(high_water)
         for first, n in self.extents.runs():
-            if first < high_water:
-                free[first:min(first + n, high_water)] = b"\1" * (min(first + n, high_water) - first)
+            end = min(first + n, high_water)
+            if first < end:
+                free[first:end] = b"\1" * (end - first)
         check_invariants(self.core, free)
 
     def take(self, npages: int, nbytes: int) -> Block:
