@@ -1,5 +1,7 @@
 """Build of pydedup's Cython core and of its numpy memory handler.
-PYDEDUP_DEBUG=1 builds them with assertions and bounds checks on."""
+PYDEDUP_DEBUG=1 builds them with assertions and bounds checks on, and the
+core with the invariant checker (_check.pxi) run after every operation of
+an arena."""
 import os
 
 import numpy
@@ -14,6 +16,7 @@ core = Extension(
     include_dirs=["pydedup"],
     extra_compile_args=["-O0", "-g"] if debug else ["-O2"],
     undef_macros=["NDEBUG"] if debug else [],
+    define_macros=[("PYDEDUP_DEBUG_CHECKS", "1")] if debug else [],
 )
 
 # numpy's memory handler (NEP 49) in an extension of its own: only it needs

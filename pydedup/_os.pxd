@@ -15,6 +15,7 @@ cdef extern from "_os.h" nogil:
     int munmap(void *addr, size_t length)
     int madvise(void *addr, size_t length, int advice)
     int mprotect(void *addr, size_t length, int prot)
+    int mincore(void *addr, size_t length, unsigned char *vec)
     int fallocate(int fd, int mode, long offset, long length)
     int ftruncate(int fd, long length)
     long pread(int fd, void *buf, size_t count, long offset)

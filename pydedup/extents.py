@@ -52,6 +52,10 @@ class Extents:
             n += after_length
         self._add(start, n)
 
+    def runs(self):
+        """The free runs, (start, length), by address."""
+        return self._by_start.items()
+
     @property
     def largest(self) -> int:
         return self._by_length[-1][0] if self._by_length else 0

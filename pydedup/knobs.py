@@ -25,12 +25,16 @@ def _boolean(value):
     raise ValueError
 
 
-def _integer_at_least(low):
+def _integer_at_least(low, high=None):
     def parse(value):
-        if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low:
+        if (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+                and (high is None or value <= high)):
             return int(value)
         raise ValueError
     return parse
+
+
+UINT32_MAX = 2**32 - 1          # the core's page, frame and mapcount numbers are 32-bit
 
 
 def _one_of_integers(*choices):
@@ -52,7 +56,8 @@ def _one_of(*choices):
 KNOBS = {knob.name: knob for knob in (
     Knob("use_zero_pages", lambda: True, _boolean, "True or False (or 1, 0)", "use_zero_pages",
          "All-zero pages go to the kernel's zero page instead of a frame."),
-    Knob("zero_page_colours", procfs.zero_page_colours, _integer_at_least(1), "an integer >= 1", "",
+    Knob("zero_page_colours", procfs.zero_page_colours, _integer_at_least(1, UINT32_MAX),
+         f"an integer from 1 to {UINT32_MAX}", "",
          "With use_zero_pages off: a zero page shares a zero frame only with "
          "pages of its colour (virtual page number modulo this), as the kernel "
          "colours its zero pages. Default: the kernel's own count, read from "
@@ -62,7 +67,8 @@ KNOBS = {knob.name: knob for knob in (
          "Pages on different NUMA nodes may share a frame. Off: each node has "
          "its own trees and frames, so merged pages stay local. Changes only "
          "while no page is merged (KSM answers EBUSY): unmerge() first."),
-    Knob("max_page_sharing", lambda: 256, _integer_at_least(2), "an integer >= 2", "max_page_sharing",
+    Knob("max_page_sharing", lambda: 256, _integer_at_least(2, UINT32_MAX),
+         f"an integer from 2 to {UINT32_MAX}", "max_page_sharing",
          "Most arena pages one frame backs; more copies get another frame."),
     Knob("max_mappings", lambda: procfs.max_map_count() // 3, _integer_at_least(0),
          "an integer >= 0", "",
@@ -71,12 +77,13 @@ KNOBS = {knob.name: knob for knob in (
     Knob("run", lambda: 0, _one_of_integers(0, 1, 2), "0, 1 or 2", "run",
          "The background scanner: 0 stops it, 1 runs it, 2 stops it and "
          "unmerges every page (the arena's pages, not the process's)."),
-    Knob("pages_to_scan", lambda: 65536, _integer_at_least(1), "an integer >= 1",
-         "pages_to_scan",
+    Knob("pages_to_scan", lambda: 65536, _integer_at_least(1, UINT32_MAX),
+         f"an integer from 1 to {UINT32_MAX}", "pages_to_scan",
          "Pages the background scanner looks at in one step. Pages not written "
          "since the last scan cost almost nothing, so a step is usually short."),
-    Knob("sleep_millisecs", lambda: 20, _integer_at_least(0), "an integer >= 0",
-         "sleep_millisecs", "How long the background scanner sleeps between steps."),
+    Knob("sleep_millisecs", lambda: 20, _integer_at_least(0, UINT32_MAX),
+         f"an integer from 0 to {UINT32_MAX}", "sleep_millisecs",
+         "How long the background scanner sleeps between steps."),
     Knob("track_writes", lambda: True, _boolean, "True or False (or 1, 0)", "",
          "Track written pages (userfaultfd write-protect, asynchronous) so that "
          "a scan reads only pages written since the last one. Costs a minor "

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import xxhash._xxhash
 
-from pydedup._fast import Block, Core
+from pydedup._fast import DEBUG_CHECKS, Block, Core, check_invariants
 from pydedup.extents import Extents
 
 
@@ -32,6 +32,7 @@ class Pages:
         self._holder = None         # the thread holding _lock, for numpy's allocator
         self._given_back = collections.deque()
         self._placed = {}               # first page -> (npages, nodes) of placed blocks
+        self.debug_checks = DEBUG_CHECKS   # check every invariant after each operation
         _LIVE.add(self)
 
     @contextmanager
@@ -44,8 +45,25 @@ class Pages:
                 self._release_given_back()
             finally:
                 self._holder = None
+                if self.debug_checks:     # after a failed operation too: it must not corrupt
+                    self._check_invariants()
         if self._given_back:
             self._release_if_free()
+
+    def check_invariants(self):
+        """Raise pydedup._fast.InvariantError if the core's records, the
+        frame store, the process's mappings or the free extents disagree."""
+        with self._lock:
+            self._check_invariants()
+
+    def _check_invariants(self):
+        high_water = self.core.high_water
+        free = bytearray(high_water)
+        for first, n in self.extents.runs():
+            end = min(first + n, high_water)
+            if first < end:
+                free[first:end] = b"\1" * (end - first)
+        check_invariants(self.core, free)
 
     def take(self, npages: int, nbytes: int, nodes: tuple = ()) -> Block:
         """A Block of npages fresh, zero-filled pages, whose memory comes from

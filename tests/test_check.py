@@ -1,0 +1,122 @@
+"""The invariant checker (_check.pxi) passes on a healthy arena and names
+what is broken when something outside pydedup breaks it: a frame punched
+or written behind the core's back, a page remapped under it, an allocator
+that disagrees with the records."""
+import ctypes
+import mmap
+import os
+
+import numpy as np
+import pytest
+
+import pydedup
+from pydedup._fast import DEBUG_CHECKS, InvariantError, check_invariants
+from kernel import PAGE, address
+
+PAGE_FLOATS = PAGE // 8
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
+MAP_FIXED = 0x10
+libc = ctypes.CDLL(None, use_errno=True)
+libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_long)
+libc.mmap.restype = ctypes.c_void_p
+
+
+@pytest.fixture
+def merged(rng):
+    """An arena whose first two arrays share frames 0..3 and whose third
+    has zero pages; checked healthy."""
+    arena = pydedup.Arena(size=1 << 26)
+    a = arena.array(rng.random((4, PAGE_FLOATS)))
+    b = arena.array(a)
+    z = arena.zeros((4, PAGE_FLOATS))
+    z[:] = 0.0
+    report = arena.merge()
+    assert (report.pages_merged, report.pages_zeroed) == (8, 4)
+    arena._pages.check_invariants()
+    yield arena, a, b
+    arena._pages.debug_checks = False            # the arena is broken on purpose
+    arena.close()
+
+
+def core_of(arena):
+    return arena._pages.core
+
+
+def test_a_healthy_arena_passes_through_its_life(arena, rng):
+    pages = arena._pages
+    pages.check_invariants()
+    a = arena.array(rng.random((64, PAGE_FLOATS)))
+    b = arena.array(a)
+    arena.run, arena.pages_to_scan, arena.sleep_millisecs = 1, 16, 0
+    for _ in range(20):
+        pages.check_invariants()                # also while a background scan is half done
+    arena.run = 0
+    arena.merge()
+    b[3] = 1.0
+    pages.check_invariants()                    # a written MERGED page, not yet refreshed
+    arena.unmergeable(b[10:20])
+    arena.unmerge()
+    pages.check_invariants()
+    del a, b
+    pages.check_invariants()
+
+
+def test_a_punched_frame_in_use_is_found(merged):
+    arena, a, b = merged
+    assert libc.fallocate(core_of(arena).memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                          2 * PAGE, PAGE) == 0
+    with pytest.raises(InvariantError, match=r"a frame in use holds memory \(frame 2\)"):
+        arena._pages.check_invariants()
+
+
+def test_memory_in_a_free_frame_slot_is_a_leak(merged):
+    arena, a, b = merged
+    os.pwrite(core_of(arena).memfd, b"x" * PAGE, 40 * PAGE)
+    with pytest.raises(InvariantError, match=r"a frame no page maps holds no memory .* \(frame 40\)"):
+        arena._pages.check_invariants()
+
+
+def test_a_merged_page_remapped_behind_the_core_is_found(merged):
+    arena, a, b = merged
+    page = address(b) + PAGE                     # b's second page, MERGED
+    assert libc.mmap(page, PAGE, mmap.PROT_READ | mmap.PROT_WRITE,
+                     mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED, -1, 0) == page
+    with pytest.raises(InvariantError, match="MERGED and BROKEN pages lie in a frame-store mapping"):
+        arena._pages.check_invariants()
+
+
+def test_a_merged_page_on_the_wrong_frame_is_found(merged):
+    arena, a, b = merged
+    page = address(b) + PAGE                     # frame 1; map frame 3 there instead
+    assert libc.mmap(page, PAGE, mmap.PROT_READ | mmap.PROT_WRITE,
+                     mmap.MAP_PRIVATE | MAP_FIXED, core_of(arena).memfd, 3 * PAGE) == page
+    with pytest.raises(InvariantError, match="a MERGED page maps its own frame"):
+        arena._pages.check_invariants()
+
+
+def test_an_allocator_that_disagrees_with_the_records_is_found(merged):
+    arena, a, b = merged
+    core = core_of(arena)
+    free = bytearray(core.high_water)
+    check_invariants(core, free)                 # nothing is free below the high water
+    free[5] = 1
+    with pytest.raises(InvariantError, match=r"allocator holds free .* \(page 5"):
+        check_invariants(core, free)
+
+
+def test_the_debug_build_checks_after_every_operation(merged):
+    """In a PYDEDUP_DEBUG=1 build every locked operation ends with the
+    check, so the next call after a corruption fails; otherwise only an
+    explicit check_invariants() does."""
+    arena, a, b = merged
+    os.pwrite(core_of(arena).memfd, b"x" * PAGE, 40 * PAGE)
+    if DEBUG_CHECKS:
+        with pytest.raises(InvariantError):
+            arena.stats()
+    else:
+        arena.stats()
+    arena._pages.debug_checks = True
+    with pytest.raises(InvariantError):
+        arena.stats()
