@@ -14,7 +14,7 @@ import pydedup
 _COMMON = dict(deadline=None, database=None,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                       HealthCheck.filter_too_much])
-settings.register_profile("ci", max_examples=25, stateful_step_count=50, derandomize=True,
+settings.register_profile("ci", max_examples=40, stateful_step_count=50, derandomize=True,
                           **_COMMON)
 settings.register_profile("nightly", max_examples=1000, stateful_step_count=200, **_COMMON)
 # `quick`: a few examples, no shrinking, for working on the tests themselves.
