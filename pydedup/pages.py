@@ -104,15 +104,10 @@ class Pages:
         itself. Other threads wait for the operation in progress."""
         if self._holder == threading.get_ident():
             return None
-        with self._lock:
-            self._holder = threading.get_ident()
-            try:
-                self._release_given_back()
-                first = self.extents.take(npages)
-                if first is not None:
-                    self.core.adopt(first, npages)
-            finally:
-                self._holder = None
+        with self.locked() as core:
+            first = self.extents.take(npages)
+            if first is not None:
+                core.adopt(first, npages)
         return first
 
     def take_at(self, first: int, npages: int) -> bool:
@@ -120,15 +115,10 @@ class Pages:
         are free (an allocation grown in place)."""
         if self._holder == threading.get_ident():
             return False
-        with self._lock:
-            self._holder = threading.get_ident()
-            try:
-                self._release_given_back()
-                taken = self.extents.take_at(first, npages)
-                if taken:
-                    self.core.adopt(first, npages)
-            finally:
-                self._holder = None
+        with self.locked() as core:
+            taken = self.extents.take_at(first, npages)
+            if taken:
+                core.adopt(first, npages)
         return taken
 
     def give_back(self, first: int, npages: int):
