@@ -167,6 +167,9 @@ cdef class Core:
     # the write barrier
     cdef readonly int barrier          # barrier_mode
     cdef int barrier_uffd              # the userfaultfd of BARRIER_UFFD, or -1
+    cdef bint data_limited             # RLIMIT_DATA is finite: runs under mprotect hold room
+    cdef readonly uint64_t restored_in_pieces  # runs RLIMIT_DATA kept read-only (_barrier.pxi)
+    cdef public bint squeeze_data      # tests: runs under mprotect lose their room meanwhile
     # reading the page tables
     cdef int pagemap_fd
     cdef int pagemap_pid               # the process pagemap_fd belongs to

@@ -7,7 +7,7 @@ the loops over pages and the system calls run without the GIL."""
 from libc.errno cimport EAGAIN, EINVAL, ENOENT, ENOMEM, ENOTTY, EOPNOTSUPP
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, calloc, realloc, free, qsort
-from libc.string cimport memcmp, memset
+from libc.string cimport memcmp, memcpy, memset
 from cpython.buffer cimport PyBUF_FORMAT
 from pydedup._os cimport *
 

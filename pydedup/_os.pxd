@@ -6,6 +6,7 @@ cdef extern from "_os.h" nogil:
     int errno
     int PROT_NONE, PROT_READ, PROT_WRITE
     int MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED, MAP_NORESERVE
+    int MREMAP_MAYMOVE, MREMAP_FIXED
     void *MAP_FAILED
     int MADV_DONTNEED, MADV_NOHUGEPAGE, MADV_POPULATE_WRITE
     int FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
@@ -13,6 +14,7 @@ cdef extern from "_os.h" nogil:
 
     void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
     int munmap(void *addr, size_t length)
+    void *mremap(void *old_addr, size_t old_length, size_t new_length, int flags, void *new_addr)
     int madvise(void *addr, size_t length, int advice)
     int mprotect(void *addr, size_t length, int prot)
     int mincore(void *addr, size_t length, unsigned char *vec)
@@ -55,6 +57,14 @@ cdef extern from "_os.h" nogil:
     int pd_page_is_zero(const void *page, size_t size)
     void pd_touch_write(void *page)
     ctypedef uint64_t (*pd_xxh3_fn)(const void *data, size_t length)
+
+cdef extern from "<sys/resource.h>" nogil:
+    ctypedef unsigned long rlim_t
+    struct rlimit:
+        rlim_t rlim_cur, rlim_max
+    int getrlimit(int resource, rlimit *limit)
+    int RLIMIT_DATA
+    rlim_t RLIM_INFINITY
 
 cdef extern from "<time.h>" nogil:
     ctypedef long time_t

@@ -122,9 +122,8 @@ cdef void merge_run(Core c, size_t first, size_t n, run_kind kind, pass_stats *s
     kernel's mappings around it say it costs no more than is left
     (_maps.pxi), and in one piece, which is what that prediction was for;
     it is then charged what it really cost."""
-    cdef char *addr = page_address(c, first)
     cdef size_t i = 0, j
-    cdef int window = -1
+    cdef held_run held
     cdef remap_cost cost
     cdef bint measured = worst_remap_cost(kind) > st.mappings_left
     if measured and not (predict_remap_cost(c, first, n, kind, &cost)
@@ -132,8 +131,9 @@ cdef void merge_run(Core c, size_t first, size_t n, run_kind kind, pass_stats *s
         drop_targets(c, first, n)
         st.skipped_budget += n
         return
-    if protect_run(c, addr, n * c.page_size, &window) != 0:
-        drop_targets(c, first, n)       # the kernel could not split the mapping
+    held.first, held.n = first, n
+    if protect_run(c, &held) != 0:
+        drop_targets(c, first, n)       # the kernel could not split the mapping, or hold room
         st.skipped_no_memory += n
         return
     while i < n:
@@ -149,7 +149,7 @@ cdef void merge_run(Core c, size_t first, size_t n, run_kind kind, pass_stats *s
             drop_targets(c, first + j, 1)
             st.skipped_changed += 1
         i = j + 1
-    unprotect_run(c, addr, n * c.page_size, window)
+    unprotect_run(c, &held, kind == RUN_ZERO_ANON, st)
     if measured:
         st.mappings_left -= measured_remap_cost(c, &cost)
 

@@ -11,6 +11,8 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -297,6 +299,138 @@ def test_merging_near_the_process_mapping_limit_leaves_other_code_working(distan
     assert out["merged"] + out["skipped"]["mapping_budget"] == out["twins"]
     assert out["skipped"]["no_memory"] == 0
     assert out["zeroed"] == out["zero_pages"] == out["zeros"]
+
+
+# -- RLIMIT_DATA and the mprotect barrier --------------------------------------
+# RLIMIT_DATA counts a private mapping only while it is writable. A run the
+# mprotect barrier made read-only gives its room back, and another thread can
+# take it, so mprotect may refuse to make the run writable again.
+
+def limit_data(margin):
+    """RLIMIT_DATA, soft and hard (what `ulimit -d` sets), at what the
+    process has now plus `margin`."""
+    with open("/proc/self/status") as f:
+        data = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
+    resource.setrlimit(resource.RLIMIT_DATA, (data + margin, data + margin))
+
+
+class Hog(threading.Thread):
+    """Takes every page of RLIMIT_DATA it can get, a page at a time, as code
+    that allocates until MemoryError would, and holds them until stopped."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.held, self.may_take, self.stop = [], threading.Event(), threading.Event()
+
+    def run(self):
+        self.may_take.wait()
+        while not self.stop.is_set():
+            try:
+                self.held.append(mmap.mmap(-1, PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
+            except OSError:
+                time.sleep(0.001)
+
+
+def child_merges_while_the_data_limit_is_taken(seconds):
+    """In the child: zero pages, and pages a thread writes while merges run,
+    in an arena whose runs lose their RLIMIT_DATA room while protected
+    (Core.squeeze_data takes it, as another thread could)."""
+    rows = 8192
+    arena = pydedup.Arena(size=1 << 28, barrier="mprotect")
+    a = arena.array(np.random.default_rng(3).random((rows, PAGE_FLOATS)))
+    expected = a[:, 7].copy()
+    zero_masks = [np.random.default_rng(i).random(rows) < 0.6 for i in range(7)]
+    stop, writer_may_go, writer_paused = threading.Event(), threading.Event(), threading.Event()
+
+    def writer():                                # pages change between scan and remap
+        rng, value = np.random.default_rng(5), 0.0
+        while not stop.is_set():
+            if not writer_may_go.is_set():
+                writer_paused.set()
+                writer_may_go.wait()
+                continue
+            writer_paused.clear()
+            row, value = int(rng.integers(rows)), value + 1
+            a[row, 7] = expected[row] = value
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    limit_data(64 << 20)
+    core = arena._pages.core
+    core.squeeze_data = True
+    merges = zeroed = changed = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not (changed and zeroed and merges >= 5):
+        writer_may_go.clear()
+        writer_paused.wait()
+        mask = zero_masks[merges % len(zero_masks)]
+        a[mask] = expected[mask] = 0.0
+        writer_may_go.set()
+        report = arena.merge()
+        merges, zeroed, changed = (merges + 1, zeroed + report.pages_zeroed,
+                                   changed + report.skipped["changed"])
+    stop.set()
+    writer_may_go.set()
+    thread.join()
+    core.squeeze_data = False
+    return dict(merges=merges, zeroed=zeroed, changed=changed,
+                restored_in_pieces=core.restored_in_pieces,
+                lost=int(np.count_nonzero(a[:, 7] != expected)),
+                still_zero=bool(not a[zero_masks[(merges - 1) % len(zero_masks)], 8:].any()),
+                mappings=arena.stats().mappings, mapping_budget=arena.max_mappings)
+
+
+def test_a_run_kept_read_only_by_the_data_limit_is_made_writable_in_pieces():
+    out = run_child("child_merges_while_the_data_limit_is_taken", 20)
+    assert out["lost"] == 0 and out["still_zero"], out
+    assert out["zeroed"] > 0 and out["restored_in_pieces"] > 0, out
+    assert out["mappings"] <= out["mapping_budget"]
+    if out["changed"] == 0:
+        pytest.skip(f"in {out['merges']} merges no page changed between its scan and its remap, "
+                    "so no run had to be made writable with its content moved")
+
+
+def child_merges_with_the_data_limit_spent(unused):
+    """In the child: zero pages and twins, merged with the mprotect barrier
+    while a hog holds the whole of RLIMIT_DATA; then again after it let go."""
+    rng = np.random.default_rng(4)
+    arena = pydedup.Arena(size=1 << 28, barrier="mprotect")
+    a, twin_rows, zero_rows = scattered_workload(arena, rng, pairs=100, zeros=100)
+    expected = a.copy()
+    hog = Hog()
+    hog.start()                                  # its stack is data too: before the limit
+    limit_data(1 << 20)
+    hog.may_take.set()
+    while len(hog.held) < 256:                   # the 1 MiB margin, and no more
+        time.sleep(0.01)
+    try:
+        spent, error = arena.merge(), None
+    except MemoryError as e:
+        spent, error = None, repr(e)
+    hog.stop.set()
+    hog.join()
+    hog.held.clear()
+    intact_then = same_bytes(a, expected)
+    freed = arena.merge()
+    return dict(error=error, intact_then=intact_then, intact=same_bytes(a, expected),
+                spent=spent and dict(merged=spent.pages_merged, zeroed=spent.pages_zeroed,
+                                     skipped=spent.skipped),
+                freed=dict(merged=freed.pages_merged, zeroed=freed.pages_zeroed),
+                twins=int(twin_rows.size), zeros=int(zero_rows.size))
+
+
+def test_with_the_data_limit_spent_runs_are_skipped_and_none_waits():
+    """Nothing is protected that could not be made writable again: a run
+    that cannot hold room for its way back is not merged, and says so."""
+    out = run_child("child_merges_with_the_data_limit_spent", None)
+    assert out["intact_then"] and out["intact"]
+    if out["spent"] is not None:                 # else the pass's bookkeeping was refused
+        spent = out["spent"]
+        assert spent["merged"] == spent["zeroed"] == 0
+        assert spent["skipped"]["no_memory"] == out["twins"] + out["zeros"]
+    merged_before = 0 if out["spent"] is None else out["spent"]["merged"]
+    assert merged_before + out["freed"]["merged"] == out["twins"]
+    assert out["freed"]["zeroed"] == out["zeros"]
 
 
 # -- a frame store that cannot grow ------------------------------------------

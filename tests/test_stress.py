@@ -40,19 +40,6 @@ def stress_seconds(config):
     return STRESS_SECONDS_LONG if config.getoption("--stress") else STRESS_SECONDS_CI
 
 
-def mprotect_barrier() -> bool:
-    """Whether the arena's barrier is mprotect: forced, or auto where
-    userfaultfd is not allowed (CI's unprivileged run)."""
-    import pydedup
-    choice = os.environ.get("PYDEDUP_BARRIER", "auto")
-    return choice == "mprotect" or (choice == "auto" and not pydedup.features()["userfaultfd"])
-
-
-@pytest.mark.skipif(mprotect_barrier(), reason=(
-    "hangs now and then with the mprotect barrier (a bug, open in issue 3: CI's unprivileged "
-    "run timed out, and 1 run in 3 here); suspected: under RLIMIT_DATA, making a protected "
-    "run writable again fails with ENOMEM (mprotect_fixup's may_expand_vm), and unprotect_run "
-    "(_barrier.pxi) retries for ever while writers wait on the window"))
 def test_stress(request):
     seconds = stress_seconds(request.config)
     code = f"import json, test_stress; print(json.dumps(test_stress.child({seconds})))"
