@@ -152,6 +152,7 @@ cdef void restore_in_pieces(Core c, held_run *h, bint zeroed_in_place, pass_stat
     cdef char *addr
     cdef int err
     c.restored_in_pieces += 1
+    c.remapped = True
     while i < h.n:
         need = restore_need_of(c, h.first + i, zeroed_in_place)
         j = i + 1

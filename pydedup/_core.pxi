@@ -194,6 +194,7 @@ cdef class Core:
             if in_frame_store:
                 err = map_anonymous(self, page_address(self, first), n * self.page_size)
                 if err == 0:
+                    self.remapped = True
                     track_range(self, page_address(self, first), n * self.page_size)
             else:
                 err = errno if madvise(page_address(self, first), n * self.page_size, MADV_DONTNEED) else 0
@@ -205,6 +206,22 @@ cdef class Core:
                     self.rmap[p] = rmap_item(0, 0, PAGE_FREE, 0, 0)
                 reclaim_frames(self)
         return err == 0
+
+    def forget_cuts(self):
+        """Once every page is FREE: the reservation as one fresh anonymous
+        mapping again. Remaps cut it into mappings that freeing does not join
+        again, since the kernel joins anonymous neighbours only if their
+        anon_vmas agree; a mapping laid over all of them does. Nothing to do
+        if nothing was remapped; if the kernel refuses (the mapping limit),
+        it is tried again at the next release."""
+        cdef int err = 0
+        if not self.remapped:
+            return
+        with nogil:
+            err = map_anonymous(self, self.base, self.npages * self.page_size)
+            if err == 0:
+                self.remapped = False
+                track_range(self, self.base, self.npages * self.page_size)
 
     def merge(self, bint use_zero_pages, uint32_t max_page_sharing, long mappings_left):
         """One whole scan, now; returns what it did as a dict of pass_stats."""

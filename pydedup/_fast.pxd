@@ -137,6 +137,8 @@ cdef class Core:
     cdef char *base                    # first byte of the reservation
     cdef readonly size_t npages        # arena pages reserved
     cdef readonly size_t high_water    # pages [high_water, npages) were never used
+    cdef bint remapped                 # mappings were laid inside the reservation since
+                                       # it was last one mapping (forget_cuts)
     cdef rmap_item *rmap               # npages records, mapped lazily
     cdef pd_xxh3_fn xxh3
     # the frame store

@@ -106,6 +106,7 @@ cdef void remap_run(Core c, size_t first, size_t n, run_kind kind, bint charge,
         st.mappings_left = 0            # the kernel said no: add no more mappings
         return
     st.mappings_left -= cost
+    c.remapped |= kind != RUN_ZERO_ANON
     settle_targets(c, first, n, kind, st)
 
 

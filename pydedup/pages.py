@@ -145,6 +145,8 @@ class Pages:
                 self.extents.give(first, npages)
             else:                       # at the mapping limit: try again later
                 self._given_back.append((first, npages))
+        if self.extents.free_pages == self.core.npages:
+            self.core.forget_cuts()     # every array gone: one mapping again
 
 
 # fork: wait for merges in progress, then fence the frames both processes share;

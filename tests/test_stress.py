@@ -62,24 +62,16 @@ def test_stress(request):
     assert end["frames_in_use"] == 0 and end["frame_store_bytes"] == 0, "a frame leaked"
     assert end["pss_bytes"] == out["baseline"]["pss_bytes"] == 0
     assert out["invariant_checks"] > 0
-    if end["mappings"] != out["baseline"]["mappings"]:
-        pytest.xfail(f"the arena's range is left cut in {end['mappings']} mappings: "
-                     f"{LEFT_CUT}")
+    assert end["mappings"] == out["baseline"]["mappings"], "freed pages left the range cut"
 
 
-LEFT_CUT = (
-    "once every array is freed, the arena's range stays cut in several anonymous mappings "
-    "with the same flags, which the kernel does not join again: it joins anonymous mappings "
-    "only if they share their anon_vma (or one has none), and a mapping keeps its anon_vma "
-    "after MADV_DONTNEED; release() mapping freed ranges afresh is not enough (tried)")
-
-
-@pytest.mark.xfail(strict=True, reason=LEFT_CUT)
 def test_freeing_everything_leaves_the_arena_one_mapping():
-    """The smallest case: a and its copy b merge (both onto frames: file
-    mappings); a is freed (a fresh anonymous mapping) and c takes its pages
-    and writes them (c's mapping gets an anon_vma of its own); then b and c
-    are freed. The part after b still has the reservation's anon_vma."""
+    """a and its copy b merge (both onto frames: file mappings); a is freed
+    (a fresh anonymous mapping) and c takes its pages and writes them (c's
+    mapping gets an anon_vma of its own); then b and c are freed. The part
+    after b still has the reservation's anon_vma, so the kernel joins none
+    of the mappings left: only a mapping laid over the whole range once
+    every array is gone (Core.forget_cuts) makes it one again."""
     import pydedup
     from pydedup import procfs
     arena = pydedup.Arena(size=1 << 26)
