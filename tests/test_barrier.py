@@ -165,27 +165,33 @@ def test_a_real_crash_still_crashes_and_is_reported(faulthandler_first):
     assert "Fatal Python error: Segmentation fault" in result.stderr
 
 
+WRITER_UNDER_MERGES = """
+    import faulthandler, threading, numpy as np, pydedup
+    arena = pydedup.Arena(size=1 << 26, barrier={barrier!r})
+    {after_arena}
+    a = arena.zeros(1 << 18)
+    stop, lost = False, []
+    def write():
+        v = 0.0
+        while not stop and not lost:
+            v += 1
+            a[:] = v
+            if not (a == v).all():
+                lost.append(v)
+    t = threading.Thread(target=write); t.start()
+    for _ in range(100):
+        arena.merge()
+    stop = True; t.join()
+    arena._pages.check_invariants()
+    print("lost" if lost else "ok", faulthandler.is_enabled())
+    """
+
+
 def test_the_barrier_survives_faulthandler_replacing_it():
     """faulthandler.enable() after the arena replaces the SIGSEGV handler;
     the next merge puts the barrier's back, and writers under merge wait
     instead of crashing the process."""
-    result = run_python("""
-        import faulthandler, threading, numpy as np, pydedup
-        arena = pydedup.Arena(size=1 << 26, barrier="mprotect")
-        faulthandler.enable()
-        a = arena.zeros(1 << 18)
-        stop, lost = False, []
-        def write():
-            v = 0.0
-            while not stop and not lost:
-                v += 1
-                a[:] = v
-                if not (a == v).all():
-                    lost.append(v)
-        t = threading.Thread(target=write); t.start()
-        for _ in range(100):
-            arena.merge()
-        stop = True; t.join()
-        print("lost" if lost else "ok")
-        """)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+    result = run_python(WRITER_UNDER_MERGES.format(barrier="mprotect",
+                                                   after_arena="faulthandler.enable()"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ok", "True"], result.stderr

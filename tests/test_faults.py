@@ -19,6 +19,7 @@ import pytest
 
 import pydedup
 from kernel import PAGE
+from test_barrier import WRITER_UNDER_MERGES
 from test_limits import fill_mappings, max_map_count, process_mappings, scattered_workload
 
 PAGE_FLOATS = PAGE // 8
@@ -33,27 +34,6 @@ def run_python(code, *options, env=None):
                           env=dict(os.environ, PYTHONPATH=path, **(env or {})))
 
 
-WRITERS_UNDER_MERGES = """
-    import threading, numpy as np, pydedup
-    arena = pydedup.Arena(size=1 << 26, barrier={barrier!r})
-    a = arena.zeros(1 << 18)
-    stop, lost = False, []
-    def write():
-        v = 0.0
-        while not stop and not lost:
-            v += 1
-            a[:] = v
-            if not (a == v).all():
-                lost.append(v)
-    t = threading.Thread(target=write); t.start()
-    merged = sum(arena.merge().pages_merged + 1 for _ in range(100))
-    stop = True; t.join()
-    arena._pages.check_invariants()
-    import faulthandler
-    print("lost" if lost else "ok", faulthandler.is_enabled())
-    """
-
-
 @pytest.mark.parametrize("barrier", ["mprotect", "uffd"])
 @pytest.mark.parametrize("how", ["-X faulthandler", "PYTHONFAULTHANDLER=1"])
 def test_faulthandler_enabled_before_the_import(barrier, how):
@@ -62,7 +42,8 @@ def test_faulthandler_enabled_before_the_import(barrier, how):
     if barrier == "uffd" and not UFFD:
         pytest.skip("this process may not use userfaultfd")
     options, env = (how.split(), None) if how.startswith("-X") else ([], {"PYTHONFAULTHANDLER": "1"})
-    result = run_python(WRITERS_UNDER_MERGES.format(barrier=barrier), *options, env=env)
+    result = run_python(WRITER_UNDER_MERGES.format(barrier=barrier, after_arena=""),
+                        *options, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["ok", "True"], result.stderr
 
