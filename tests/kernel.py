@@ -111,3 +111,12 @@ def process_pss() -> int:
             if line.startswith("Pss:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no Pss in smaps_rollup")
+
+
+def process_data() -> int:
+    """What RLIMIT_DATA counts (Linux 4.7+): private writable mappings, VmData."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmData in /proc/self/status")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import pydedup
-from kernel import PAGE, address, frame_offsets, touch, zero_page_mapped
+from kernel import PAGE, address, frame_offsets, process_data, touch, zero_page_mapped
 
 PAGE_FLOATS = PAGE // 8
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -309,9 +309,8 @@ def test_merging_near_the_process_mapping_limit_leaves_other_code_working(distan
 def limit_data(margin):
     """RLIMIT_DATA, soft and hard (what `ulimit -d` sets), at what the
     process has now plus `margin`."""
-    with open("/proc/self/status") as f:
-        data = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
-    resource.setrlimit(resource.RLIMIT_DATA, (data + margin, data + margin))
+    limit = process_data() + margin
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
 
 
 class Hog(threading.Thread):

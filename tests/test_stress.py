@@ -27,6 +27,8 @@ import time
 import numpy as np
 import pytest
 
+from kernel import process_data
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 STRESS_SECONDS_CI = 4
 STRESS_SECONDS_LONG = 300
@@ -97,11 +99,10 @@ def limit_data(margin):
     MiB of address space for each thread's malloc arena up front, so an
     address-space limit set after the threads start never bites, while
     those reservations count as data only as malloc commits them."""
-    with open("/proc/self/status") as f:
-        size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
+    limit = process_data() + margin
     soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
-    resource.setrlimit(resource.RLIMIT_DATA, (size + margin, hard))
-    return size + margin
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+    return limit
 
 
 class Worker:
