@@ -75,8 +75,7 @@ def stats(argv):
         print(f"pid {r['pid']}  arena {r['arena']}  counters {time.time() - r['time']:.1f} s old  "
               f"process PSS {'?' if pss is None else f'{pss / 2**20:,.1f} MiB'}")
         print(f"knobs: " + ", ".join(f"{k}={v}" for k, v in r["knobs"].items()))
-        fields = {f: r["stats"].get(f) for f in ArenaStats.__dataclass_fields__}
-        print(ArenaStats(**fields), end="\n\n")
+        print(ArenaStats.from_published(r["stats"]), end="\n\n")
     return 0
 
 

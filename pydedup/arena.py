@@ -252,15 +252,7 @@ class Arena:
         with self._locked() as core:
             st = core.merge(self.use_zero_pages, self.max_page_sharing, self._mapping_budget())
             self._pages.keep_placements()
-        report = MergeReport(
-            pages_scanned=st["scanned"], pages_hashed=st["hashed"],
-            pages_merged=st["merged"], pages_zeroed=st["zeroed"],
-            frames_new=st["frames_new"], pages_unshared=st["unshared"],
-            pages_volatile=st["volatile"], pages_moved=st["moved"],
-            skipped={"unmergeable": st["skipped_unmergeable"], "changed": st["skipped_changed"],
-                     "mapping_budget": st["skipped_budget"], "no_memory": st["skipped_no_memory"]},
-            mappings_left=st["mappings_left"], seconds=time.perf_counter() - start,
-            phase_seconds={phase: round(st[f"{phase}_seconds"], 6) for phase in ("refresh", "decide", "apply")})
+        report = MergeReport.made_from(dict(st, seconds=time.perf_counter() - start))
         self._publish_if_due()
         return report
 
@@ -269,7 +261,8 @@ class Arena:
         start = time.perf_counter()
         with self._locked() as core:
             unmerged = self._unmerge(core, 0, core.high_water)
-        return UnmergeReport(unmerged, time.perf_counter() - start)
+        return UnmergeReport.made_from(dict(pages_unmerged=unmerged,
+                                            seconds=time.perf_counter() - start))
 
     def unmergeable(self, array):
         """Like MADV_UNMERGEABLE: unmerge the pages under `array` and leave
@@ -359,34 +352,21 @@ class Arena:
             with self._locked() as core:
                 core.refresh(first, n)
                 c = core.counts(first, n)
-            return ArrayStats(
-                pages=n, pages_private=c["private"], pages_merged=c["merged"],
-                zero_pages=c["zero"], pages_unmergeable=c["unmergeable"],
-                bytes_saved=round(c["saved_pages"] * PAGE_SIZE))
+            return ArrayStats.made_from(dict(c, pages=n, page_size=PAGE_SIZE))
         self._flush_allocator_cache()
         with self._locked() as core:
             core.refresh(0, core.high_water)
             c = core.counts(0, core.high_water)
-            frames, metadata = core.frames_in_use, core.metadata_bytes()
-            full_scans, unshared, volatile = core.full_scans, core.pages_unshared, core.pages_volatile
-            barrier = core.barrier_name
-            frame_store_bytes = os.fstat(core.memfd).st_blocks * 512
-            frames_by_node = core.frames_by_node()
-            _, mappings = procfs.count_mappings(self._lo, self._hi)
+            readings = dict(
+                c, frames=core.frames_in_use, metadata=core.metadata_bytes(),
+                full_scans=core.full_scans, unshared=core.pages_unshared,
+                volatile=core.pages_volatile, barrier=core.barrier_name,
+                frame_store_bytes=os.fstat(core.memfd).st_blocks * 512,
+                frames_by_node=core.frames_by_node(),
+                mappings=procfs.count_mappings(self._lo, self._hi)[1],
+                reserved=self._hi - self._lo, page_size=PAGE_SIZE)
             pss = procfs.smaps_fields(self._lo, self._hi)
-        sharing = c["merged"] - frames
-        data_pages = c["private_resident"] + c["merged"] + c["zero"]
-        stats = ArenaStats(
-            pages_shared=frames, pages_sharing=sharing, pages_unshared=unshared,
-            pages_volatile=volatile, zero_pages=c["zero"], full_scans=full_scans,
-            general_profit=(sharing + c["zero"]) * PAGE_SIZE - metadata,
-            pages_in_use=c["pages"], pages_private=c["private"],
-            pages_unmergeable=c["unmergeable"], bytes_reserved=self._hi - self._lo,
-            bytes_in_use=c["pages"] * PAGE_SIZE, frames_in_use=frames,
-            frame_store_bytes=frame_store_bytes, metadata_bytes=metadata, mappings=mappings,
-            pss_bytes=pss["pss"], bytes_saved=(sharing + c["zero"]) * PAGE_SIZE,
-            pss_bytes_saved=data_pages * PAGE_SIZE - pss["pss_anon"] - frame_store_bytes,
-            barrier=barrier, frames_by_node=frames_by_node)
+        stats = ArenaStats.made_from(dict(readings, pss=pss["pss"], pss_anon=pss["pss_anon"]))
         self._publisher.publish(stats, self._scanner)
         return stats
 
