@@ -1,12 +1,11 @@
 """Arena: page-aligned numpy arrays whose identical pages can be merged."""
 import math
-import operator
 import os
 import time
 
 import numpy as np
 
-from pydedup import knobs, numa, procfs, publish
+from pydedup import knobs, layout, numa, procfs, publish
 from pydedup._fast import Block
 from pydedup.pages import Pages
 from pydedup.scanner import Scanner
@@ -132,10 +131,10 @@ class Arena:
 
     def empty(self, shape, dtype=float, order="C", *, node=None):
         """Like numpy.empty. Fresh arena pages are zero-filled."""
-        return self._new(shape, dtype, _c_or_f(order), node=node)
+        return self._new(shape, dtype, layout.c_or_f(order), node=node)
 
     def zeros(self, shape, dtype=float, order="C", *, node=None):
-        return self._new(shape, dtype, _c_or_f(order), node=node)
+        return self._new(shape, dtype, layout.c_or_f(order), node=node)
 
     def ones(self, shape, dtype=None, order="C", *, node=None):
         return self.full(shape, 1, dtype, order, node=node)
@@ -143,15 +142,15 @@ class Arena:
     def full(self, shape, fill_value, dtype=None, order="C", *, node=None):
         if dtype is None:
             dtype = np.array(fill_value).dtype
-        out = self._new(shape, dtype, _c_or_f(order), node=node)
+        out = self._new(shape, dtype, layout.c_or_f(order), node=node)
         np.copyto(out, fill_value, casting="unsafe")
         return out
 
     def empty_like(self, prototype, dtype=None, order="K", shape=None, *, node=None):
         prototype = np.asanyarray(prototype)
         dtype = prototype.dtype if dtype is None else dtype
-        shape = prototype.shape if shape is None else _normalize_shape(shape)
-        order, strides = _like_layout(prototype, shape, np.dtype(dtype), order)
+        shape = prototype.shape if shape is None else layout.normalize_shape(shape)
+        order, strides = layout.like_layout(prototype, shape, np.dtype(dtype), order)
         return self._new(shape, dtype, order, strides, node=node)
 
     def zeros_like(self, prototype, dtype=None, order="K", shape=None, *, node=None):
@@ -193,7 +192,7 @@ class Arena:
         constructors, or by numpy inside pydedup.arena() (or a view of either)."""
         if self._pages is None:
             return False
-        root = _root_of(array)
+        root = layout.root_of(array)
         if isinstance(root, Block):
             return root.owner is self._pages
         return (isinstance(root, np.ndarray) and root.flags.owndata
@@ -231,8 +230,8 @@ class Arena:
             self._allocator.flush()
 
     def _new(self, shape, dtype, order, strides=None, node=None):
-        shape = _normalize_shape(shape)
-        dtype = _check_dtype(dtype)
+        shape = layout.normalize_shape(shape)
+        dtype = layout.check_dtype(dtype)
         nodes = self._topology.check(node)
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes > np.iinfo(np.intp).max:
@@ -385,7 +384,7 @@ class Arena:
             if self._pages is None:
                 raise ValueError("the arena is closed")
             raise ValueError("the array does not live in this arena")
-        lo, hi = _byte_bounds(array)
+        lo, hi = layout.byte_bounds(array)
         if lo == hi:
             return 0, 0
         first = (lo - self._lo) // PAGE_SIZE
@@ -419,70 +418,3 @@ def _choose_barrier(core, choice):
         core.set_barrier("uffd")
     except OSError:
         core.set_barrier("mprotect")
-
-
-def _normalize_shape(shape) -> tuple:
-    try:
-        shape = (operator.index(shape),)
-    except TypeError:
-        try:
-            shape = tuple(operator.index(n) for n in shape)
-        except TypeError:
-            raise TypeError(f"shape must be an integer or a sequence of integers, not {shape!r}") from None
-    if any(n < 0 for n in shape):
-        raise ValueError(f"negative dimensions are not allowed: {shape}")
-    if len(shape) > 64:
-        raise ValueError(f"numpy arrays have at most 64 dimensions, not {len(shape)}")
-    return shape
-
-
-def _check_dtype(dtype) -> np.dtype:
-    dtype = np.dtype(dtype)
-    if dtype.hasobject:
-        raise TypeError(f"dtype {dtype} holds Python objects, which cannot live in arena memory")
-    return dtype
-
-
-def _c_or_f(order):
-    if order not in ("C", "F"):
-        raise ValueError(f"order must be 'C' or 'F', not {order!r}")
-    return order
-
-
-def _like_layout(prototype, shape, dtype, order):
-    """(order, strides) for an array like `prototype`, as numpy's *_like do:
-    'A' and 'K' follow the prototype; 'K' keeps its axis order exactly."""
-    if order not in ("C", "F", "A", "K"):
-        raise ValueError(f"order must be 'C', 'F', 'A' or 'K', not {order!r}")
-    fortran = prototype.flags.f_contiguous and not prototype.flags.c_contiguous
-    if order == "A":
-        return ("F" if fortran else "C"), None
-    if order != "K":
-        return order, None
-    if shape != prototype.shape or prototype.ndim < 2:
-        return "C", None
-    axes = sorted(range(prototype.ndim), key=lambda axis: -abs(prototype.strides[axis]))
-    strides, step = [0] * len(shape), dtype.itemsize
-    for axis in reversed(axes):
-        strides[axis] = step
-        step *= max(shape[axis], 1)
-    return "C", strides
-
-
-def _root_of(array):
-    """The object at the end of `array`'s chain of bases: a Block, the
-    ndarray that owns the memory, or something else."""
-    while isinstance(array, np.ndarray) and array.base is not None:
-        array = array.base
-    return array
-
-
-def _byte_bounds(array):
-    """[lo, hi) of the bytes `array` can touch."""
-    lo = hi = array.__array_interface__["data"][0]
-    if array.size == 0:
-        return lo, lo
-    for n, stride in zip(array.shape, array.strides):
-        reach = (n - 1) * stride
-        lo, hi = (lo + reach, hi) if reach < 0 else (lo, hi + reach)
-    return lo, hi + array.itemsize

@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from pydedup import bench, ksm
+from pydedup import bench
+from pydedup.bench import ksm
 from pydedup.bench import methods, report, workloads
 from pydedup.bench.workloads import PAGE, PAGE_FLOATS
 

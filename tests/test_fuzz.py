@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import pydedup
-from pydedup import ksm
+from pydedup.bench import ksm
 from pydedup.knobs import UINT32_MAX
 
 from kernel import PAGE
@@ -219,7 +219,7 @@ def test_arrays_of_another_arena_and_views_are_told_apart(arena, rng):
 
 @pytest.mark.parametrize("bad", [5, None, "text", object(), (1, 2, 3)])
 def test_ksm_marking_takes_only_buffers(bad):
-    """pydedup.ksm marks memory for the kernel's KSM; only the marking is
+    """pydedup.bench.ksm marks memory for the kernel's KSM; only the marking is
     fuzzed here (driving ksmd needs root and /sys/kernel/mm/ksm)."""
     for function in (ksm.mergeable, ksm.unmergeable):
         with pytest.raises((TypeError, ValueError)):

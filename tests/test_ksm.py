@@ -1,4 +1,4 @@
-"""The kernel's KSM, driven by pydedup.ksm: knobs restored exactly, memory
+"""The kernel's KSM, driven by pydedup.bench.ksm: knobs restored exactly, memory
 merged and unmerged with its data intact. Needs root; skipped otherwise."""
 import mmap
 import os
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from kernel import EXCLUSIVE, PFN, PRESENT, pagemap, zero_page_mapped
-from pydedup import ksm
+from pydedup.bench import ksm
 
 PAGE = mmap.PAGESIZE
 PAGE_FLOATS = PAGE // 8

@@ -7,7 +7,7 @@ scanner, run=1), ksm-fast (kernel KSM at 10,000 pages / 0 ms) and
 ksm-default (kernel KSM at its default 100 pages / 20 ms, minutes a GiB:
 not in the default, add it with --ksm-defaults); the kernel rows
 need root and are skipped with a note otherwise; every /sys/kernel/mm/ksm
-knob is restored (pydedup.ksm.KernelKSM).
+knob is restored (pydedup.bench.ksm.KernelKSM).
 """
 import argparse
 import json

@@ -18,7 +18,8 @@ import time
 import numpy as np
 
 import pydedup
-from pydedup import ksm, procfs
+from pydedup import procfs
+from pydedup.bench import ksm
 from pydedup.bench.workloads import PAGE, best_of, fault_in, first_write_seconds, read_pass
 
 KSM_RMAP_ITEM_BYTES = 64        # sizeof(struct ksm_rmap_item), x86-64

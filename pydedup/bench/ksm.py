@@ -2,7 +2,7 @@
 side with pydedup on the same data. Names follow
 Documentation/admin-guide/mm/ksm.rst.
 
-    from pydedup import ksm
+    from pydedup.bench import ksm
 
     if ksm.available() is None:               # else: a one-line reason
         with ksm.KernelKSM(pages_to_scan=10_000, sleep_millisecs=0,
