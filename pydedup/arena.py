@@ -66,7 +66,7 @@ class Arena:
         core.set_merge_across_nodes(self.merge_across_nodes)
         self._lo = core.base_address
         self._hi = self._lo + core.npages * PAGE_SIZE
-        self._publisher = publish.Publisher(self)     # for `python -m pydedup stats`
+        self._publisher = publish.Publisher(self, self._knobs)     # for `python -m pydedup stats`
         self._set_knob("run", self.run)
 
     def _set_knob(self, name, value):
@@ -289,7 +289,7 @@ class Arena:
             self.unmerge()
         self._knobs["run"] = run
         if run == 1 and (self._scanner is None or not self._scanner.running):
-            self._scanner = Scanner(self)       # again, if an error stopped the last one
+            self._scanner = Scanner(self, Arena._scan_step)   # again, if an error stopped the last one
 
     def _stop_scanner(self):
         scanner, self._scanner = self._scanner, None

@@ -15,15 +15,16 @@ rewrites the tables.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Dict, Mapping, NamedTuple, Tuple, Type, TypeVar
+from typing import Any, Callable, NamedTuple, TypeVar
 
 Readings = Mapping[str, Any]
 """What a record is made from: the core's counts and counters, by name."""
 
 
 def counter(doc: str, *, ksm: str = "", value: Callable[[Readings], Any] | None = None,
-            ) -> Dict[str, Any]:
+            ) -> dict[str, Any]:
     """A counter's entry in the table: the metadata of its dataclass field."""
     return {"doc": doc, "ksm": ksm, "value": value}
 
@@ -33,7 +34,7 @@ def _reading(name: str) -> Callable[[Readings], Any]:
 
 
 class _Readable:
-    def as_dict(self) -> Dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload]  # every subclass is a dataclass
 
     def __str__(self) -> str:
@@ -53,7 +54,7 @@ def _show(name: str, value: Any) -> str:
 R = TypeVar("R", bound=_Readable)
 
 
-def _made_from(record: Type[R], readings: Readings) -> R:
+def _made_from(record: type[R], readings: Readings) -> R:
     """A record whose every counter is computed from `readings` by its entry."""
     return record(**{f.name: (f.metadata["value"] or _reading(f.name))(readings)
                      for f in fields(record)})  # type: ignore[arg-type]
@@ -83,7 +84,7 @@ class MergeReport(_Readable):
     pages_moved: int = field(metadata=counter(
         "merged pages whose frame was on another node than their own, with "
         "`merge_across_nodes` off: merged again on their node", value=_reading("moved")))
-    skipped: Dict[str, int] = field(metadata=counter(
+    skipped: dict[str, int] = field(metadata=counter(
         "pages not merged, by reason: `unmergeable`; `changed`: written between the "
         "comparison and the remap; `mapping_budget`; `no_memory`: the frame store or the "
         "kernel refused, or, with the `mprotect` barrier, `RLIMIT_DATA` had no room for a "
@@ -94,7 +95,7 @@ class MergeReport(_Readable):
     mappings_left: int = field(metadata=counter(
         "what the mapping budget had left at the end", value=_reading("mappings_left")))
     seconds: float = field(metadata=counter("wall time of the merge()"))
-    phase_seconds: Dict[str, float] = field(metadata=counter(
+    phase_seconds: dict[str, float] = field(metadata=counter(
         "seconds of each phase: `refresh`, `decide`, `apply`",
         value=lambda r: {phase: round(r[f"{phase}_seconds"], 6)
                          for phase in ("refresh", "decide", "apply")}))
@@ -176,7 +177,7 @@ class ArenaStats(_Readable):
                          - r["pss_anon"] - r["frame_store_bytes"])))
     barrier: str = field(metadata=counter(
         "the write barrier in use, `\"uffd\"` or `\"mprotect\"`"))
-    frames_by_node: Dict[int, int] = field(metadata=counter(
+    frames_by_node: dict[int, int] = field(metadata=counter(
         "`{node: frames in use written on it}`"))
 
     @classmethod
@@ -212,7 +213,7 @@ class ArrayStats(_Readable):
         return _made_from(cls, readings)
 
 
-RECORDS: Tuple[Type[_Readable], ...] = (ArenaStats, ArrayStats, MergeReport, UnmergeReport)
+RECORDS: tuple[type[_Readable], ...] = (ArenaStats, ArrayStats, MergeReport, UnmergeReport)
 
 
 class Counter(NamedTuple):
@@ -225,7 +226,7 @@ class Counter(NamedTuple):
     doc: str
 
 
-COUNTERS: Tuple[Counter, ...] = tuple(
+COUNTERS: tuple[Counter, ...] = tuple(
     Counter(record.__name__, f.name, str(f.type), f.metadata["ksm"], f.metadata["doc"])
     for record in RECORDS for f in fields(record))  # type: ignore[arg-type]
 
@@ -248,7 +249,7 @@ def with_reference_tables(text: str) -> str:
     return _TABLE.sub(lambda m: m[1] + reference_table(m[2]) + m[4], text)
 
 
-def reference_tables_in(text: str) -> Dict[str, str]:
+def reference_tables_in(text: str) -> dict[str, str]:
     """{record: the table between its markers} of docs/reference.md."""
     return {m[2]: m[3] for m in _TABLE.finditer(text)}
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import pydedup
+
 from kernel import PAGE
 
 PAGE_FLOATS = PAGE // 8
@@ -167,6 +168,7 @@ def test_a_real_crash_still_crashes_and_is_reported(faulthandler_first):
 
 WRITER_UNDER_MERGES = """
     import faulthandler, threading, numpy as np, pydedup
+    from pydedup import testing
     arena = pydedup.Arena(size=1 << 26, barrier={barrier!r})
     {after_arena}
     a = arena.zeros(1 << 18)
@@ -182,7 +184,7 @@ WRITER_UNDER_MERGES = """
     for _ in range(100):
         arena.merge()
     stop = True; t.join()
-    arena._pages.check_invariants()
+    testing.check_invariants(arena)
     print("lost" if lost else "ok", faulthandler.is_enabled())
     """
 

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 
 import pydedup
+from pydedup import testing
+
 from kernel import PAGE, address, frame_offsets, process_data, touch, zero_page_mapped
 
 PAGE_FLOATS = PAGE // 8
@@ -355,7 +357,7 @@ def child_merges_while_the_data_limit_is_taken(seconds):
     thread = threading.Thread(target=writer, daemon=True)
     thread.start()
     limit_data(64 << 20)
-    core = arena._pages.core
+    core = testing.core(arena)
     core.squeeze_data = True
     merges = zeroed = changed = 0
     deadline = time.monotonic() + seconds

@@ -6,8 +6,21 @@ import numpy as np
 import pytest
 
 import pydedup
-from kernel import (EXCLUSIVE, FILE, PAGE, PFN, PRESENT, frame_offsets, page_addresses, pagemap,
-                    pfns_visible, process_pss, touch, zero_page_mapped)
+
+from kernel import (
+    EXCLUSIVE,
+    FILE,
+    PAGE,
+    PFN,
+    PRESENT,
+    frame_offsets,
+    page_addresses,
+    pagemap,
+    pfns_visible,
+    process_pss,
+    touch,
+    zero_page_mapped,
+)
 
 PAGE_FLOATS = PAGE // 8
 

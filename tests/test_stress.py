@@ -25,7 +25,8 @@ import threading
 import time
 
 import numpy as np
-import pytest
+
+from pydedup import testing
 
 from kernel import process_data
 
@@ -177,7 +178,7 @@ def requester(arena, deadline, rng, counts):
                 arena.max_page_sharing = rng.choice([2, 3, 256])
                 arena.use_zero_pages = rng.random() < 0.8
             else:
-                arena._pages.check_invariants()
+                testing.check_invariants(arena)
                 counts["invariant_checks"] += 1
             if not arena.scanner.running:       # an error stopped it (ENOMEM under the limit)
                 counts["scanner_errors"].append(repr(arena.scanner.error))
@@ -220,7 +221,7 @@ def child(seconds):
         w.live.clear()
     gc.collect()
     arena.merge()                               # releases what died under the lock
-    arena._pages.check_invariants()
+    testing.check_invariants(arena)
     end = arena.stats()
     return dict(seconds=seconds, threads=THREADS, data_limit=limit,
                 baseline=baseline, lost_writes=lost, errors=errors, writes_checked=checked,

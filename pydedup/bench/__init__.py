@@ -49,7 +49,7 @@ def run(size, workload_names, method_names, seed=0, progress=None) -> dict:
         build_workload = workloads.WORKLOADS[workload_name]
         seen = {}
 
-        def build(alloc):
+        def build(alloc, build_workload=build_workload, seen=seen):
             # the same bytes for every method: the same seed, built afresh
             w = build_workload(alloc, size, np.random.default_rng(seed))
             seen.update(bytes=w.nbytes, theoretical_saved=w.theoretical_saved)
@@ -73,7 +73,8 @@ def run(size, workload_names, method_names, seed=0, progress=None) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="pydedup bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="1GiB", help="bytes of each workload, e.g. 64MiB, 1GiB (default 1GiB)")
+    parser.add_argument("--size", default="1GiB",
+                        help="bytes of each workload, e.g. 64MiB, 1GiB (default 1GiB)")
     parser.add_argument("--workload", choices=[*workloads.WORKLOADS, "all"], default="all",
                         help="structured, scattered or all (default)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),

@@ -177,7 +177,8 @@ def _kernel_ksm(build, size, knobs):
             with PssSampler() as sampler:
                 result = kernel.merge(*workload.arrays, pss_interval=None)
             rmap_items = result.process.get("ksm_rmap_items")
-            meta = None if rmap_items is None else rmap_items * KSM_RMAP_ITEM_BYTES / (workload.nbytes // PAGE)
+            meta = (None if rmap_items is None
+                    else rmap_items * KSM_RMAP_ITEM_BYTES / (workload.nbytes // PAGE))
             row = _row(workload, before, sampler, result.seconds, result.cpu_seconds, meta,
                        {"knobs": knobs, "full_scans": result.full_scans})
             kernel.unmerge(*workload.arrays)
