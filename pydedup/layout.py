@@ -1,12 +1,16 @@
 """How arena arrays are laid out, as numpy lays out its own: shapes, dtypes,
 orders and strides checked and computed the way numpy's constructors do, and
 where an array's bytes are. Plain numpy, no arena: arena.py calls these."""
+from __future__ import annotations
+
 import operator
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 
-def normalize_shape(shape) -> tuple:
+def normalize_shape(shape: Any) -> tuple[int, ...]:
     try:
         shape = (operator.index(shape),)
     except TypeError:
@@ -21,20 +25,21 @@ def normalize_shape(shape) -> tuple:
     return shape
 
 
-def check_dtype(dtype) -> np.dtype:
+def check_dtype(dtype: npt.DTypeLike) -> np.dtype[Any]:
     dtype = np.dtype(dtype)
     if dtype.hasobject:
         raise TypeError(f"dtype {dtype} holds Python objects, which cannot live in arena memory")
     return dtype
 
 
-def c_or_f(order):
+def c_or_f(order: str) -> str:
     if order not in ("C", "F"):
         raise ValueError(f"order must be 'C' or 'F', not {order!r}")
     return order
 
 
-def like_layout(prototype, shape, dtype, order):
+def like_layout(prototype: npt.NDArray[Any], shape: tuple[int, ...], dtype: np.dtype[Any],
+                order: str) -> tuple[str, list[int] | None]:
     """(order, strides) for an array like `prototype`, as numpy's *_like do:
     'A' and 'K' follow the prototype; 'K' keeps its axis order exactly."""
     if order not in ("C", "F", "A", "K"):
@@ -54,7 +59,7 @@ def like_layout(prototype, shape, dtype, order):
     return "C", strides
 
 
-def root_of(array):
+def root_of(array: Any) -> Any:
     """The object at the end of `array`'s chain of bases: a Block, the
     ndarray that owns the memory, or something else."""
     while isinstance(array, np.ndarray) and array.base is not None:
@@ -62,7 +67,7 @@ def root_of(array):
     return array
 
 
-def byte_bounds(array):
+def byte_bounds(array: npt.NDArray[Any]) -> tuple[int, int]:
     """[lo, hi) of the bytes `array` can touch."""
     lo = hi = array.__array_interface__["data"][0]
     if array.size == 0:

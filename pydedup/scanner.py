@@ -57,7 +57,7 @@ class Scanner:
             self._stopping.wait(sleep)
 
 
-_RUNNING = weakref.WeakSet()
+_RUNNING: weakref.WeakSet[Scanner] = weakref.WeakSet()
 
 
 @atexit.register

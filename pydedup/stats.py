@@ -188,7 +188,8 @@ class ArenaStats(_Readable):
     def from_published(cls, values: Mapping[str, Any]) -> ArenaStats:
         """The record of a published JSON file (publish.py), whose counters
         another version may lack: those are None."""
-        return cls(**{f.name: values.get(f.name) for f in fields(cls)})
+        found: dict[str, Any] = {f.name: values.get(f.name) for f in fields(cls)}
+        return cls(**found)
 
 
 @dataclass(frozen=True)

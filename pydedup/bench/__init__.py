@@ -47,7 +47,7 @@ def run(size, workload_names, method_names, seed=0, progress=None) -> dict:
     results = {}
     for workload_name in workload_names:
         build_workload = workloads.WORKLOADS[workload_name]
-        seen = {}
+        seen: dict[str, int] = {}
 
         def build(alloc, build_workload=build_workload, seen=seen):
             # the same bytes for every method: the same seed, built afresh

@@ -182,7 +182,7 @@ def _page_ranges(buffers):
         if hi > lo:
             ranges.append((lo - lo % PAGE, -(-hi // PAGE) * PAGE))
     ranges.sort()
-    joined = []
+    joined: list[tuple[int, int]] = []
     for lo, hi in ranges:
         if joined and lo <= joined[-1][1]:
             joined[-1] = (joined[-1][0], max(hi, joined[-1][1]))
@@ -315,13 +315,13 @@ class KernelKSM:
 
     def set(self, **knob_values):
         """Set knobs, in an order the kernel accepts; run is written last."""
-        self._check_entered()
+        saved = self._check_entered()
         wanted = {name: _text(value) for name, value in knob_values.items()}
-        unknown = sorted(set(wanted) - set(self.saved))
+        unknown = sorted(set(wanted) - set(saved))
         if unknown:
             raise ValueError(f"not a writable KSM knob: {', '.join(unknown)} "
-                             f"(there are: {', '.join(sorted(self.saved))})")
-        if "pages_to_scan" in wanted and "advisor_mode" in self.saved:
+                             f"(there are: {', '.join(sorted(saved))})")
+        if "pages_to_scan" in wanted and "advisor_mode" in saved:
             wanted.setdefault("advisor_mode", "none")
         run = wanted.pop("run", None)
         if int(_read("pages_shared")) and any(
@@ -397,9 +397,11 @@ class KernelKSM:
     def _cpu(self) -> float | None:
         return None if self._ksmd is None else ksmd_cpu_seconds(self._ksmd)
 
-    def _check_entered(self):
+    def _check_entered(self) -> dict:
+        """The knobs as found on enter; RuntimeError outside the with block."""
         if self.saved is None:
             raise RuntimeError("use KernelKSM as a context manager: with KernelKSM(...) as k")
+        return self.saved
 
     def _restore(self):
         if self.saved is None:
@@ -414,7 +416,8 @@ class KernelKSM:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
     def _restore_knobs(self):
-        saved, found = self.saved, self._found
+        saved, found = self._check_entered(), self._found
+        assert found is not None            # set on enter, with saved
         errors = []
         ranges, self._ranges = self._ranges, []
         try:

@@ -14,6 +14,7 @@ pss_samples            (seconds, PSS) every 50 ms while merging
 """
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from pydedup.bench import ksm
 from pydedup.bench.workloads import PAGE, best_of, fault_in, first_write_seconds, read_pass
 
 KSM_RMAP_ITEM_BYTES = 64        # sizeof(struct ksm_rmap_item), x86-64
-METHODS = {}                    # name -> (function, description)
+METHODS: dict[str, tuple[Callable[..., dict], str]] = {}   # name -> (function, description)
 
 
 def method(name, description):
