@@ -95,6 +95,7 @@ def reader_through_pipe(writers, pipes):
     return write_with_readinto
 
 
+@pytest.mark.slow
 def test_no_write_is_lost_while_merges_run(barrier):
     with pydedup.Arena(size=64 << 20, barrier=barrier) as arena:
         pages_each = 8
@@ -189,6 +190,7 @@ WRITER_UNDER_MERGES = """
     """
 
 
+@pytest.mark.slow
 def test_the_barrier_survives_faulthandler_replacing_it():
     """faulthandler.enable() after the arena replaces the SIGSEGV handler;
     the next merge puts the barrier's back, and writers under merge wait

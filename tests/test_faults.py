@@ -36,6 +36,7 @@ def run_python(code, *options, env=None):
                           env=dict(os.environ, PYTHONPATH=path, **(env or {})))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("barrier", ["mprotect", "uffd"])
 @pytest.mark.parametrize("how", ["-X faulthandler", "PYTHONFAULTHANDLER=1"])
 def test_faulthandler_enabled_before_the_import(barrier, how):
@@ -181,6 +182,7 @@ def child_other_code_fills_the_mappings_after_the_merge():
     return out
 
 
+@pytest.mark.slow
 def test_the_mapping_limit_reached_by_other_code_after_the_merge():
     if max_map_count() > 1 << 18:
         pytest.skip(f"vm.max_map_count is {max_map_count()}: too many mappings to fill quickly")

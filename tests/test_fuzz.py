@@ -19,6 +19,8 @@ from pydedup.knobs import UINT32_MAX
 
 from kernel import PAGE
 
+pytestmark = pytest.mark.slow   # hypothesis draws: about 20 s in all
+
 # Inputs of every kind, the wrong kind for most arguments.
 JUNK = st.one_of(
     st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),

@@ -285,6 +285,7 @@ def child_merges_near_the_mapping_limit(distance):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("distance", [6000, 1000])
 def test_merging_near_the_process_mapping_limit_leaves_other_code_working(distance):
     if max_map_count() > 1 << 18:
@@ -381,6 +382,7 @@ def child_merges_while_the_data_limit_is_taken(seconds):
                 mappings=arena.stats().mappings, mapping_budget=arena.max_mappings)
 
 
+@pytest.mark.slow
 def test_a_run_kept_read_only_by_the_data_limit_is_made_writable_in_pieces():
     out = run_child("child_merges_while_the_data_limit_is_taken", 20)
     assert out["lost"] == 0 and out["still_zero"], out

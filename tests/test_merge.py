@@ -300,6 +300,7 @@ def test_views_of_arena_arrays_merge_and_report(arena, rng):
     assert arena.stats(view).pages_merged == 7
 
 
+@pytest.mark.slow
 def test_methods_are_safe_from_several_threads(arena):
     errors = []
 

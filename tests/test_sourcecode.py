@@ -48,6 +48,7 @@ def test_ruff_finds_what_it_is_configured_to(tmp_path):
         assert rule in done.stdout, done.stdout
 
 
+@pytest.mark.slow
 def test_mypy_passes_over_the_package():
     done = run([*tool("mypy"), "--cache-dir", os.path.join(ROOT, ".mypy_cache")], cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -121,6 +122,7 @@ def mypy_strict(tmp_path, code):
                 os.path.join(ROOT, ".mypy_cache", "user"), "user.py"], cwd=tmp_path, env=env)
 
 
+@pytest.mark.slow
 def test_user_code_type_checks_strictly_and_sees_real_types(tmp_path):
     done = mypy_strict(tmp_path, USER_CODE)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -131,6 +133,7 @@ def test_user_code_type_checks_strictly_and_sees_real_types(tmp_path):
     assert revealed == REVEALED, done.stdout
 
 
+@pytest.mark.slow
 def test_mypy_strict_catches_a_misused_counter(tmp_path):
     """The test above can fail: with real types a wrong use is an error."""
     done = mypy_strict(tmp_path, """

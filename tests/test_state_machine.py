@@ -26,6 +26,8 @@ from pydedup import procfs, testing
 
 from kernel import PAGE
 
+pytestmark = pytest.mark.slow   # the state machine: a minute or two (docs/testing.md)
+
 ARENA_BYTES = 128 << 20
 MAX_ARRAYS = 10
 MAX_PAGES = 24                       # of an ordinary array

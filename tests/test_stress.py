@@ -25,10 +25,13 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from pydedup import testing
 
 from kernel import process_data
+
+pytestmark = pytest.mark.slow   # threads, forks and frees for seconds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STRESS_SECONDS_CI = 4
