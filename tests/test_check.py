@@ -120,3 +120,23 @@ def test_the_debug_build_checks_after_every_operation(merged):
     testing.set_debug_checks(arena, True)
     with pytest.raises(InvariantError):
         arena.stats()
+
+
+def test_the_seams_refuse_a_closed_arena_and_see_an_open_one(rng):
+    """pydedup.testing works on an open arena and says so of a closed one."""
+    arena = pydedup.Arena(size=1 << 26)
+    a = arena.array(rng.random((4, PAGE_FLOATS)))
+    lo, hi = testing.address_range(arena)
+    assert hi - lo == 1 << 26 and lo <= address(a) < hi
+    assert testing.page_range(arena, a) == ((address(a) - lo) // PAGE, 4)
+    assert testing.free_pages(arena) == (1 << 26) // PAGE - 4
+    assert testing.core(arena).memfd >= 0
+    assert testing.scan_step(arena) == (0, arena.sleep_millisecs / 1000)
+    testing.check_invariants(arena)
+    arena.close()
+    assert testing.address_range(arena) == (lo, hi)            # its arrays still live there
+    for seam in (testing.check_invariants, testing.core, testing.scan_step, testing.free_pages,
+                 testing.pages, lambda ar: testing.page_range(ar, a),
+                 lambda ar: testing.set_debug_checks(ar, True)):
+        with pytest.raises(ValueError, match="the arena is closed"):
+            seam(arena)
