@@ -9,9 +9,10 @@ Arena can change inside while tests keep working.
     merged, sleep = testing.scan_step(arena)
 
 Every function but address_range() takes an open Arena and raises
-ValueError("the arena is closed") for a closed one. Nothing here is needed to use pydedup, and the
-core (`core()`) has no compatibility promise: it is for tests that check
-kernel effects (the frame store's memfd, its tiers, the fork fence).
+ValueError("the arena is closed") for a closed one. Nothing here is needed
+to use pydedup, and the core (`core()`) has no compatibility promise: it is
+for tests that check kernel effects (the frame store's memfd, its tiers, the
+fork fence). docs/testing.md lists the seams.
 """
 from __future__ import annotations
 
