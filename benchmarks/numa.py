@@ -50,7 +50,8 @@ def merge_seconds(arena, setup) -> float:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=parse_size, default=parse_size("512M"))
     parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args(argv)

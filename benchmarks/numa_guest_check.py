@@ -68,8 +68,12 @@ def timings(array, rng):
     idx = rng.integers(0, flat.size, 1 << 18)
     lat, bw = [], []
     for _ in range(5):
-        t = time.perf_counter(); flat[idx].sum(); lat.append((time.perf_counter() - t) / idx.size * 1e9)
-        t = time.perf_counter(); flat.sum(); bw.append(array.nbytes / (time.perf_counter() - t) / 1e9)
+        t = time.perf_counter()
+        flat[idx].sum()
+        lat.append((time.perf_counter() - t) / idx.size * 1e9)
+        t = time.perf_counter()
+        flat.sum()
+        bw.append(array.nbytes / (time.perf_counter() - t) / 1e9)
     return float(np.median(lat)), float(np.median(bw))
 
 
@@ -78,20 +82,23 @@ def main():
     parser.add_argument("--mib", type=int, default=64)
     args = parser.parse_args()
     topo = pydedup.numa.topology()
-    print("nodes:", [(n.id, n.cpus, n.memory_bytes >> 20) for n in topo.nodes], "features:", pydedup.features())
+    print("nodes:", [(n.id, n.cpus, n.memory_bytes >> 20) for n in topo.nodes],
+          "features:", pydedup.features())
     cpu1 = topo.nodes[-1].cpus[-1]
     os.sched_setaffinity(0, {cpu1})                   # the reader of the copy sits on node 1
     rng = np.random.default_rng(0)
     with pydedup.Arena(size=4 * args.mib << 20) as arena:
         a = arena.array(rng.random((args.mib << 20) // 8), node=0)
         b = arena.array(a, node=topo.node_ids[-1])
-        print(f"before merge: a on {nodes_of(a)} policy {policies(a)}, b on {nodes_of(b)} policy {policies(b)}")
+        print(f"before merge: a on {nodes_of(a)} policy {policies(a)}, "
+              f"b on {nodes_of(b)} policy {policies(b)}")
         lat, bw = timings(b, rng)
         print(f"  unmerged   b read from CPU {cpu1}: {lat:6.1f} ns/random read, {bw:5.2f} GB/s sum")
         for across in (True, False):
             arena.unmerge()
             a.sum(), b.sum()
-            print(f"after unmerge(): a on {nodes_of(a)} policy {policies(a)}, b on {nodes_of(b)} policy {policies(b)}")
+            print(f"after unmerge(): a on {nodes_of(a)} policy {policies(a)}, "
+                  f"b on {nodes_of(b)} policy {policies(b)}")
             arena.merge_across_nodes = across
             r = arena.merge()
             s = arena.stats()

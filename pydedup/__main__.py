@@ -7,7 +7,6 @@ bench  the benchmark against plain numpy and kernel KSM
 stats  the counters of running processes' arenas (of PID if given)
 """
 import argparse
-import os
 import sys
 import time
 
@@ -74,9 +73,8 @@ def stats(argv):
         pss = process_pss(r["pid"])
         print(f"pid {r['pid']}  arena {r['arena']}  counters {time.time() - r['time']:.1f} s old  "
               f"process PSS {'?' if pss is None else f'{pss / 2**20:,.1f} MiB'}")
-        print(f"knobs: " + ", ".join(f"{k}={v}" for k, v in r["knobs"].items()))
-        fields = {f: r["stats"].get(f) for f in ArenaStats.__dataclass_fields__}
-        print(ArenaStats(**fields), end="\n\n")
+        print("knobs: " + ", ".join(f"{k}={v}" for k, v in r["knobs"].items()))
+        print(ArenaStats.from_published(r["stats"]), end="\n\n")
     return 0
 
 

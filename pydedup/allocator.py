@@ -13,15 +13,19 @@ install() covers them too.
 
 Arrays keep the handler they were made with: they work after the block, and
 the arena's memory lives until the last of them is freed."""
+from __future__ import annotations
+
 import contextlib
 import threading
+from collections.abc import Iterator
+from typing import Any, Callable
 
 from pydedup._handler import set_handler
 from pydedup.arena import Arena
 
 
 @contextlib.contextmanager
-def arena(existing=None, **knob_values):
+def arena(existing: Arena | None = None, **knob_values: Any) -> Iterator[Arena]:
     """Inside the block, numpy allocations of at least `alloc_threshold`
     bytes take pages of `existing`, or of a new Arena(**knob_values) that is
     closed at the end of the block (no more arrays; live ones stay). Yields
@@ -38,7 +42,7 @@ def arena(existing=None, **knob_values):
         # made a benchmark that enters a block per round 1.10x slower, not 0.8x.
 
 
-def _arena_for(existing, knob_values) -> Arena:
+def _arena_for(existing: object, knob_values: dict[str, Any]) -> Arena:
     if existing is None:
         return Arena(**knob_values)
     if not isinstance(existing, Arena):
@@ -53,29 +57,30 @@ def _arena_for(existing, knob_values) -> Arena:
 # -- process-wide ---------------------------------------------------------------
 
 class _Installed:
-    def __init__(self, ar: Arena, made_here: bool, previous):
+    def __init__(self, ar: Arena, made_here: bool, previous: Any):
         self.arena = ar
         self.made_here = made_here
         self.previous = previous          # the handler install() replaced
         self.handler = ar._numpy_handler()
 
 
-_installed = None
+_installed: _Installed | None = None
 _install_lock = threading.Lock()
 # Private to threading, but where a new thread starts before run(); if a
 # Python lacks it, install() says so instead of covering threads silently.
-_thread_bootstrap = getattr(threading.Thread, "_bootstrap_inner", None)
+_thread_bootstrap: Callable[[threading.Thread], None] | None = getattr(
+    threading.Thread, "_bootstrap_inner", None)
 
 
-def _bootstrap_with_handler(thread):
+def _bootstrap_with_handler(thread: threading.Thread) -> None:
     """threading.Thread's start, in the new thread: set the handler first."""
     installed = _installed
     if installed is not None:
         set_handler(installed.handler)
-    _thread_bootstrap(thread)
+    _thread_bootstrap(thread)  # type: ignore[misc]  # install() checked it
 
 
-def install(arena=None) -> Arena:
+def install(arena: Arena | None = None) -> Arena:
     """Put numpy's allocations in `arena` (default: a new Arena, closed by
     uninstall()) from now on: in the calling context, and in every
     threading.Thread started afterwards (their start is patched, since numpy
@@ -93,11 +98,11 @@ def install(arena=None) -> Arena:
         installed = _Installed(ar, arena is None, None)
         installed.previous = set_handler(installed.handler)
         _installed = installed
-        threading.Thread._bootstrap_inner = _bootstrap_with_handler
+        threading.Thread._bootstrap_inner = _bootstrap_with_handler  # type: ignore[attr-defined]
     return ar
 
 
-def uninstall():
+def uninstall() -> None:
     """Undo install(): the calling context gets back the handler install()
     replaced, new threads start with numpy's default; an arena install()
     made is closed (live arrays stay). Threads still running keep allocating
@@ -107,7 +112,7 @@ def uninstall():
         installed = _installed
         if installed is None:
             raise RuntimeError("pydedup is not installed")
-        threading.Thread._bootstrap_inner = _thread_bootstrap
+        threading.Thread._bootstrap_inner = _thread_bootstrap  # type: ignore[attr-defined]
         _installed = None
         set_handler(installed.previous)
         if installed.made_here:
@@ -116,7 +121,7 @@ def uninstall():
             installed.arena._flush_allocator_cache()
 
 
-def installed_arena():
+def installed_arena() -> Arena | None:
     """The arena install() put numpy's allocations in, or None."""
     installed = _installed
     return None if installed is None else installed.arena

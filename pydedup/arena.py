@@ -1,33 +1,49 @@
 """Arena: page-aligned numpy arrays whose identical pages can be merged."""
+from __future__ import annotations
+
 import math
-import operator
 import os
 import time
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Generic, SupportsIndex, TypeVar, Union, cast, overload
 
 import numpy as np
+import numpy.typing as npt
 
-from pydedup import knobs, numa, procfs, publish
-from pydedup._fast import Block
+from pydedup import knobs, layout, numa, procfs, publish
+from pydedup._fast import Block, Core
 from pydedup.pages import Pages
 from pydedup.scanner import Scanner
 from pydedup.stats import ArenaStats, ArrayStats, MergeReport, UnmergeReport
+
+ShapeLike = Union[SupportsIndex, Sequence[SupportsIndex]]
+Node = Union[int, str, None]    # a NUMA node number, "interleave", or None: the kernel's default
+T = TypeVar("T")
+A = TypeVar("A", bound="Arena")
 
 PAGE_SIZE = procfs.PAGE_SIZE
 MIN_RESERVATION = 1 << 30
 MAX_DEFAULT_RESERVATION = 1 << 40
 
 
-class _Knob:
-    """An arena attribute backed by the knob table: validated when set."""
+class _Knob(Generic[T]):
+    """An arena attribute backed by the knob table: validated when set (any
+    value may be given: a bad one raises ValueError naming the knob)."""
 
-    def __set_name__(self, owner, name):
+    def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
         self.__doc__ = knobs.KNOBS[name].doc
 
-    def __get__(self, arena, owner=None):
+    @overload
+    def __get__(self, arena: None, owner: type | None = None) -> _Knob[T]: ...
+    @overload
+    def __get__(self, arena: Arena, owner: type | None = None) -> T: ...
+
+    def __get__(self, arena: Arena | None, owner: type | None = None) -> T | _Knob[T]:
         return self if arena is None else arena._knobs[self.name]
 
-    def __set__(self, arena, value):
+    def __set__(self, arena: Arena, value: object) -> None:
         arena._set_knob(self.name, knobs.parse(self.name, value))
 
 
@@ -40,25 +56,25 @@ class Arena:
     Keyword arguments set knobs (see pydedup.KNOBS).
     """
 
-    use_zero_pages = _Knob()
-    zero_page_colours = _Knob()
-    max_page_sharing = _Knob()
-    merge_across_nodes = _Knob()
-    max_mappings = _Knob()
-    run = _Knob()
-    pages_to_scan = _Knob()
-    sleep_millisecs = _Knob()
-    track_writes = _Knob()
-    barrier = _Knob()
-    alloc_threshold = _Knob()
-    alloc_cache = _Knob()
+    use_zero_pages = _Knob[bool]()
+    zero_page_colours = _Knob[int]()
+    max_page_sharing = _Knob[int]()
+    merge_across_nodes = _Knob[bool]()
+    max_mappings = _Knob[int]()
+    run = _Knob[int]()
+    pages_to_scan = _Knob[int]()
+    sleep_millisecs = _Knob[int]()
+    track_writes = _Knob[bool]()
+    barrier = _Knob[str]()
+    alloc_threshold = _Knob[int]()
+    alloc_cache = _Knob[int]()
 
-    def __init__(self, size=None, **knob_values):
+    def __init__(self, size: int | None = None, **knob_values: Any) -> None:
         self._knobs = knobs.initial(knob_values)
-        self._scanner = None
-        self._allocator = None      # numpy's memory handler for this arena, once asked for
-        self._pages = _reserve(size)
-        core = self._pages.core
+        self._scanner: Scanner | None = None
+        self._allocator: Any = None      # numpy's memory handler for this arena, once asked for
+        self._pages: Pages | None = _reserve(size)
+        core = self._live().core
         _choose_barrier(core, self.barrier)
         core.set_tracking(self.track_writes)
         core.zero_colours = self.zero_page_colours
@@ -67,10 +83,10 @@ class Arena:
         core.set_merge_across_nodes(self.merge_across_nodes)
         self._lo = core.base_address
         self._hi = self._lo + core.npages * PAGE_SIZE
-        self._publisher = publish.Publisher(self)     # for `python -m pydedup stats`
+        self._publisher = publish.Publisher(self, self._knobs)     # for `python -m pydedup stats`
         self._set_knob("run", self.run)
 
-    def _set_knob(self, name, value):
+    def _set_knob(self, name: str, value: Any) -> None:
         if name == "run":
             self._run_scanner(value)
             return
@@ -95,7 +111,7 @@ class Arena:
 
     # -- life --------------------------------------------------------------
 
-    def close(self):
+    def close(self) -> None:
         """No more arrays, merges or stats; the background scanner stops.
         Live arrays keep their memory until the last of them goes."""
         self._stop_scanner()
@@ -108,21 +124,24 @@ class Arena:
     def closed(self) -> bool:
         return self._pages is None
 
-    def __enter__(self):
+    def __enter__(self: A) -> A:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self._hi - self._lo:,} bytes reserved"
         return f"<pydedup.Arena {state}>"
 
-    def _locked(self):
+    def _live(self) -> Pages:
         pages = self._pages
         if pages is None:
             raise ValueError("the arena is closed")
-        return pages.locked()
+        return pages
+
+    def _locked(self) -> AbstractContextManager[Core]:
+        return self._live().locked()
 
     # -- arrays, as numpy makes them ------------------------------------------
 
@@ -130,42 +149,52 @@ class Arena:
     # "interleave" (page by page over every node with memory) or None (the
     # node of the CPU that first writes each page, the kernel's default).
 
-    def empty(self, shape, dtype=float, order="C", *, node=None):
+    def empty(self, shape: ShapeLike, dtype: npt.DTypeLike = float, order: str = "C", *,
+              node: Node = None) -> npt.NDArray[Any]:
         """Like numpy.empty. Fresh arena pages are zero-filled."""
-        return self._new(shape, dtype, _c_or_f(order), node=node)
+        return self._new(shape, dtype, layout.c_or_f(order), node=node)
 
-    def zeros(self, shape, dtype=float, order="C", *, node=None):
-        return self._new(shape, dtype, _c_or_f(order), node=node)
+    def zeros(self, shape: ShapeLike, dtype: npt.DTypeLike = float, order: str = "C", *,
+              node: Node = None) -> npt.NDArray[Any]:
+        return self._new(shape, dtype, layout.c_or_f(order), node=node)
 
-    def ones(self, shape, dtype=None, order="C", *, node=None):
+    def ones(self, shape: ShapeLike, dtype: npt.DTypeLike | None = None, order: str = "C", *,
+             node: Node = None) -> npt.NDArray[Any]:
         return self.full(shape, 1, dtype, order, node=node)
 
-    def full(self, shape, fill_value, dtype=None, order="C", *, node=None):
+    def full(self, shape: ShapeLike, fill_value: Any, dtype: npt.DTypeLike | None = None,
+             order: str = "C", *, node: Node = None) -> npt.NDArray[Any]:
         if dtype is None:
             dtype = np.array(fill_value).dtype
-        out = self._new(shape, dtype, _c_or_f(order), node=node)
+        out = self._new(shape, dtype, layout.c_or_f(order), node=node)
         np.copyto(out, fill_value, casting="unsafe")
         return out
 
-    def empty_like(self, prototype, dtype=None, order="K", shape=None, *, node=None):
+    def empty_like(self, prototype: npt.ArrayLike, dtype: npt.DTypeLike | None = None, order: str = "K",
+                   shape: ShapeLike | None = None, *, node: Node = None) -> npt.NDArray[Any]:
         prototype = np.asanyarray(prototype)
         dtype = prototype.dtype if dtype is None else dtype
-        shape = prototype.shape if shape is None else _normalize_shape(shape)
-        order, strides = _like_layout(prototype, shape, np.dtype(dtype), order)
+        shape = prototype.shape if shape is None else layout.normalize_shape(shape)
+        order, strides = layout.like_layout(prototype, shape, np.dtype(dtype), order)
         return self._new(shape, dtype, order, strides, node=node)
 
-    def zeros_like(self, prototype, dtype=None, order="K", shape=None, *, node=None):
+    def zeros_like(self, prototype: npt.ArrayLike, dtype: npt.DTypeLike | None = None, order: str = "K",
+                   shape: ShapeLike | None = None, *, node: Node = None) -> npt.NDArray[Any]:
         return self.empty_like(prototype, dtype, order, shape, node=node)
 
-    def ones_like(self, prototype, dtype=None, order="K", shape=None, *, node=None):
+    def ones_like(self, prototype: npt.ArrayLike, dtype: npt.DTypeLike | None = None, order: str = "K",
+                  shape: ShapeLike | None = None, *, node: Node = None) -> npt.NDArray[Any]:
         return self.full_like(prototype, 1, dtype, order, shape, node=node)
 
-    def full_like(self, prototype, fill_value, dtype=None, order="K", shape=None, *, node=None):
+    def full_like(self, prototype: npt.ArrayLike, fill_value: Any, dtype: npt.DTypeLike | None = None,
+                  order: str = "K", shape: ShapeLike | None = None, *,
+                  node: Node = None) -> npt.NDArray[Any]:
         out = self.empty_like(prototype, dtype, order, shape, node=node)
         np.copyto(out, fill_value, casting="unsafe")
         return out
 
-    def array(self, object, dtype=None, *, copy=True, order="K", ndmin=0, node=None):
+    def array(self, object: npt.ArrayLike, dtype: npt.DTypeLike | None = None, *, copy: bool = True,
+              order: str = "K", ndmin: int = 0, node: Node = None) -> npt.NDArray[Any]:
         """Like numpy.array: a copy of `object` in the arena (no copy if
         copy=False and it already is one of this arena's arrays)."""
         source = np.asanyarray(object, dtype=dtype)
@@ -177,7 +206,8 @@ class Arena:
         np.copyto(out, source)
         return out
 
-    def asarray(self, a, dtype=None, order=None):
+    def asarray(self, a: npt.ArrayLike, dtype: npt.DTypeLike | None = None,
+                order: str | None = None) -> npt.NDArray[Any]:
         """Like numpy.asarray: `a` itself if it is an arena array of the right
         dtype and order, else a copy in the arena."""
         if (isinstance(a, np.ndarray) and self.owns(a)
@@ -188,12 +218,12 @@ class Arena:
             return a
         return self.array(a, dtype, order=order or "K")
 
-    def owns(self, array) -> bool:
+    def owns(self, array: object) -> bool:
         """Whether `array`'s memory lives in this arena: made by its
         constructors, or by numpy inside pydedup.arena() (or a view of either)."""
         if self._pages is None:
             return False
-        root = _root_of(array)
+        root = layout.root_of(array)
         if isinstance(root, Block):
             return root.owner is self._pages
         return (isinstance(root, np.ndarray) and root.flags.owndata
@@ -201,7 +231,7 @@ class Arena:
 
     # -- numpy's allocator (pydedup.arena(), pydedup.install()) --------------------
 
-    def _numpy_handler(self):
+    def _numpy_handler(self) -> Any:
         """The NEP 49 memory handler (a PyCapsule) that puts numpy's
         allocations in this arena; see pydedup/allocator.py."""
         if self._pages is None:
@@ -213,7 +243,7 @@ class Arena:
                                         self.alloc_threshold, self.alloc_cache)
         return self._allocator.capsule
 
-    def allocator_stats(self) -> dict:
+    def allocator_stats(self) -> dict[str, int]:
         """numpy's allocator in this arena: `allocations` it made in arena
         pages (`cache_hits` of them reused a freed run), `fell_back` (sent
         to numpy's default allocator: arena full, closed, or allocating
@@ -224,22 +254,24 @@ class Arena:
                         cache_bytes=0, cached_runs=0)
         return self._allocator.counters()
 
-    def _flush_allocator_cache(self):
+    def _flush_allocator_cache(self) -> None:
         """Cached runs are free memory to the user: they must not be merged
         nor counted in use."""
         if self._allocator is not None:
             self._allocator.flush()
 
-    def _new(self, shape, dtype, order, strides=None, node=None):
-        shape = _normalize_shape(shape)
-        dtype = _check_dtype(dtype)
+    def _new(self, shape: Any, dtype: npt.DTypeLike, order: Any, strides: Any = None,
+             node: Node = None) -> npt.NDArray[Any]:
+        shape = layout.normalize_shape(shape)
+        dtype = layout.check_dtype(dtype)
         nodes = self._topology.check(node)
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes > np.iinfo(np.intp).max:
             raise ValueError(f"array is too big: {shape} of {dtype} needs {nbytes} bytes")
         with self._locked():
-            block = self._pages.take(-(-nbytes // PAGE_SIZE), nbytes, nodes)
-        return np.ndarray(shape, dtype, buffer=block, order=order, strides=strides)
+            block = self._live().take(-(-nbytes // PAGE_SIZE), nbytes, nodes)
+        # buffer=: numpy's stubs do not know the buffer protocol of a Cython class
+        return np.ndarray(shape, dtype, buffer=cast(Any, block), order=order, strides=strides)
 
     # -- merging -----------------------------------------------------------
 
@@ -251,16 +283,8 @@ class Arena:
         self._flush_allocator_cache()
         with self._locked() as core:
             st = core.merge(self.use_zero_pages, self.max_page_sharing, self._mapping_budget())
-            self._pages.keep_placements()
-        report = MergeReport(
-            pages_scanned=st["scanned"], pages_hashed=st["hashed"],
-            pages_merged=st["merged"], pages_zeroed=st["zeroed"],
-            frames_new=st["frames_new"], pages_unshared=st["unshared"],
-            pages_volatile=st["volatile"], pages_moved=st["moved"],
-            skipped={"unmergeable": st["skipped_unmergeable"], "changed": st["skipped_changed"],
-                     "mapping_budget": st["skipped_budget"], "no_memory": st["skipped_no_memory"]},
-            mappings_left=st["mappings_left"], seconds=time.perf_counter() - start,
-            phase_seconds={phase: round(st[f"{phase}_seconds"], 6) for phase in ("refresh", "decide", "apply")})
+            self._live().keep_placements()
+        report = MergeReport.made_from(dict(st, seconds=time.perf_counter() - start))
         self._publish_if_due()
         return report
 
@@ -269,9 +293,10 @@ class Arena:
         start = time.perf_counter()
         with self._locked() as core:
             unmerged = self._unmerge(core, 0, core.high_water)
-        return UnmergeReport(unmerged, time.perf_counter() - start)
+        return UnmergeReport.made_from(dict(pages_unmerged=unmerged,
+                                            seconds=time.perf_counter() - start))
 
-    def unmergeable(self, array):
+    def unmergeable(self, array: npt.NDArray[Any]) -> None:
         """Like MADV_UNMERGEABLE: unmerge the pages under `array` and leave
         them out of later merges."""
         first, n = self._page_range(array)
@@ -279,7 +304,7 @@ class Arena:
             core.set_unmergeable(first, n, True)
             self._unmerge(core, first, n)
 
-    def mergeable(self, array):
+    def mergeable(self, array: npt.NDArray[Any]) -> None:
         """Like MADV_MERGEABLE: undo unmergeable()."""
         first, n = self._page_range(array)
         with self._locked() as core:
@@ -287,7 +312,7 @@ class Arena:
 
     # -- the background scanner (ksmd) -------------------------------------------
 
-    def _run_scanner(self, run):
+    def _run_scanner(self, run: int) -> None:
         """KSM's run: 0 stop, 1 scan in the background, 2 stop and unmerge."""
         if self.closed:
             raise ValueError("the arena is closed")
@@ -297,14 +322,14 @@ class Arena:
             self.unmerge()
         self._knobs["run"] = run
         if run == 1 and (self._scanner is None or not self._scanner.running):
-            self._scanner = Scanner(self)       # again, if an error stopped the last one
+            self._scanner = Scanner(self, Arena._scan_step)   # again, if an error stopped the last one
 
-    def _stop_scanner(self):
+    def _stop_scanner(self) -> None:
         scanner, self._scanner = self._scanner, None
         if scanner is not None:
             scanner.stop()
 
-    def _scan_step(self):
+    def _scan_step(self) -> tuple[int, float]:
         """One step of the background scan: (pages it merged, seconds to sleep)."""
         with self._locked() as core:
             # The budget is read once a scan: /proc/self/maps is not free.
@@ -312,17 +337,17 @@ class Arena:
             step, _ = core.scan_batch(self.pages_to_scan, self.use_zero_pages,
                                       self.max_page_sharing, budget)
             if step["merged"] or step["zeroed"]:
-                self._pages.keep_placements()
+                self._live().keep_placements()
         self._publish_if_due()
         return step["merged"] + step["zeroed"], self.sleep_millisecs / 1000
 
     @property
-    def scanner(self):
+    def scanner(self) -> Scanner | None:
         """The background scanner while run == 1 (its cpu_seconds, last_merge
         and error), else None."""
         return self._scanner
 
-    def _simulate_numa(self, nnodes: int):
+    def _simulate_numa(self, nnodes: int) -> npt.NDArray[np.uint16]:
         """For tests of the per-node logic on a machine of one node: the arena
         believes in `nnodes` nodes and takes each page's node from the map this
         returns (a writable numpy array, one entry a page, all 0 at first)
@@ -335,7 +360,7 @@ class Arena:
         return page_nodes
 
     @staticmethod
-    def _unmerge(core, first, n) -> int:
+    def _unmerge(core: Core, first: int, n: int) -> int:
         core.refresh(first, n)
         before = core.counts(first, n)
         core.unmerge(first, n)
@@ -352,45 +377,37 @@ class Arena:
 
     # -- accounting --------------------------------------------------------
 
-    def stats(self, array=None):
+    @overload
+    def stats(self, array: None = None) -> ArenaStats: ...
+    @overload
+    def stats(self, array: npt.NDArray[Any]) -> ArrayStats: ...
+
+    def stats(self, array: npt.NDArray[Any] | None = None) -> ArenaStats | ArrayStats:
         """The arena's counters (ArenaStats), or one array's (ArrayStats)."""
         if array is not None:
             first, n = self._page_range(array)
             with self._locked() as core:
                 core.refresh(first, n)
                 c = core.counts(first, n)
-            return ArrayStats(
-                pages=n, pages_private=c["private"], pages_merged=c["merged"],
-                zero_pages=c["zero"], pages_unmergeable=c["unmergeable"],
-                bytes_saved=round(c["saved_pages"] * PAGE_SIZE))
+            return ArrayStats.made_from(dict(c, pages=n, page_size=PAGE_SIZE))
         self._flush_allocator_cache()
         with self._locked() as core:
             core.refresh(0, core.high_water)
             c = core.counts(0, core.high_water)
-            frames, metadata = core.frames_in_use, core.metadata_bytes()
-            full_scans, unshared, volatile = core.full_scans, core.pages_unshared, core.pages_volatile
-            barrier = core.barrier_name
-            frame_store_bytes = os.fstat(core.memfd).st_blocks * 512
-            frames_by_node = core.frames_by_node()
-            _, mappings = procfs.count_mappings(self._lo, self._hi)
+            readings = dict(
+                c, frames=core.frames_in_use, metadata=core.metadata_bytes(),
+                full_scans=core.full_scans, unshared=core.pages_unshared,
+                volatile=core.pages_volatile, barrier=core.barrier_name,
+                frame_store_bytes=os.fstat(core.memfd).st_blocks * 512,
+                frames_by_node=core.frames_by_node(),
+                mappings=procfs.count_mappings(self._lo, self._hi)[1],
+                reserved=self._hi - self._lo, page_size=PAGE_SIZE)
             pss = procfs.smaps_fields(self._lo, self._hi)
-        sharing = c["merged"] - frames
-        data_pages = c["private_resident"] + c["merged"] + c["zero"]
-        stats = ArenaStats(
-            pages_shared=frames, pages_sharing=sharing, pages_unshared=unshared,
-            pages_volatile=volatile, zero_pages=c["zero"], full_scans=full_scans,
-            general_profit=(sharing + c["zero"]) * PAGE_SIZE - metadata,
-            pages_in_use=c["pages"], pages_private=c["private"],
-            pages_unmergeable=c["unmergeable"], bytes_reserved=self._hi - self._lo,
-            bytes_in_use=c["pages"] * PAGE_SIZE, frames_in_use=frames,
-            frame_store_bytes=frame_store_bytes, metadata_bytes=metadata, mappings=mappings,
-            pss_bytes=pss["pss"], bytes_saved=(sharing + c["zero"]) * PAGE_SIZE,
-            pss_bytes_saved=data_pages * PAGE_SIZE - pss["pss_anon"] - frame_store_bytes,
-            barrier=barrier, frames_by_node=frames_by_node)
+        stats = ArenaStats.made_from(dict(readings, pss=pss["pss"], pss_anon=pss["pss_anon"]))
         self._publisher.publish(stats, self._scanner)
         return stats
 
-    def _publish_if_due(self):
+    def _publish_if_due(self) -> None:
         # While `pydedup stats` watches, at most a stats() a second: merge()
         # and the scanner keep the published counters fresh (see publish.py).
         if self._publisher.due():
@@ -399,20 +416,20 @@ class Arena:
             except (OSError, ValueError):   # best effort: never fail a merge or stop the scanner
                 pass
 
-    def _page_range(self, array):
+    def _page_range(self, array: npt.NDArray[Any]) -> tuple[int, int]:
         """(first page, page count) that `array`'s bytes span."""
         if not self.owns(array):
             if self._pages is None:
                 raise ValueError("the arena is closed")
             raise ValueError("the array does not live in this arena")
-        lo, hi = _byte_bounds(array)
+        lo, hi = layout.byte_bounds(array)
         if lo == hi:
             return 0, 0
         first = (lo - self._lo) // PAGE_SIZE
         return first, (hi - self._lo + PAGE_SIZE - 1) // PAGE_SIZE - first
 
 
-def _reserve(size) -> Pages:
+def _reserve(size: int | None) -> Pages:
     """Reserve `size` bytes, or by default as much as can be had up to the
     default: strict overcommit (vm.overcommit_memory=2) refuses big ones."""
     if size is not None:
@@ -429,7 +446,7 @@ def _reserve(size) -> Pages:
             size //= 2
 
 
-def _choose_barrier(core, choice):
+def _choose_barrier(core: Core, choice: str) -> None:
     """The barrier the knob asks for; 'auto' is userfaultfd where this
     process may use it, else mprotect."""
     if choice != "auto":
@@ -439,70 +456,3 @@ def _choose_barrier(core, choice):
         core.set_barrier("uffd")
     except OSError:
         core.set_barrier("mprotect")
-
-
-def _normalize_shape(shape) -> tuple:
-    try:
-        shape = (operator.index(shape),)
-    except TypeError:
-        try:
-            shape = tuple(operator.index(n) for n in shape)
-        except TypeError:
-            raise TypeError(f"shape must be an integer or a sequence of integers, not {shape!r}") from None
-    if any(n < 0 for n in shape):
-        raise ValueError(f"negative dimensions are not allowed: {shape}")
-    if len(shape) > 64:
-        raise ValueError(f"numpy arrays have at most 64 dimensions, not {len(shape)}")
-    return shape
-
-
-def _check_dtype(dtype) -> np.dtype:
-    dtype = np.dtype(dtype)
-    if dtype.hasobject:
-        raise TypeError(f"dtype {dtype} holds Python objects, which cannot live in arena memory")
-    return dtype
-
-
-def _c_or_f(order):
-    if order not in ("C", "F"):
-        raise ValueError(f"order must be 'C' or 'F', not {order!r}")
-    return order
-
-
-def _like_layout(prototype, shape, dtype, order):
-    """(order, strides) for an array like `prototype`, as numpy's *_like do:
-    'A' and 'K' follow the prototype; 'K' keeps its axis order exactly."""
-    if order not in ("C", "F", "A", "K"):
-        raise ValueError(f"order must be 'C', 'F', 'A' or 'K', not {order!r}")
-    fortran = prototype.flags.f_contiguous and not prototype.flags.c_contiguous
-    if order == "A":
-        return ("F" if fortran else "C"), None
-    if order != "K":
-        return order, None
-    if shape != prototype.shape or prototype.ndim < 2:
-        return "C", None
-    axes = sorted(range(prototype.ndim), key=lambda axis: -abs(prototype.strides[axis]))
-    strides, step = [0] * len(shape), dtype.itemsize
-    for axis in reversed(axes):
-        strides[axis] = step
-        step *= max(shape[axis], 1)
-    return "C", strides
-
-
-def _root_of(array):
-    """The object at the end of `array`'s chain of bases: a Block, the
-    ndarray that owns the memory, or something else."""
-    while isinstance(array, np.ndarray) and array.base is not None:
-        array = array.base
-    return array
-
-
-def _byte_bounds(array):
-    """[lo, hi) of the bytes `array` can touch."""
-    lo = hi = array.__array_interface__["data"][0]
-    if array.size == 0:
-        return lo, lo
-    for n, stride in zip(array.shape, array.strides):
-        reach = (n - 1) * stride
-        lo, hi = (lo + reach, hi) if reach < 0 else (lo, hi + reach)
-    return lo, hi + array.itemsize

@@ -124,6 +124,7 @@ def from_environment(name: str):
     text = os.environ.get(f"PYDEDUP_{name.upper()}")
     if text is None:
         return KNOBS[name].default()
+    value: Any
     try:
         value = int(text)
     except ValueError:

@@ -64,7 +64,7 @@ def _read_node(path: str, node_id: int) -> Node:
 
 def _parse_cpulist(text: str) -> tuple:
     """'0-3,8,10-11' -> (0, 1, 2, 3, 8, 10, 11)."""
-    cpus = []
+    cpus: list[int] = []
     for part in filter(None, text.strip().split(",")):
         lo, _, hi = part.partition("-")
         cpus.extend(range(int(lo), int(hi or lo) + 1))

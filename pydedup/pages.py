@@ -21,7 +21,10 @@ from pydedup.extents import Extents
 def _xxh3_address() -> int:
     """XXH3_64bits from python-xxhash's extension module, which exports it."""
     library = ctypes.CDLL(xxhash._xxhash.__file__)
-    return ctypes.cast(library.XXH3_64bits, ctypes.c_void_p).value
+    address = ctypes.cast(library.XXH3_64bits, ctypes.c_void_p).value
+    if not address:
+        raise ImportError("python-xxhash exports no XXH3_64bits")
+    return address
 
 
 class Pages:
@@ -29,9 +32,10 @@ class Pages:
         self.core = Core(npages, _xxh3_address())
         self.extents = Extents(npages)
         self._lock = threading.Lock()
-        self._holder = None         # the thread holding _lock, for numpy's allocator
-        self._given_back = collections.deque()
-        self._placed = {}               # first page -> (npages, nodes) of placed blocks
+        self._holder: int | None = None     # the thread holding _lock, for numpy's allocator
+        self._given_back: collections.deque[tuple[int, int]] = collections.deque()
+        # first page -> (npages, nodes) of placed blocks
+        self._placed: dict[int, tuple[int, tuple[int, ...]]] = {}
         self.debug_checks = DEBUG_CHECKS   # check every invariant after each operation
         _LIVE.add(self)
 
@@ -151,8 +155,8 @@ class Pages:
 
 # fork: wait for merges in progress, then fence the frames both processes share;
 # the child writes its new frames to a memfd of its own (Core.fork_happened).
-_LIVE = weakref.WeakSet()
-_forking = []
+_LIVE: weakref.WeakSet[Pages] = weakref.WeakSet()
+_forking: list[Pages] = []
 
 
 def _before_fork():

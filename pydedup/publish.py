@@ -36,15 +36,16 @@ def directory(uid=None) -> str:
 
 
 class Publisher:
-    """The published file of one arena. Holds no reference to the arena."""
+    """The published file of one arena. Holds no reference to the arena;
+    `knobs` is the arena's live knob dict, read when writing."""
 
-    def __init__(self, arena):
+    def __init__(self, arena, knobs):
         self._lock = threading.Lock()
         self._path = None               # the file written, with the pid that wrote it
         self._pid = None
         self._last = -INTERVAL          # time.monotonic() of the last write
         self._id = id(arena)
-        self._knobs = arena._knobs      # the arena's live knob dict (read when writing)
+        self._knobs = knobs
         weakref.finalize(arena, self.remove)
 
     def due(self) -> bool:

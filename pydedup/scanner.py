@@ -12,8 +12,12 @@ import weakref
 
 
 class Scanner:
-    def __init__(self, arena):
+    """Runs `step(arena)` (one step: (pages merged, seconds to sleep)) in a
+    thread until stopped or the arena is gone."""
+
+    def __init__(self, arena, step):
         self._arena = weakref.ref(arena)
+        self._step = step
         self._stopping = threading.Event()
         self.error = None             # what stopped it, if not a request
         self.cpu_seconds = 0.0        # thread CPU time spent in steps
@@ -41,7 +45,7 @@ class Scanner:
                 return
             start = time.thread_time()
             try:
-                merged, sleep = arena._scan_step()
+                merged, sleep = self._step(arena)
             except Exception as e:        # noqa: BLE001 - kept for stats() and the user
                 self.error = e
                 return
@@ -53,7 +57,7 @@ class Scanner:
             self._stopping.wait(sleep)
 
 
-_RUNNING = weakref.WeakSet()
+_RUNNING: weakref.WeakSet[Scanner] = weakref.WeakSet()
 
 
 @atexit.register

@@ -1,19 +1,49 @@
-"""What merge(), unmerge() and stats() return. Counters carry KSM's names and
-meanings (Documentation/admin-guide/mm/ksm.rst); docs/reference.md lists them."""
-from dataclasses import asdict, dataclass, field
+"""What merge(), unmerge() and stats() return: every counter in one table.
+
+As KNOBS is the one table of knobs, the records below are the one table of
+counters. Each counter is a field declared once, with its KSM name (if it
+mirrors one of Documentation/admin-guide/mm/ksm.rst), the line that
+documents it and how its value is made from the readings the arena takes
+(the core's counts and counters, /proc). The records, their values, the
+published JSON (publish.py), `pydedup stats` and the counter tables of
+docs/reference.md all come from these declarations, so adding a counter
+touches this file only (and the core, if it needs a new reading).
+`COUNTERS` lists them. tests/test_docs.py fails when the reference's
+tables differ from them; `PYDEDUP_WRITE_REFERENCE=1 pytest tests/test_docs.py`
+rewrites the tables.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, NamedTuple, TypeVar
+
+Readings = Mapping[str, Any]
+"""What a record is made from: the core's counts and counters, by name."""
+
+
+def counter(doc: str, *, ksm: str = "", value: Callable[[Readings], Any] | None = None,
+            ) -> dict[str, Any]:
+    """A counter's entry in the table: the metadata of its dataclass field."""
+    return {"doc": doc, "ksm": ksm, "value": value}
+
+
+def _reading(name: str) -> Callable[[Readings], Any]:
+    return lambda r: r[name]
 
 
 class _Readable:
-    def as_dict(self) -> dict:
-        return asdict(self)
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]  # every subclass is a dataclass
 
-    def __str__(self):
-        rows = [(name, value) for name, value in self.as_dict().items()]
+    def __str__(self) -> str:
+        rows = list(self.as_dict().items())
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {_show(name, value)}" for name, value in rows)
 
 
-def _show(name, value):
+def _show(name: str, value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
     if isinstance(value, int) and (name.endswith("bytes") or name.endswith("profit")):
@@ -21,65 +51,206 @@ def _show(name, value):
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+R = TypeVar("R", bound=_Readable)
+
+
+def _made_from(record: type[R], readings: Readings) -> R:
+    """A record whose every counter is computed from `readings` by its entry."""
+    return record(**{f.name: (f.metadata["value"] or _reading(f.name))(readings)
+                     for f in fields(record)})  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
 class MergeReport(_Readable):
-    pages_scanned: int        # pages looked at (in use, mergeable, not merged yet)
-    pages_hashed: int         # of those, read: written since the last scan (or untracked)
-    pages_merged: int         # pages newly mapped onto a frame
-    pages_zeroed: int         # pages newly placed on the kernel zero page
-    frames_new: int           # frames written for new shared content
-    pages_unshared: int       # unique pages: nothing else holds their content
-    pages_volatile: int       # pages that changed since the last pass (merged anyway)
-    pages_moved: int          # merged pages whose frame was on another node than the
-                              # page's own (merge_across_nodes off): merged again at home
-    skipped: dict = field(default_factory=dict)  # pages not merged, by reason
-    mappings_left: int = 0    # what the mapping budget had left at the end
-    seconds: float = 0.0
-    phase_seconds: dict = field(default_factory=dict)  # refresh, decide, apply
+    """One merge(): what the pass did. Made from the core's pass statistics."""
+
+    pages_scanned: int = field(metadata=counter(
+        "pages holding memory, mergeable and not merged, looked at", value=_reading("scanned")))
+    pages_hashed: int = field(metadata=counter(
+        "of those, the pages read: written since the last scan, or all without tracking",
+        value=_reading("hashed")))
+    pages_merged: int = field(metadata=counter(
+        "pages newly mapped onto a frame", value=_reading("merged")))
+    pages_zeroed: int = field(metadata=counter(
+        "pages newly placed on the kernel zero page", value=_reading("zeroed")))
+    frames_new: int = field(metadata=counter(
+        "frames written for new shared content", value=_reading("frames_new")))
+    pages_unshared: int = field(metadata=counter(
+        "unique pages: nothing else holds their content", ksm="pages_unshared",
+        value=_reading("unshared")))
+    pages_volatile: int = field(metadata=counter(
+        "pages that changed since the last pass (merged anyway)", ksm="pages_volatile",
+        value=_reading("volatile")))
+    pages_moved: int = field(metadata=counter(
+        "merged pages whose frame was on another node than their own, with "
+        "`merge_across_nodes` off: merged again on their node", value=_reading("moved")))
+    skipped: dict[str, int] = field(metadata=counter(
+        "pages not merged, by reason: `unmergeable`; `changed`: written between the "
+        "comparison and the remap; `mapping_budget`; `no_memory`: the frame store or the "
+        "kernel refused, or, with the `mprotect` barrier, `RLIMIT_DATA` had no room for a "
+        "run to hold while it was read-only",
+        value=lambda r: {reason: r[f"skipped_{key}"] for reason, key in (
+            ("unmergeable", "unmergeable"), ("changed", "changed"),
+            ("mapping_budget", "budget"), ("no_memory", "no_memory"))}))
+    mappings_left: int = field(metadata=counter(
+        "what the mapping budget had left at the end", value=_reading("mappings_left")))
+    seconds: float = field(metadata=counter("wall time of the merge()"))
+    phase_seconds: dict[str, float] = field(metadata=counter(
+        "seconds of each phase: `refresh`, `decide`, `apply`",
+        value=lambda r: {phase: round(r[f"{phase}_seconds"], 6)
+                         for phase in ("refresh", "decide", "apply")}))
+
+    @classmethod
+    def made_from(cls, readings: Readings) -> MergeReport:
+        return _made_from(cls, readings)
 
 
 @dataclass(frozen=True)
 class UnmergeReport(_Readable):
-    pages_unmerged: int       # merged and zero pages given their own copy
-    seconds: float
+    """One unmerge()."""
+
+    pages_unmerged: int = field(metadata=counter("merged and zero pages given their own copy"))
+    seconds: float = field(metadata=counter("wall time of the unmerge()"))
+
+    @classmethod
+    def made_from(cls, readings: Readings) -> UnmergeReport:
+        return _made_from(cls, readings)
+
+
+def _sharing(r: Readings) -> int:
+    return int(r["merged"] - r["frames"])
+
+
+def _saved(r: Readings) -> int:
+    return int((_sharing(r) + r["zero"]) * r["page_size"])
 
 
 @dataclass(frozen=True)
 class ArenaStats(_Readable):
-    # KSM's counters
-    pages_shared: int         # frames in use
-    pages_sharing: int        # pages mapping a frame, less one per frame: pages saved
-    pages_unshared: int       # unique pages at the last pass
-    pages_volatile: int       # pages that changed between the last two passes
-    zero_pages: int           # pages pydedup placed on the zero page that still map it
-    full_scans: int           # passes made
-    general_profit: int       # (pages_sharing + zero_pages) * page size - metadata_bytes
-    # the arena's own
-    pages_in_use: int         # pages belonging to live arrays
-    pages_private: int        # of those, holding their own content (or none yet)
-    pages_unmergeable: int    # of those, excluded by unmergeable()
-    bytes_reserved: int       # virtual address space reserved
-    bytes_in_use: int         # pages_in_use * page size
-    frames_in_use: int        # frames some page maps (= pages_shared)
-    frame_store_bytes: int    # memory the frame store holds: the memfd this process
-                              # writes new frames to (in a forked child, its own;
-                              # frames inherited at the fork count in the parent's)
-    metadata_bytes: int       # memory the bookkeeping holds
-    mappings: int             # kernel mappings (VMAs) the arena's range is cut into
-    pss_bytes: int            # PSS of the arena's mappings (/proc/self/smaps)
-    bytes_saved: int          # (pages_sharing + zero_pages) * page size
-    pss_bytes_saved: int      # measured: what the data would hold unmerged, less
-                              # anonymous PSS and the frame store
-    barrier: str              # the write barrier in use: 'uffd' or 'mprotect'
-    frames_by_node: dict      # {NUMA node: frames in use written on it}
+    """stats(): the arena's counters, KSM's first, then the arena's own.
+    Made from core.counts() of every page, the core's counters and /proc."""
+
+    pages_shared: int = field(metadata=counter(
+        "frames in use", ksm="pages_shared", value=_reading("frames")))
+    pages_sharing: int = field(metadata=counter(
+        "pages mapping a frame, less one per frame: pages saved", ksm="pages_sharing",
+        value=_sharing))
+    pages_unshared: int = field(metadata=counter(
+        "pages with content found nowhere else, at the last pass", ksm="pages_unshared",
+        value=_reading("unshared")))
+    pages_volatile: int = field(metadata=counter(
+        "pages whose content changed between the last two scans (merge() merges them "
+        "anyway; the scanner waits)", ksm="pages_volatile", value=_reading("volatile")))
+    zero_pages: int = field(metadata=counter(
+        "pages pydedup placed on the zero page that still map it", ksm="ksm_zero_pages",
+        value=_reading("zero")))
+    full_scans: int = field(metadata=counter("passes made", ksm="full_scans"))
+    general_profit: int = field(metadata=counter(
+        "`(pages_sharing + zero_pages) * page_size - metadata_bytes`", ksm="general_profit",
+        value=lambda r: _saved(r) - r["metadata"]))
+    pages_in_use: int = field(metadata=counter("pages of live arrays", value=_reading("pages")))
+    pages_private: int = field(metadata=counter(
+        "of those, with their own content or none yet", value=_reading("private")))
+    pages_unmergeable: int = field(metadata=counter(
+        "of those, excluded by `unmergeable()`", value=_reading("unmergeable")))
+    bytes_reserved: int = field(metadata=counter(
+        "address space reserved", value=_reading("reserved")))
+    bytes_in_use: int = field(metadata=counter(
+        "`pages_in_use * page_size`", value=lambda r: r["pages"] * r["page_size"]))
+    frames_in_use: int = field(metadata=counter(
+        "equal to `pages_shared`", value=_reading("frames")))
+    frame_store_bytes: int = field(metadata=counter(
+        "memory the frame store holds (allocated blocks of the memfd this process writes new "
+        "frames to; after a fork, frames inherited from the parent count in the parent's)"))
+    metadata_bytes: int = field(metadata=counter(
+        "memory of the records and trees: 12 bytes a page up to the highest page used, "
+        "16 a frame slot, 4 a stable-tree bucket", value=_reading("metadata")))
+    mappings: int = field(metadata=counter("kernel mappings inside the arena's range"))
+    pss_bytes: int = field(metadata=counter(
+        "PSS of the arena's mappings (frames count only where mapped)", value=_reading("pss")))
+    bytes_saved: int = field(metadata=counter(
+        "`(pages_sharing + zero_pages) * page_size`", value=_saved))
+    pss_bytes_saved: int = field(metadata=counter(
+        "measured: resident private, merged and zero pages times the page size, less the "
+        "arena's anonymous PSS and `frame_store_bytes`",
+        value=lambda r: ((r["private_resident"] + r["merged"] + r["zero"]) * r["page_size"]
+                         - r["pss_anon"] - r["frame_store_bytes"])))
+    barrier: str = field(metadata=counter(
+        "the write barrier in use, `\"uffd\"` or `\"mprotect\"`"))
+    frames_by_node: dict[int, int] = field(metadata=counter(
+        "`{node: frames in use written on it}`"))
+
+    @classmethod
+    def made_from(cls, readings: Readings) -> ArenaStats:
+        return _made_from(cls, readings)
+
+    @classmethod
+    def from_published(cls, values: Mapping[str, Any]) -> ArenaStats:
+        """The record of a published JSON file (publish.py), whose counters
+        another version may lack: those are None."""
+        found: dict[str, Any] = {f.name: values.get(f.name) for f in fields(cls)}
+        return cls(**found)
 
 
 @dataclass(frozen=True)
 class ArrayStats(_Readable):
-    pages: int                # pages the array's memory spans
-    pages_private: int
-    pages_merged: int         # pages mapping a frame
-    zero_pages: int           # pages on the zero page placed by pydedup
-    pages_unmergeable: int
-    bytes_saved: int          # zero pages, plus 1 - 1/k of a page for each
-                              # page on a frame that k pages map
+    """stats(array): one array's pages. Made from core.counts() of its pages."""
+
+    pages: int = field(metadata=counter("pages the array's bytes span"))
+    pages_private: int = field(metadata=counter(
+        "of those, with their own content or none yet", value=_reading("private")))
+    pages_merged: int = field(metadata=counter("pages mapping a frame", value=_reading("merged")))
+    zero_pages: int = field(metadata=counter(
+        "pages on the zero page placed by pydedup", value=_reading("zero")))
+    pages_unmergeable: int = field(metadata=counter(
+        "of those, excluded by `unmergeable()`", value=_reading("unmergeable")))
+    bytes_saved: int = field(metadata=counter(
+        "each zero page saves a page, each merged page `1 - 1/k` of one where `k` pages map "
+        "its frame, so the arrays' `bytes_saved` add up to the arena's",
+        value=lambda r: round(r["saved_pages"] * r["page_size"])))
+
+    @classmethod
+    def made_from(cls, readings: Readings) -> ArrayStats:
+        return _made_from(cls, readings)
+
+
+RECORDS: tuple[type[_Readable], ...] = (ArenaStats, ArrayStats, MergeReport, UnmergeReport)
+
+
+class Counter(NamedTuple):
+    """A row of the table of counters."""
+
+    record: str     # the record it is a field of
+    name: str
+    type: str       # its annotation, as written
+    ksm: str        # the KSM counter it mirrors, or ""
+    doc: str
+
+
+COUNTERS: tuple[Counter, ...] = tuple(
+    Counter(record.__name__, f.name, str(f.type), f.metadata["ksm"], f.metadata["doc"])
+    for record in RECORDS for f in fields(record))  # type: ignore[arg-type]
+
+
+# -- docs/reference.md's tables ------------------------------------------------
+
+def reference_table(record: str) -> str:
+    """The markdown table of `record`'s counters, as docs/reference.md has it."""
+    rows = ["| counter | KSM | meaning |", "|---|---|---|"]
+    rows += [f"| `{c.name}` | {f'`{c.ksm}` ' if c.ksm else ''}| {c.doc} |"
+             for c in COUNTERS if c.record == record]
+    return "".join(row + "\n" for row in rows)
+
+
+_TABLE = re.compile(r"(<!-- counters: (\w+) -->\n)(.*?)(<!-- end counters -->)", re.S)
+
+
+def with_reference_tables(text: str) -> str:
+    """`text` (docs/reference.md) with each counter table regenerated."""
+    return _TABLE.sub(lambda m: m[1] + reference_table(m[2]) + m[4], text)
+
+
+def reference_tables_in(text: str) -> dict[str, str]:
+    """{record: the table between its markers} of docs/reference.md."""
+    return {m[2]: m[3] for m in _TABLE.finditer(text)}
+

@@ -14,11 +14,13 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
-import conftest  # noqa: E402,F401 - registers the profiles
-import pydedup.pages  # noqa: E402
-import test_state_machine  # noqa: E402
 from hypothesis import settings  # noqa: E402
 from hypothesis.stateful import run_state_machine_as_test  # noqa: E402
+
+import pydedup.pages  # noqa: E402
+
+import conftest  # noqa: E402,F401 - registers the profiles
+import test_state_machine  # noqa: E402
 
 counts = dict(checks=0, forks=0, examples=0)
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import pydedup
+from pydedup import testing
 from pydedup.procfs import PAGE_SIZE
 
 try:
@@ -36,7 +37,8 @@ def no_install_left():
 
 
 def in_reservation(ar, array) -> bool:
-    return ar._lo <= array.__array_interface__["data"][0] < ar._hi
+    lo, hi = testing.address_range(ar)
+    return lo <= array.__array_interface__["data"][0] < hi
 
 
 # -- where allocations go ---------------------------------------------------------
@@ -73,7 +75,7 @@ def test_new_arena_is_closed_at_block_end_and_arrays_outlive_it():
     with pydedup.arena(size=1 << 28) as ar:
         x = np.arange(BIG // 8, dtype=np.float64)
         assert ar.owns(x)
-        pages = weakref.ref(ar._pages)
+        pages = weakref.ref(testing.pages(ar))
     assert ar.closed
     y = np.empty(BIG // 8)                    # the block is over: numpy's own allocator
     assert get_handler_name(y) != "pydedup"
@@ -226,7 +228,7 @@ def test_no_cache(ar):
 
 
 def test_every_page_goes_back(ar):
-    free_before = ar._pages.extents.free_pages
+    free_before = testing.free_pages(ar)
     with pydedup.arena(ar):
         arrays = [np.ones(k * 5000) for k in range(1, 40)]
         for a in arrays[::3]:
@@ -234,7 +236,7 @@ def test_every_page_goes_back(ar):
     del arrays, a
     gc.collect()
     ar.merge()                                 # hands the cache back
-    assert ar._pages.extents.free_pages == free_before
+    assert testing.free_pages(ar) == free_before
     assert ar.allocator_stats()["bytes_in_use"] == 0
 
 

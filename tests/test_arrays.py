@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import pydedup
+
 from kernel import PAGE, address
 
 DTYPES = [np.dtype(c) for c in np.typecodes["All"] if c not in "OVUSMm"] + [

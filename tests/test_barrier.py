@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import pydedup
+
 from kernel import PAGE
 
 PAGE_FLOATS = PAGE // 8
@@ -94,6 +95,7 @@ def reader_through_pipe(writers, pipes):
     return write_with_readinto
 
 
+@pytest.mark.slow
 def test_no_write_is_lost_while_merges_run(barrier):
     with pydedup.Arena(size=64 << 20, barrier=barrier) as arena:
         pages_each = 8
@@ -167,6 +169,7 @@ def test_a_real_crash_still_crashes_and_is_reported(faulthandler_first):
 
 WRITER_UNDER_MERGES = """
     import faulthandler, threading, numpy as np, pydedup
+    from pydedup import testing
     arena = pydedup.Arena(size=1 << 26, barrier={barrier!r})
     {after_arena}
     a = arena.zeros(1 << 18)
@@ -182,11 +185,12 @@ WRITER_UNDER_MERGES = """
     for _ in range(100):
         arena.merge()
     stop = True; t.join()
-    arena._pages.check_invariants()
+    testing.check_invariants(arena)
     print("lost" if lost else "ok", faulthandler.is_enabled())
     """
 
 
+@pytest.mark.slow
 def test_the_barrier_survives_faulthandler_replacing_it():
     """faulthandler.enable() after the arena replaces the SIGSEGV handler;
     the next merge puts the barrier's back, and writers under merge wait

@@ -3,14 +3,13 @@ the same figures, the ratios are against rows of the same run, JSON and plot
 come out, kernel KSM rows are skipped with a reason where KSM cannot run.
 Sizes are tiny; nothing here asserts a timing."""
 import json
-import os
 import sys
 
 import numpy as np
 import pytest
 
-from pydedup import bench, ksm
-from pydedup.bench import methods, report, workloads
+from pydedup import bench
+from pydedup.bench import ksm, report, workloads
 from pydedup.bench.workloads import PAGE, PAGE_FLOATS
 
 FIGURES = {"seconds", "cpu_seconds", "pss_before", "pss_after", "saved_over_theoretical",
@@ -47,7 +46,8 @@ def test_structured_workload_duplicates_whole_arrays():
     pages = page_rows(w)
     distinct_nonzero = len(np.unique(pages[pages.any(axis=1)], axis=0))
     assert w.theoretical_saved == (len(pages) - distinct_nonzero) * PAGE
-    sources, copies = w.arrays[2], w.arrays[2 + workloads.SOURCES:2 + workloads.SOURCES + workloads.COPIES - 1]
+    first_copy = 2 + workloads.SOURCES
+    sources, copies = w.arrays[2], w.arrays[first_copy:first_copy + workloads.COPIES - 1]
     assert all(np.array_equal(sources, c) for c in copies)
 
 

@@ -6,11 +6,12 @@ import ctypes
 import mmap
 import os
 
-import numpy as np
 import pytest
 
 import pydedup
+from pydedup import testing
 from pydedup._fast import DEBUG_CHECKS, InvariantError, check_invariants
+
 from kernel import PAGE, address
 
 PAGE_FLOATS = PAGE // 8
@@ -34,33 +35,32 @@ def merged(rng):
     z[:] = 0.0
     report = arena.merge()
     assert (report.pages_merged, report.pages_zeroed) == (8, 4)
-    arena._pages.check_invariants()
+    testing.check_invariants(arena)
     yield arena, a, b
-    arena._pages.debug_checks = False            # the arena is broken on purpose
+    testing.set_debug_checks(arena, False)            # the arena is broken on purpose
     arena.close()
 
 
 def core_of(arena):
-    return arena._pages.core
+    return testing.core(arena)
 
 
 def test_a_healthy_arena_passes_through_its_life(arena, rng):
-    pages = arena._pages
-    pages.check_invariants()
+    testing.check_invariants(arena)
     a = arena.array(rng.random((64, PAGE_FLOATS)))
     b = arena.array(a)
     arena.run, arena.pages_to_scan, arena.sleep_millisecs = 1, 16, 0
     for _ in range(20):
-        pages.check_invariants()                # also while a background scan is half done
+        testing.check_invariants(arena)                # also while a background scan is half done
     arena.run = 0
     arena.merge()
     b[3] = 1.0
-    pages.check_invariants()                    # a written MERGED page, not yet refreshed
+    testing.check_invariants(arena)                    # a written MERGED page, not yet refreshed
     arena.unmergeable(b[10:20])
     arena.unmerge()
-    pages.check_invariants()
+    testing.check_invariants(arena)
     del a, b
-    pages.check_invariants()
+    testing.check_invariants(arena)
 
 
 def test_a_punched_frame_in_use_is_found(merged):
@@ -68,14 +68,14 @@ def test_a_punched_frame_in_use_is_found(merged):
     assert libc.fallocate(core_of(arena).memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                           2 * PAGE, PAGE) == 0
     with pytest.raises(InvariantError, match=r"a frame in use holds memory \(frame 2\)"):
-        arena._pages.check_invariants()
+        testing.check_invariants(arena)
 
 
 def test_memory_in_a_free_frame_slot_is_a_leak(merged):
     arena, a, b = merged
     os.pwrite(core_of(arena).memfd, b"x" * PAGE, 40 * PAGE)
     with pytest.raises(InvariantError, match=r"a frame no page maps holds no memory .* \(frame 40\)"):
-        arena._pages.check_invariants()
+        testing.check_invariants(arena)
 
 
 def test_a_merged_page_remapped_behind_the_core_is_found(merged):
@@ -84,7 +84,7 @@ def test_a_merged_page_remapped_behind_the_core_is_found(merged):
     assert libc.mmap(page, PAGE, mmap.PROT_READ | mmap.PROT_WRITE,
                      mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED, -1, 0) == page
     with pytest.raises(InvariantError, match="MERGED and BROKEN pages lie in a frame-store mapping"):
-        arena._pages.check_invariants()
+        testing.check_invariants(arena)
 
 
 def test_a_merged_page_on_the_wrong_frame_is_found(merged):
@@ -93,7 +93,7 @@ def test_a_merged_page_on_the_wrong_frame_is_found(merged):
     assert libc.mmap(page, PAGE, mmap.PROT_READ | mmap.PROT_WRITE,
                      mmap.MAP_PRIVATE | MAP_FIXED, core_of(arena).memfd, 3 * PAGE) == page
     with pytest.raises(InvariantError, match="a MERGED page maps its own frame"):
-        arena._pages.check_invariants()
+        testing.check_invariants(arena)
 
 
 def test_an_allocator_that_disagrees_with_the_records_is_found(merged):
@@ -117,6 +117,26 @@ def test_the_debug_build_checks_after_every_operation(merged):
             arena.stats()
     else:
         arena.stats()
-    arena._pages.debug_checks = True
+    testing.set_debug_checks(arena, True)
     with pytest.raises(InvariantError):
         arena.stats()
+
+
+def test_the_seams_refuse_a_closed_arena_and_see_an_open_one(rng):
+    """pydedup.testing works on an open arena and says so of a closed one."""
+    arena = pydedup.Arena(size=1 << 26)
+    a = arena.array(rng.random((4, PAGE_FLOATS)))
+    lo, hi = testing.address_range(arena)
+    assert hi - lo == 1 << 26 and lo <= address(a) < hi
+    assert testing.page_range(arena, a) == ((address(a) - lo) // PAGE, 4)
+    assert testing.free_pages(arena) == (1 << 26) // PAGE - 4
+    assert testing.core(arena).memfd >= 0
+    assert testing.scan_step(arena) == (0, arena.sleep_millisecs / 1000)
+    testing.check_invariants(arena)
+    arena.close()
+    assert testing.address_range(arena) == (lo, hi)            # its arrays still live there
+    for seam in (testing.check_invariants, testing.core, testing.scan_step, testing.free_pages,
+                 testing.pages, lambda ar: testing.page_range(ar, a),
+                 lambda ar: testing.set_debug_checks(ar, True)):
+        with pytest.raises(ValueError, match="the arena is closed"):
+            seam(arena)

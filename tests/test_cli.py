@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import pydedup
-from pydedup import publish
+from pydedup import publish, stats
 from pydedup.__main__ import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,6 +50,21 @@ def test_stats_shows_this_process_arena(arena, capsys, own_directory):
     assert os.listdir(own_directory) == ["request"]            # the file went with the arena
     assert main(["stats", "--wait", "0"]) == 1
     assert "no arena" in capsys.readouterr().out
+
+
+def test_the_published_counters_are_the_table_of_counters(arena):
+    """The JSON a stats() writes holds every ArenaStats counter of
+    pydedup.stats.COUNTERS, and reads back into the same record."""
+    a = arena.zeros(100_000)
+    a[:] = 0.0
+    arena.merge()
+    mine = arena.stats()
+    (record,) = publish.published(os.getpid())
+    names = [c.name for c in stats.COUNTERS if c.record == "ArenaStats"]
+    assert list(record["stats"]) == names
+    published = pydedup.ArenaStats.from_published(json.loads(json.dumps(record["stats"])))
+    assert published.pages_in_use == mine.pages_in_use == 196
+    assert published.zero_pages == mine.zero_pages > 0
 
 
 def test_a_scanning_arena_refreshes_when_stats_asks(capsys):

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import pydedup
-from pydedup import Arena
+from pydedup import Arena, stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,6 +66,36 @@ def test_reference_has_a_row_for_every_knob(name):
 def test_reference_names_every_counter(cls):
     missing = [f.name for f in dataclasses.fields(cls) if f"`{f.name}`" not in reference()]
     assert not missing, f"{cls.__name__} fields missing from docs/reference.md: {missing}"
+
+
+def test_reference_counter_tables_are_the_table_of_counters():
+    """docs/reference.md's counter tables are pydedup.stats.COUNTERS, row for
+    row; PYDEDUP_WRITE_REFERENCE=1 rewrites them instead of failing."""
+    path = os.path.join(ROOT, "docs", "reference.md")
+    text = reference()
+    if os.environ.get("PYDEDUP_WRITE_REFERENCE") == "1":
+        with open(path, "w") as f:
+            f.write(stats.with_reference_tables(text))
+        text = reference()
+    tables = stats.reference_tables_in(text)
+    assert sorted(tables) == sorted(record.__name__ for record in stats.RECORDS)
+    for record, table in tables.items():
+        assert table == stats.reference_table(record), (
+            f"docs/reference.md's {record} table differs from pydedup/stats.py: "
+            "PYDEDUP_WRITE_REFERENCE=1 pytest tests/test_docs.py rewrites it")
+
+
+def test_the_counter_table_check_can_fail():
+    text = reference().replace("| `pages_sharing` |", "| `pages_sharing_typo` |")
+    assert stats.reference_tables_in(text)["ArenaStats"] != stats.reference_table("ArenaStats")
+    assert stats.with_reference_tables(text) == reference()
+
+
+def test_every_counter_is_in_the_table_once_with_a_doc():
+    for record in stats.RECORDS:
+        rows = [c for c in stats.COUNTERS if c.record == record.__name__]
+        assert [c.name for c in rows] == [f.name for f in dataclasses.fields(record)]
+        assert all(c.doc for c in rows)
 
 
 def test_every_knob_and_ksm_counter_names_its_ksm_counterpart():

@@ -30,7 +30,7 @@ def test_random_takes_and_gives_match_a_set_of_pages():
 
 def test_best_fit_prefers_the_smallest_hole():
     extents = Extents(100)
-    a, b, c = extents.take(10), extents.take(3), extents.take(10)
+    a, _, c = extents.take(10), extents.take(3), extents.take(10)
     extents.give(a, 10)
     extents.give(c, 10)                          # holes: [0,10) and [13,100)
     assert extents.take(5) == 0

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 
 import pydedup
+from pydedup import testing
+
 from kernel import PAGE
 from test_barrier import WRITER_UNDER_MERGES
 from test_limits import fill_mappings, max_map_count, process_mappings, scattered_workload
@@ -34,6 +36,7 @@ def run_python(code, *options, env=None):
                           env=dict(os.environ, PYTHONPATH=path, **(env or {})))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("barrier", ["mprotect", "uffd"])
 @pytest.mark.parametrize("how", ["-X faulthandler", "PYTHONFAULTHANDLER=1"])
 def test_faulthandler_enabled_before_the_import(barrier, how):
@@ -99,7 +102,7 @@ def test_signals_during_merges_interrupt_nothing(rng):
             merged += arena.merge().pages_merged
             if i % 10 == 9:
                 arena.unmerge()
-        arena._pages.check_invariants()
+        testing.check_invariants(arena)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0, 0)
         stop.set()
@@ -164,7 +167,7 @@ def child_other_code_fills_the_mappings_after_the_merge():
     del a                                        # scattered: freeing it needs new mappings
     gc.collect()
     out["free_at_limit"] = attempt(lambda: arena.stats().pages_in_use)
-    out["invariants"] = attempt(arena._pages.check_invariants)
+    out["invariants"] = attempt(lambda: testing.check_invariants(arena))
     del filler
     gc.collect()
     out["free_after"] = attempt(lambda: arena.stats().pages_in_use)
@@ -175,10 +178,11 @@ def child_other_code_fills_the_mappings_after_the_merge():
     stats = arena.stats()
     out["end"] = dict(pages_in_use=stats.pages_in_use, frames_in_use=stats.frames_in_use,
                       frame_store_bytes=stats.frame_store_bytes)
-    out["invariants_end"] = attempt(arena._pages.check_invariants)
+    out["invariants_end"] = attempt(lambda: testing.check_invariants(arena))
     return out
 
 
+@pytest.mark.slow
 def test_the_mapping_limit_reached_by_other_code_after_the_merge():
     if max_map_count() > 1 << 18:
         pytest.skip(f"vm.max_map_count is {max_map_count()}: too many mappings to fill quickly")

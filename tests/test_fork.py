@@ -6,7 +6,8 @@ import resource
 import traceback
 
 import numpy as np
-import pytest
+
+from pydedup import testing
 
 from kernel import PAGE, frame_mappings
 
@@ -70,7 +71,7 @@ class Child:
 
 
 def core_of(arena):
-    return arena._pages.core
+    return testing.core(arena)
 
 
 def inode(fd):

@@ -1,4 +1,4 @@
-"""The kernel's KSM, driven by pydedup.ksm: knobs restored exactly, memory
+"""The kernel's KSM, driven by pydedup.bench.ksm: knobs restored exactly, memory
 merged and unmerged with its data intact. Needs root; skipped otherwise."""
 import mmap
 import os
@@ -6,8 +6,9 @@ import os
 import numpy as np
 import pytest
 
+from pydedup.bench import ksm
+
 from kernel import EXCLUSIVE, PFN, PRESENT, pagemap, zero_page_mapped
-from pydedup import ksm
 
 PAGE = mmap.PAGESIZE
 PAGE_FLOATS = PAGE // 8
@@ -59,8 +60,10 @@ def rng():
 @needs_root
 def test_knobs_are_restored_exactly():
     before = ksm.knobs()
-    changed = dict(pages_to_scan=1234, sleep_millisecs=7, use_zero_pages=1 - int(before["use_zero_pages"]),
-                   smart_scan=1 - int(before["smart_scan"]), max_page_sharing=int(before["max_page_sharing"]) + 3,
+    changed = dict(pages_to_scan=1234, sleep_millisecs=7,
+                   use_zero_pages=1 - int(before["use_zero_pages"]),
+                   smart_scan=1 - int(before["smart_scan"]),
+                   max_page_sharing=int(before["max_page_sharing"]) + 3,
                    stable_node_chains_prune_millisecs=1500)
     with ksm.KernelKSM(**changed) as kernel:
         assert kernel.saved == before

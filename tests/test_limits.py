@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 
 import pydedup
+from pydedup import testing
+
 from kernel import PAGE, address, frame_offsets, process_data, touch, zero_page_mapped
 
 PAGE_FLOATS = PAGE // 8
@@ -283,6 +285,7 @@ def child_merges_near_the_mapping_limit(distance):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("distance", [6000, 1000])
 def test_merging_near_the_process_mapping_limit_leaves_other_code_working(distance):
     if max_map_count() > 1 << 18:
@@ -355,7 +358,7 @@ def child_merges_while_the_data_limit_is_taken(seconds):
     thread = threading.Thread(target=writer, daemon=True)
     thread.start()
     limit_data(64 << 20)
-    core = arena._pages.core
+    core = testing.core(arena)
     core.squeeze_data = True
     merges = zeroed = changed = 0
     deadline = time.monotonic() + seconds
@@ -379,6 +382,7 @@ def child_merges_while_the_data_limit_is_taken(seconds):
                 mappings=arena.stats().mappings, mapping_budget=arena.max_mappings)
 
 
+@pytest.mark.slow
 def test_a_run_kept_read_only_by_the_data_limit_is_made_writable_in_pieces():
     out = run_child("child_merges_while_the_data_limit_is_taken", 20)
     assert out["lost"] == 0 and out["still_zero"], out

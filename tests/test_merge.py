@@ -6,8 +6,21 @@ import numpy as np
 import pytest
 
 import pydedup
-from kernel import (EXCLUSIVE, FILE, PAGE, PFN, PRESENT, frame_offsets, page_addresses, pagemap,
-                    pfns_visible, process_pss, touch, zero_page_mapped)
+
+from kernel import (
+    EXCLUSIVE,
+    FILE,
+    PAGE,
+    PFN,
+    PRESENT,
+    frame_offsets,
+    page_addresses,
+    pagemap,
+    pfns_visible,
+    process_pss,
+    touch,
+    zero_page_mapped,
+)
 
 PAGE_FLOATS = PAGE // 8
 
@@ -287,6 +300,7 @@ def test_views_of_arena_arrays_merge_and_report(arena, rng):
     assert arena.stats(view).pages_merged == 7
 
 
+@pytest.mark.slow
 def test_methods_are_safe_from_several_threads(arena):
     errors = []
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import pydedup
-from pydedup import numa
+from pydedup import numa, testing
+
 from kernel import PAGE, address, frame_offsets
 
 PAGE_FLOATS = PAGE // 8
@@ -17,12 +18,12 @@ PAGE_FLOATS = PAGE // 8
 @pytest.fixture
 def two_nodes(arena):
     """The arena on two simulated nodes: (arena, map page -> node)."""
-    return arena, arena._simulate_numa(2)
+    return arena, testing.simulate_numa(arena, 2)
 
 
 def pages_of(arena, array):
     """The entries of the node map that belong to `array`."""
-    first = (address(array) - arena._lo) // PAGE
+    first = (address(array) - testing.address_range(arena)[0]) // PAGE
     return slice(first, first + -(-array.nbytes // PAGE))
 
 
@@ -168,7 +169,7 @@ def test_the_background_scanner_keeps_nodes_apart(two_nodes, rng):
     a1 = arena.array(a0, node=1)
     b1 = arena.array(a0, node=1)
     for _ in range(3):                          # a scan to see them, one to merge them
-        arena._scan_step()
+        testing.scan_step(arena)
     assert frame_offsets(a1) == frame_offsets(b1)
     assert frame_offsets(a0) == [None] * 8
 
@@ -219,7 +220,7 @@ def test_a_placed_array_keeps_its_policy_through_merge_and_unmerge(arena, rng):
 def test_node_lookups_through_the_kernel_merge_on_node_0(arena, rng):
     # At least two nodes believed in: every lookup (move_pages) answers 0 for
     # pages placed there, and every frame is written preferring node 0.
-    arena._pages.core.set_nodes(2)
+    testing.core(arena).set_nodes(2)
     arena.merge_across_nodes = False
     a = arena.array(rng.random((16, PAGE_FLOATS)), node=0)
     b = arena.array(a, node=0)

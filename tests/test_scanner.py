@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 import pydedup
+from pydedup import testing
+
 from kernel import FILE, PAGE, PRESENT, frame_offsets, pagemap, zero_page_mapped
 
 PAGE_FLOATS = PAGE // 8
@@ -76,20 +78,20 @@ def test_only_content_that_held_still_for_a_scan_is_merged(arena, rng):
     still = arena.array(rng.random(8 * PAGE_FLOATS))
     still_copy = arena.array(still)
     moving = arena.full(8 * PAGE_FLOATS, 1.0)   # eight identical pages
-    arena._scan_step()                          # first sight: nothing held still yet
+    testing.scan_step(arena)                          # first sight: nothing held still yet
     assert arena.stats().pages_sharing == 0
     moving[:] = 2.0
-    arena._scan_step()
+    testing.scan_step(arena)
     assert arena.stats(still_copy).pages_merged == 8
     assert arena.stats(moving).pages_merged == 0 and arena.stats().pages_volatile == 8
-    arena._scan_step()                          # now it held still for a scan
+    testing.scan_step(arena)                          # now it held still for a scan
     assert arena.stats(moving).pages_merged == 8
     np.testing.assert_array_equal(moving, 2.0)
 
 
 @pytest.fixture
 def tracked(arena):
-    if not arena._pages.core.tracking:
+    if not testing.core(arena).tracking:
         pytest.skip("written pages are not tracked here (no PAGEMAP_SCAN or userfaultfd "
                     "asynchronous write-protect: Linux 6.7+)")
     return arena

@@ -22,8 +22,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import pydedup
-from pydedup import procfs
+from pydedup import procfs, testing
+
 from kernel import PAGE
+
+pytestmark = pytest.mark.slow   # the state machine: a minute or two (docs/testing.md)
 
 ARENA_BYTES = 128 << 20
 MAX_ARRAYS = 10
@@ -78,7 +81,6 @@ class ArenaMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.arena = pydedup.Arena(size=ARENA_BYTES)
-        self.pages = self.arena._pages
         self.entries = {}
         self.serial = 0
         self.forked = False
@@ -234,7 +236,7 @@ class ArenaMachine(RuleBasedStateMachine):
     @rule()
     def merge(self):
         mappings_before = self.mappings()
-        scans_before = self.pages.core.full_scans
+        scans_before = testing.core(self.arena).full_scans
         report = self.arena.merge()
         assert report.pages_merged + report.pages_zeroed <= report.pages_scanned
         assert report.pages_hashed <= report.pages_scanned
@@ -243,12 +245,12 @@ class ArenaMachine(RuleBasedStateMachine):
             assert report.skipped["unmergeable"] == int(
                 sum(e.unmergeable.sum() for e in self.entries.values()))
             assert self.mappings() <= max(mappings_before, self.arena.max_mappings, 1)
-            assert self.pages.core.full_scans == scans_before + 1
+            assert testing.core(self.arena).full_scans == scans_before + 1
 
     def mappings(self):
         """Mappings in the arena's range (stats().mappings, without the
         PSS that stats() also reads, at 10 ms a time)."""
-        return procfs.count_mappings(self.arena._lo, self.arena._hi)[1]
+        return procfs.count_mappings(*testing.address_range(self.arena))[1]
 
     @rule()
     def unmerge(self):
@@ -266,8 +268,8 @@ class ArenaMachine(RuleBasedStateMachine):
             target = target[1:-1]
         (self.arena.unmergeable if unmergeable else self.arena.mergeable)(target)
         if target.size:
-            first, n = self.arena._page_range(target)
-            base, _ = self.arena._page_range(entry.array)
+            first, n = testing.page_range(self.arena, target)
+            base, _ = testing.page_range(self.arena, entry.array)
             entry.unmergeable[first - base:first - base + n] = unmergeable
         if unmergeable:
             stats = self.arena.stats(target)
@@ -340,17 +342,17 @@ class ArenaMachine(RuleBasedStateMachine):
         assert os.waitstatus_to_exitcode(status) == 0
 
     def child_checks(self, merge_in_child):
-        self.pages.check_invariants()
+        testing.check_invariants(self.arena)
         if not all(raw(e.array) == raw(e.copy) for e in self.entries.values()):
             return False
         if merge_in_child:
             self.arena.merge()
-            self.pages.check_invariants()
+            testing.check_invariants(self.arena)
         for key in self.entries:
             np.copyto(self.entries[key].array, np.zeros_like(self.entries[key].copy))
         self.entries.clear()
         self.arena.merge()
-        self.pages.check_invariants()
+        testing.check_invariants(self.arena)
         return self.arena.stats().pages_in_use == 0
 
     # -- after every step ---------------------------------------------------------
@@ -381,12 +383,12 @@ class ArenaMachine(RuleBasedStateMachine):
         assert sum(s.pages_merged for s in per_array) == stats.pages_sharing + stats.pages_shared
         assert sum(s.zero_pages for s in per_array) == stats.zero_pages
         assert sum(s.pages_unmergeable for s in per_array) == stats.pages_unmergeable
-        for s, e in zip(per_array, self.entries.values()):
+        for s in per_array:
             assert s.pages_merged + s.zero_pages <= s.pages - s.pages_unmergeable
 
     @invariant()
     def the_core_is_consistent(self):
-        self.pages.check_invariants()
+        testing.check_invariants(self.arena)
 
     def teardown(self):
         """Once every array is freed: no page, frame or mapping is left.
@@ -398,10 +400,10 @@ class ArenaMachine(RuleBasedStateMachine):
             if sys.exc_info()[0] is not None:
                 return
             stats = self.arena.stats()
-            self.pages.check_invariants()
+            testing.check_invariants(self.arena)
             assert stats.pages_in_use == 0
             assert stats.frames_in_use == stats.pages_shared == 0
-            core = self.pages.core
+            core = testing.core(self.arena)
             assert stats.frame_store_bytes <= core.fork_fence * PAGE   # fenced frames stay
             if not self.forked:
                 assert stats.frame_store_bytes == 0

@@ -27,7 +27,11 @@ import time
 import numpy as np
 import pytest
 
+from pydedup import testing
+
 from kernel import process_data
+
+pytestmark = pytest.mark.slow   # threads, forks and frees for seconds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STRESS_SECONDS_CI = 4
@@ -177,7 +181,7 @@ def requester(arena, deadline, rng, counts):
                 arena.max_page_sharing = rng.choice([2, 3, 256])
                 arena.use_zero_pages = rng.random() < 0.8
             else:
-                arena._pages.check_invariants()
+                testing.check_invariants(arena)
                 counts["invariant_checks"] += 1
             if not arena.scanner.running:       # an error stopped it (ENOMEM under the limit)
                 counts["scanner_errors"].append(repr(arena.scanner.error))
@@ -220,7 +224,7 @@ def child(seconds):
         w.live.clear()
     gc.collect()
     arena.merge()                               # releases what died under the lock
-    arena._pages.check_invariants()
+    testing.check_invariants(arena)
     end = arena.stats()
     return dict(seconds=seconds, threads=THREADS, data_limit=limit,
                 baseline=baseline, lost_writes=lost, errors=errors, writes_checked=checked,

@@ -7,7 +7,7 @@ scanner, run=1), ksm-fast (kernel KSM at 10,000 pages / 0 ms) and
 ksm-default (kernel KSM at its default 100 pages / 20 ms, minutes a GiB:
 not in the default, add it with --ksm-defaults); the kernel rows
 need root and are skipped with a note otherwise; every /sys/kernel/mm/ksm
-knob is restored (pydedup.ksm.KernelKSM).
+knob is restored (pydedup.bench.ksm.KernelKSM).
 """
 import argparse
 import json
@@ -47,9 +47,9 @@ def run(size, workload_names, method_names, seed=0, progress=None) -> dict:
     results = {}
     for workload_name in workload_names:
         build_workload = workloads.WORKLOADS[workload_name]
-        seen = {}
+        seen: dict[str, int] = {}
 
-        def build(alloc):
+        def build(alloc, build_workload=build_workload, seen=seen):
             # the same bytes for every method: the same seed, built afresh
             w = build_workload(alloc, size, np.random.default_rng(seed))
             seen.update(bytes=w.nbytes, theoretical_saved=w.theoretical_saved)
@@ -73,7 +73,8 @@ def run(size, workload_names, method_names, seed=0, progress=None) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="pydedup bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="1GiB", help="bytes of each workload, e.g. 64MiB, 1GiB (default 1GiB)")
+    parser.add_argument("--size", default="1GiB",
+                        help="bytes of each workload, e.g. 64MiB, 1GiB (default 1GiB)")
     parser.add_argument("--workload", choices=[*workloads.WORKLOADS, "all"], default="all",
                         help="structured, scattered or all (default)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),

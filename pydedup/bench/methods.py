@@ -14,15 +14,17 @@ pss_samples            (seconds, PSS) every 50 ms while merging
 """
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 
 import pydedup
-from pydedup import ksm, procfs
+from pydedup import procfs
+from pydedup.bench import ksm
 from pydedup.bench.workloads import PAGE, best_of, fault_in, first_write_seconds, read_pass
 
 KSM_RMAP_ITEM_BYTES = 64        # sizeof(struct ksm_rmap_item), x86-64
-METHODS = {}                    # name -> (function, description)
+METHODS: dict[str, tuple[Callable[..., dict], str]] = {}   # name -> (function, description)
 
 
 def method(name, description):
@@ -176,7 +178,8 @@ def _kernel_ksm(build, size, knobs):
             with PssSampler() as sampler:
                 result = kernel.merge(*workload.arrays, pss_interval=None)
             rmap_items = result.process.get("ksm_rmap_items")
-            meta = None if rmap_items is None else rmap_items * KSM_RMAP_ITEM_BYTES / (workload.nbytes // PAGE)
+            meta = (None if rmap_items is None
+                    else rmap_items * KSM_RMAP_ITEM_BYTES / (workload.nbytes // PAGE))
             row = _row(workload, before, sampler, result.seconds, result.cpu_seconds, meta,
                        {"knobs": knobs, "full_scans": result.full_scans})
             kernel.unmerge(*workload.arrays)

@@ -16,7 +16,7 @@ def add_ratios(rows: dict):
     for row in rows.values():
         if "skipped" in row:
             continue
-        ratios = {}
+        ratios: dict[str, float] = {}
         numpy = rows.get("numpy", {})
         for key, figure in (("pss_after", "pss_after"), ("read", "read_gib_per_second"),
                             ("first_write", "first_write_us")):

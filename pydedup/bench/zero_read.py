@@ -22,7 +22,7 @@ def zero_read(size: int, progress=print) -> dict:
             if merged:
                 arena.merge()
             read_pass([z])                          # maps every page
-            cases[name] = {"seconds": best_of(5, lambda: read_pass([z]))}
+            cases[name] = {"seconds": best_of(5, lambda z=z: read_pass([z]))}
             del z
     base = cases["a never written"]["seconds"]
     for case in cases.values():

@@ -2,7 +2,7 @@
 side with pydedup on the same data. Names follow
 Documentation/admin-guide/mm/ksm.rst.
 
-    from pydedup import ksm
+    from pydedup.bench import ksm
 
     if ksm.available() is None:               # else: a one-line reason
         with ksm.KernelKSM(pages_to_scan=10_000, sleep_millisecs=0,
@@ -26,7 +26,7 @@ import re
 import signal
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 
@@ -57,7 +57,7 @@ HOLDING = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", 
 
 # -- what the kernel offers ------------------------------------------------
 
-def available() -> Optional[str]:
+def available() -> str | None:
     """None if kernel KSM can be driven here, else a one-line reason why not."""
     if not os.path.isdir(SYSFS):
         return f"no kernel KSM: {SYSFS} is missing (CONFIG_KSM off)"
@@ -117,7 +117,7 @@ def process_counters() -> dict:
     return out
 
 
-def ksmd_pid() -> Optional[int]:
+def ksmd_pid() -> int | None:
     """ksmd's pid, or None where it cannot be seen (another pid namespace)."""
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -133,7 +133,7 @@ def ksmd_pid() -> Optional[int]:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def ksmd_cpu_seconds(pid: Optional[int] = None) -> Optional[float]:
+def ksmd_cpu_seconds(pid: int | None = None) -> float | None:
     """CPU time ksmd has used since boot (utime + stime), or None if unseen."""
     pid = ksmd_pid() if pid is None else pid
     if pid is None:
@@ -182,7 +182,7 @@ def _page_ranges(buffers):
         if hi > lo:
             ranges.append((lo - lo % PAGE, -(-hi // PAGE) * PAGE))
     ranges.sort()
-    joined = []
+    joined: list[tuple[int, int]] = []
     for lo, hi in ranges:
         if joined and lo <= joined[-1][1]:
             joined[-1] = (joined[-1][0], max(hi, joined[-1][1]))
@@ -248,7 +248,7 @@ def unmergeable(*buffers) -> int:
 @dataclass(frozen=True)
 class MergeResult:
     seconds: float                 # wall time from MADV_MERGEABLE to the last change the merge made
-    cpu_seconds: Optional[float]   # ksmd's CPU time over the same span (None: ksmd unseen)
+    cpu_seconds: float | None   # ksmd's CPU time over the same span (None: ksmd unseen)
     waited_seconds: float          # wall time until the merge was seen complete
     full_scans: int                # full scans ksmd completed before that last change
     bytes_mergeable: int           # bytes madvise()d
@@ -286,10 +286,10 @@ class KernelKSM:
 
     def __init__(self, **knob_values):
         self._wanted = {name: _text(value) for name, value in knob_values.items()}
-        self.saved: Optional[dict] = None       # the knobs as found, set on enter
-        self._found: Optional[dict] = None      # the counters as found
+        self.saved: dict | None = None       # the knobs as found, set on enter
+        self._found: dict | None = None      # the counters as found
         self._ranges: list = []
-        self._ksmd: Optional[int] = None
+        self._ksmd: int | None = None
 
     def __enter__(self):
         if self.saved is not None:
@@ -315,13 +315,13 @@ class KernelKSM:
 
     def set(self, **knob_values):
         """Set knobs, in an order the kernel accepts; run is written last."""
-        self._check_entered()
+        saved = self._check_entered()
         wanted = {name: _text(value) for name, value in knob_values.items()}
-        unknown = sorted(set(wanted) - set(self.saved))
+        unknown = sorted(set(wanted) - set(saved))
         if unknown:
             raise ValueError(f"not a writable KSM knob: {', '.join(unknown)} "
-                             f"(there are: {', '.join(sorted(self.saved))})")
-        if "pages_to_scan" in wanted and "advisor_mode" in self.saved:
+                             f"(there are: {', '.join(sorted(saved))})")
+        if "pages_to_scan" in wanted and "advisor_mode" in saved:
             wanted.setdefault("advisor_mode", "none")
         run = wanted.pop("run", None)
         if int(_read("pages_shared")) and any(
@@ -334,8 +334,8 @@ class KernelKSM:
         if run is not None and _read("run") != run:
             _write("run", run)
 
-    def merge(self, *buffers, timeout: float = 300.0, pss_interval: Optional[float] = 0.1,
-              on_sample: Optional[Callable[[float, int], None]] = None) -> MergeResult:
+    def merge(self, *buffers, timeout: float = 300.0, pss_interval: float | None = 0.1,
+              on_sample: Callable[[float, int], None] | None = None) -> MergeResult:
         """Mark the buffers' pages mergeable, set run=1 and wait until ksmd has
         merged all it will: full_scans advanced by 3 or more (two visits, and
         the scan under way) and this process's ksm_merging_pages and
@@ -394,12 +394,14 @@ class KernelKSM:
 
     # -- restoring ---------------------------------------------------------
 
-    def _cpu(self) -> Optional[float]:
+    def _cpu(self) -> float | None:
         return None if self._ksmd is None else ksmd_cpu_seconds(self._ksmd)
 
-    def _check_entered(self):
+    def _check_entered(self) -> dict:
+        """The knobs as found on enter; RuntimeError outside the with block."""
         if self.saved is None:
             raise RuntimeError("use KernelKSM as a context manager: with KernelKSM(...) as k")
+        return self.saved
 
     def _restore(self):
         if self.saved is None:
@@ -414,7 +416,8 @@ class KernelKSM:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
     def _restore_knobs(self):
-        saved, found = self.saved, self._found
+        saved, found = self._check_entered(), self._found
+        assert found is not None            # set on enter, with saved
         errors = []
         ranges, self._ranges = self._ranges, []
         try:
