@@ -150,7 +150,7 @@ cdef enum restore_need:            # what a page of a protected run needs to be 
 
 
 cdef inline restore_need restore_need_of(const reservation *r, size_t p,
-                                        bint zeroed_in_place) noexcept nogil:
+                                         bint zeroed_in_place) noexcept nogil:
     cdef uint8_t state = r.rmap[p].state
     if state == PAGE_MERGED or (state == PAGE_ZERO and not zeroed_in_place):
         return RESTORE_NOTHING

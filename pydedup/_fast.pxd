@@ -160,8 +160,8 @@ cdef class Core:
     cdef write_barrier wb              # the write barrier (_barrier)
     cdef scan_state scan               # the scan in progress (_scan)
     cdef readonly bint forked_child    # this process is a child forked with the arena
-    cdef readonly object merge_refusal # why this process may not merge (a forked child
-                                       # without a tier of its own), or None
+    cdef readonly object merge_refusal  # why this process may not merge (a forked
+                                        # child without a tier of its own), or None
     cdef object simulated_nodes        # the writable uint16 buffer nodes.simulated is, or None
     # counters of the last pass, after KSM
     cdef readonly uint64_t full_scans, pages_unshared, pages_volatile

@@ -364,8 +364,8 @@ cdef class Allocator:
         c.page_size = page_size
         c.threshold = threshold
         c.cache_limit = cache_limit
-        c.fallback = <PyDataMem_Handler *>PyCapsule_GetPointer(<object>PyDataMem_DefaultHandler,
-                                                              "mem_handler")
+        c.fallback = <PyDataMem_Handler *>PyCapsule_GetPointer(
+            <object>PyDataMem_DefaultHandler, "mem_handler")
         Py_INCREF(pages)
         c.pages = <PyObject *>pages
         strncpy(handler.name, b"pydedup", sizeof(handler.name) - 1)

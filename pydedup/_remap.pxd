@@ -9,7 +9,7 @@ cdef enum run_kind:
     RUN_FRAMES = 3         # pages onto consecutive frames of one tier: one mmap of its memfd
 
 cdef enum:
-    MAPPINGS_PER_REMAP = 2 # an mmap inside a mapping splits it in three
+    MAPPINGS_PER_REMAP = 2  # an mmap inside a mapping splits it in three
 
 cdef struct remap_cost:            # the mappings one remap of a run changes
     uint64_t lo, hi                # the window: the run and the mappings it touches

@@ -11,6 +11,7 @@ cdef struct scan_state:            # Core.scan: the scan in progress
     uint32_t last_new_frame        # the frame a scan wrote last
     pass_stats stats               # what the background scan in progress did
 
+cdef bint mergeable(const rmap_item *it) noexcept nogil
 cdef int refresh_states(Core c, size_t first, size_t n) noexcept nogil
 cdef bint scan_in_progress(Core c) noexcept nogil
 cdef void end_scan(Core c, pass_stats *st) noexcept nogil

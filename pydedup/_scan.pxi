@@ -47,7 +47,8 @@ cdef int refresh_states(Core c, size_t first, size_t n) noexcept nogil:
     return err
 
 
-cdef inline bint mergeable(rmap_item *it) noexcept nogil:
+cdef bint mergeable(const rmap_item *it) noexcept nogil:
+    """Whether a page may be merged: its own content, not excluded."""
     return (it.state == PAGE_PRIVATE or it.state == PAGE_BROKEN) and not it.flags & PAGE_UNMERGEABLE
 
 
