@@ -18,6 +18,7 @@ cdef struct node_map:              # Core.nodes
 
 cdef void nodes_init(node_map *nm) noexcept nogil
 cdef bint knows_nodes(const node_map *nm) noexcept nogil
+cdef bint simulating(const node_map *nm) noexcept nogil
 cdef uint16_t simulated_node(const node_map *nm, size_t p) noexcept nogil
 cdef void read_nodes(const node_map *nm, const reservation *r, size_t first, size_t n,
                      const uint8_t *cats, uint16_t *out) noexcept nogil

@@ -21,9 +21,15 @@ cdef bint knows_nodes(const node_map *nm) noexcept nogil:
     return nm.nnodes > 1 or nm.simulated != NULL
 
 
+cdef bint simulating(const node_map *nm) noexcept nogil:
+    """Whether nodes come from a simulated map (Core.simulate_nodes)."""
+    return nm.simulated != NULL
+
+
 cdef uint16_t simulated_node(const node_map *nm, size_t p) noexcept nogil:
-    """Page p's node in the simulated map; NO_NODE when not simulating."""
-    return nm.simulated[p] if nm.simulated != NULL else NO_NODE
+    """Page p's node in the simulated map."""
+    PD_ASSERT(nm.simulated != NULL, "simulated_node: simulating")
+    return nm.simulated[p]
 
 
 cdef void read_nodes(const node_map *nm, const reservation *r, size_t first, size_t n,

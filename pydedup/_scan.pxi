@@ -329,19 +329,17 @@ cdef inline bint away_from_home(Core c, size_t p, uint16_t seen) noexcept nogil:
     """Whether MERGED page p's frame is on another node than the page's own:
     the kernel migrated the frame (`seen` is where the page's memory is
     now), or, simulated, the map moved the page."""
-    cdef uint16_t simulated = simulated_node(&c.nodes, p)
-    if simulated != NO_NODE:
-        return simulated != frame_node(&c.store, c.res.rmap[p].frame)
+    if simulating(&c.nodes):
+        return simulated_node(&c.nodes, p) != frame_node(&c.store, c.res.rmap[p].frame)
     return seen != NO_NODE and seen != c.res.rmap[p].node
 
 
 cdef int go_home(Core c, size_t p, pass_stats *st) noexcept nogil:
     """Give merged page p a private copy on its own node, where this pass
     merges it again, in its node's trees."""
-    cdef uint16_t home = simulated_node(&c.nodes, p)
+    cdef uint16_t home = (simulated_node(&c.nodes, p) if simulating(&c.nodes)
+                          else c.res.rmap[p].node)
     cdef int err
-    if home == NO_NODE:
-        home = c.res.rmap[p].node
     prefer_node(&c.nodes, home)
     err = populate_write(&c.res, p, 1)
     if err:
