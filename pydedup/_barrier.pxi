@@ -227,6 +227,7 @@ cdef int prepare_barrier(write_barrier *b) noexcept nogil:
     """Before a pass: the SIGSEGV handler must be ours, since something
     (Python's faulthandler, say) may have replaced it since the last one."""
     cdef rlimit data
+    PD_ASSERT(b.mode != 0, "prepare_barrier: a barrier chosen")
     if b.mode == BARRIER_MPROTECT:
         b.data_limited = getrlimit(RLIMIT_DATA, &data) == 0 and data.rlim_cur != RLIM_INFINITY
         return pd_barrier_install()

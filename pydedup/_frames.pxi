@@ -8,6 +8,7 @@ cdef int frames_open(frame_store *fs, size_t page_size, size_t nslots,
                      uint32_t zero_checksum) noexcept nogil:
     """An empty store of nslots frame slots, with its first memfd; 0 or an
     errno. frames_close() undoes it, also after a failure."""
+    PD_ASSERT(0 < nslots < NO_FRAME, "frames_open: 1 to NO_FRAME - 1 slots")
     memset(fs, 0, sizeof(frame_store))
     fs.page_size = page_size
     fs.nslots = nslots
@@ -254,7 +255,9 @@ cdef uint32_t stable_tree_search(frame_store *fs, const char *page, uint32_t che
                                  uint16_t node, uint32_t max_page_sharing) noexcept nogil:
     """A frame holding exactly `page`'s content, in the tree of `node`, that
     may take one more page."""
-    cdef uint32_t f = fs.stable[tree_key(fs, checksum, node) & fs.stable_mask]
+    cdef uint32_t f
+    PD_ASSERT(fs.stable != NULL and page != NULL, "stable_tree_search: an open store")
+    f = fs.stable[tree_key(fs, checksum, node) & fs.stable_mask]
     while f != NO_FRAME:
         if (fs.frames[f].checksum == checksum
                 and same_tree(fs, fs.frames[f].node, node)
@@ -271,6 +274,7 @@ cdef uint32_t stable_tree_add(frame_store *fs, const char *content, uint32_t che
     tree, at `hint` if that slot is free; NO_FRAME if the store cannot grow.
     Its mapcount is 0 until frame_get()."""
     cdef uint32_t f = frame_alloc(fs, hint)
+    PD_ASSERT(fs.frame_high <= fs.nslots and content != NULL, "stable_tree_add: content")
     if f == NO_FRAME or frame_write(fs, f, content, node) != 0:
         return NO_FRAME
     fs.frames[f].checksum = checksum
@@ -346,6 +350,7 @@ cdef void reclaim_frames(frame_store *fs) noexcept nogil:
     their memory back to the kernel, one fallocate per run of frames."""
     cdef size_t i
     cdef uint32_t f, run_first = 0, run_len = 0
+    PD_ASSERT(fs.norphans <= fs.orphans_cap, "reclaim_frames: orphans in their list")
     qsort(fs.orphans, fs.norphans, sizeof(uint32_t), compare_frames)
     for i in range(fs.norphans):
         f = fs.orphans[i]

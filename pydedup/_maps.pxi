@@ -27,6 +27,7 @@ cdef long count_mappings(page_tables *pt, uint64_t lo, uint64_t hi) noexcept nog
     cdef mapping m
     cdef long n = 0
     cdef int err
+    PD_ASSERT(lo <= hi, "count_mappings: a window")
     while lo < hi:
         err = find_mapping(pt, lo, &m)
         if err == ENOENT or (err == 0 and m.start >= hi):

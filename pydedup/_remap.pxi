@@ -135,6 +135,7 @@ cdef inline bint continues_run(Core c, size_t first, size_t n, uint32_t f) noexc
 cdef void apply_targets(Core c, pass_stats *st) noexcept nogil:
     cdef size_t p, first = 0, n = 0
     cdef run_kind kind = RUN_NONE, k
+    PD_ASSERT(c.res.high_water <= c.res.npages, "apply_targets: high_water within the reservation")
     for p in range(c.res.high_water + 1):
         k = target_kind(c, p) if p < c.res.high_water else RUN_NONE
         if n and k == kind and (k != RUN_FRAMES or continues_run(c, first, n, c.res.rmap[p].frame)):

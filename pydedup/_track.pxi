@@ -42,6 +42,8 @@ cdef bint tracking(page_tables *pt) noexcept nogil:
 cdef void track_range(page_tables *pt, char *addr, size_t length) noexcept nogil:
     """A new mapping over arena pages (a remap) joins the tracking. If it
     cannot, its pages just count as written."""
+    PD_ASSERT(addr >= pt.base and addr + length <= pt.base + pt.npages * pt.page_size,
+              "track_range: a range of the reservation")
     if pt.track_uffd >= 0:
         pd_uffd_register(pt.track_uffd, addr, length)
 
@@ -49,5 +51,7 @@ cdef void track_range(page_tables *pt, char *addr, size_t length) noexcept nogil
 cdef void untrack_range(page_tables *pt, char *addr, size_t length) noexcept nogil:
     """Before the uffd barrier takes the range: a mapping belongs to one
     userfaultfd at a time. Its pages count as written until tracked again."""
+    PD_ASSERT(addr >= pt.base and addr + length <= pt.base + pt.npages * pt.page_size,
+              "untrack_range: a range of the reservation")
     if pt.track_uffd >= 0:
         pd_uffd_unregister(pt.track_uffd, addr, length)
