@@ -151,3 +151,37 @@ def test_cython_lint_passes():
     files = sorted(str(p) for ext in ("pyx", "pxi", "pxd") for p in CORE.glob(f"*.{ext}"))
     result = subprocess.run([exe, *files], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- the page allocator behind a typed interface --------------------------------
+
+def test_the_core_calls_the_page_allocator_through_page_owner():
+    from pydedup._fast import Block, PageOwner
+    from pydedup.pages import Pages
+
+    class Recorder(PageOwner):
+        def __init__(self):
+            self.given_back = []
+
+        def give_back(self, first, npages):
+            self.given_back.append((first, npages))
+
+    pages = Pages(16)
+    owner = Recorder()
+    pages.core.adopt(2, 3)          # not through the allocator: the Recorder owns them
+    block = Block(pages.core, owner, 2, 3, 100)
+    del block
+    assert owner.given_back == [(2, 3)]
+    assert issubclass(Pages, PageOwner)
+    with pytest.raises(TypeError):
+        Block(pages.core, object(), 0, 1, 1)     # an owner that is no PageOwner
+    with pytest.raises(NotImplementedError):
+        PageOwner().take_pages(1)
+
+
+def test_numpy_s_handler_takes_only_a_page_owner():
+    from pydedup._handler import Allocator
+    with pytest.raises(TypeError):
+        Allocator(object(), 0, 16, 4096, 1 << 20, 0)
+    source = (CORE / "_handler.pyx").read_text()
+    assert '"take_pages"' not in source and '"give_back"' not in source, "no call by method name"
