@@ -25,7 +25,7 @@ core = Extension(
 handler = Extension(
     "pydedup._handler",
     ["pydedup/_handler.pyx"],
-    include_dirs=[numpy.get_include()],
+    include_dirs=["pydedup", numpy.get_include()],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_22_API_VERSION"),
                    ("NPY_TARGET_VERSION", "NPY_1_22_API_VERSION")],
     extra_compile_args=["-O0", "-g"] if debug else ["-O2"],
@@ -36,6 +36,7 @@ setup(
     ext_modules=cythonize(
         [core, handler],
         include_path=["pydedup"],
+        # The .pyx headers leave boundscheck out, so that this one decides.
         compiler_directives={"boundscheck": debug, "wraparound": False},
     )
 )

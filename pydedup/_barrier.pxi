@@ -15,51 +15,65 @@ cdef int open_sync_uffd() noexcept nogil:
     return fd
 
 
-cdef int open_barrier_uffd(Core c) noexcept nogil:
-    """The barrier's userfaultfd, replacing any it had; 0 or an errno."""
+cdef void barrier_init(write_barrier *b) noexcept nogil:
+    """No barrier chosen yet: a pass refuses to run (Core.check_can_merge)."""
+    memset(b, 0, sizeof(write_barrier))
+    b.uffd = -1
+
+
+cdef void barrier_close(write_barrier *b) noexcept nogil:
+    if b.uffd >= 0:
+        close(b.uffd)
+        b.uffd = -1
+
+
+cdef int barrier_use_uffd(write_barrier *b) noexcept nogil:
+    """The 'uffd' barrier, with a userfaultfd of its own replacing any it had
+    (after a fork the inherited one acts on the parent); 0 or an errno, and
+    then the barrier is as it was."""
     cdef int fd = open_sync_uffd()
     if fd < 0:
         return -fd
-    if c.barrier_uffd >= 0:
-        close(c.barrier_uffd)
-    c.barrier_uffd = fd
+    barrier_close(b)
+    b.uffd = fd
+    b.mode = BARRIER_UFFD
     return 0
 
 
-cdef enum:
-    SLACK_PIECES = 48              # mappings that take a whole RLIMIT_DATA slack, halving
-
-cdef struct data_slack:            # what take_data_slack took
-    void *addr[SLACK_PIECES]
-    size_t length[SLACK_PIECES]
-    int n
-
-cdef struct held_run:              # a run under the barrier, from protect_run to unprotect_run
-    size_t first, n                # its pages
-    int window                     # the mprotect barrier's window over it
-    char *room                     # RLIMIT_DATA room held for its way back, or NULL
-    data_slack taken               # for tests (Core.squeeze_data): the slack another thread took
+cdef int barrier_use_mprotect(write_barrier *b) noexcept nogil:
+    """The 'mprotect' barrier and its SIGSEGV handler; 0 or an errno."""
+    cdef int err = pd_barrier_install()
+    if err:
+        return err
+    b.mode = BARRIER_MPROTECT
+    barrier_close(b)
+    return 0
 
 
-cdef int protect_run(Core c, held_run *h) noexcept nogil:
-    cdef char *addr = page_address(c, h.first)
-    cdef size_t length = h.n * c.page_size
+cdef int protect_run(write_barrier *b, page_tables *pt, const reservation *r,
+                     held_run *h) noexcept nogil:
+    """Write-protect the run's pages [h.first, h.first + h.n); 0 or an errno,
+    and then nothing is held."""
+    cdef char *addr = page_address(r, h.first)
+    cdef size_t length = h.n * r.page_size
     cdef void *room
     cdef int err
+    PD_ASSERT(b.mode != 0 and h.n > 0 and h.first + h.n <= r.high_water,
+              "protect_run: a barrier, and a run below high_water")
     h.window = -1
     h.room = NULL
     h.taken.n = 0
-    if c.barrier == BARRIER_UFFD:
-        untrack_range(c, addr, length)
-        err = pd_uffd_register(c.barrier_uffd, addr, length)
+    if b.mode == BARRIER_UFFD:
+        untrack_range(pt, addr, length)
+        err = pd_uffd_register(b.uffd, addr, length)
         if err == 0:
-            err = pd_uffd_write_protect(c.barrier_uffd, addr, length)
+            err = pd_uffd_write_protect(b.uffd, addr, length)
             if err:
-                pd_uffd_unregister(c.barrier_uffd, addr, length)
+                pd_uffd_unregister(b.uffd, addr, length)
         if err:
-            track_range(c, addr, length)
+            track_range(pt, addr, length)
         return err
-    if c.data_limited:
+    if b.data_limited:
         # RLIMIT_DATA counts a private mapping only while it is writable: the
         # run's room is free while it is read-only, and another thread may
         # take it. Holding room of the same size keeps the way back open.
@@ -75,43 +89,45 @@ cdef int protect_run(Core c, held_run *h) noexcept nogil:
         if h.room != NULL:
             munmap(h.room, length)
         return err
-    if c.squeeze_data:
-        take_data_slack(c, &h.taken)
+    if b.squeeze_data:
+        take_data_slack(r.page_size, &h.taken)
     return 0
 
 
-cdef void unprotect_run(Core c, held_run *h, bint zeroed_in_place, pass_stats *st) noexcept nogil:
+cdef void unprotect_run(write_barrier *b, page_tables *pt, reservation *r, held_run *h,
+                        bint zeroed_in_place, pass_stats *st) noexcept nogil:
     """Pages that were not remapped become writable again; waiting writers
     go on, into the new mapping where there is one. The new mappings join
     the written-page tracking only now: until the barrier lets go of the
     range, it must be the barrier's userfaultfd alone. `zeroed_in_place`:
     the run's zero pages were dropped with MADV_DONTNEED, not remapped."""
-    cdef char *addr = page_address(c, h.first)
-    cdef size_t length = h.n * c.page_size
-    if c.barrier == BARRIER_UFFD:
-        pd_uffd_unregister(c.barrier_uffd, addr, length)  # clears the protection
-        pd_uffd_wake(c.barrier_uffd, addr, length)        # and wakes writers of remapped pages
+    cdef char *addr = page_address(r, h.first)
+    cdef size_t length = h.n * r.page_size
+    PD_ASSERT(b.mode != 0 and h.first + h.n <= r.high_water, "unprotect_run: a held run")
+    if b.mode == BARRIER_UFFD:
+        pd_uffd_unregister(b.uffd, addr, length)  # clears the protection
+        pd_uffd_wake(b.uffd, addr, length)        # and wakes writers of remapped pages
     else:
         # The range ends where the protection split its mappings, so making
         # it writable splits nothing and cannot run into the mapping limit;
         # RLIMIT_DATA can refuse it, though.
         if mprotect(addr, length, PROT_READ | PROT_WRITE) != 0:
-            restore_in_pieces(c, h, zeroed_in_place, st)
+            restore_in_pieces(b, r, h, zeroed_in_place, st)
         elif h.room != NULL:
             munmap(h.room, length)
         pd_window_close(h.window)
         give_data_slack_back(&h.taken)
-    track_range(c, addr, length)
+    track_range(pt, addr, length)
 
 
-cdef void take_data_slack(Core c, data_slack *taken) noexcept nogil:
+cdef void take_data_slack(size_t page_size, data_slack *taken) noexcept nogil:
     """What another thread may do while a run is read-only: take all the
     RLIMIT_DATA room there is, the room the run gave up included. Tests
-    ask for it (Core.squeeze_data) to meet restore_in_pieces for sure."""
+    ask for it (write_barrier.squeeze_data) to meet restore_in_pieces for sure."""
     cdef size_t length = <size_t>1 << 40
     cdef void *piece
     taken.n = 0
-    while length >= c.page_size and taken.n < SLACK_PIECES:
+    while length >= page_size and taken.n < SLACK_PIECES:
         piece = mmap(NULL, length, PROT_READ | PROT_WRITE,
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
         if piece == MAP_FAILED:
@@ -133,14 +149,16 @@ cdef enum restore_need:            # what a page of a protected run needs to be 
     RESTORE_CONTENT = 2            # not remapped: it keeps content of its own
 
 
-cdef inline restore_need restore_need_of(Core c, size_t p, bint zeroed_in_place) noexcept nogil:
-    cdef uint8_t state = c.rmap[p].state
+cdef inline restore_need restore_need_of(const reservation *r, size_t p,
+                                         bint zeroed_in_place) noexcept nogil:
+    cdef uint8_t state = r.rmap[p].state
     if state == PAGE_MERGED or (state == PAGE_ZERO and not zeroed_in_place):
         return RESTORE_NOTHING
     return RESTORE_ZEROS if state == PAGE_ZERO else RESTORE_CONTENT
 
 
-cdef void restore_in_pieces(Core c, held_run *h, bint zeroed_in_place, pass_stats *st) noexcept nogil:
+cdef void restore_in_pieces(write_barrier *b, reservation *r, held_run *h, bint zeroed_in_place,
+                            pass_stats *st) noexcept nogil:
     """mprotect could not make the run writable again: RLIMIT_DATA is spent.
     A mapping laid over existing pages (mmap MAP_FIXED, mremap) is not
     charged for it, so each piece that needs one gets one: zero pages a
@@ -151,39 +169,39 @@ cdef void restore_in_pieces(Core c, held_run *h, bint zeroed_in_place, pass_stat
     cdef restore_need need
     cdef char *addr
     cdef int err
-    c.restored_in_pieces += 1
-    c.remapped = True
+    b.restored_in_pieces += 1
+    r.remapped = True
     while i < h.n:
-        need = restore_need_of(c, h.first + i, zeroed_in_place)
+        need = restore_need_of(r, h.first + i, zeroed_in_place)
         j = i + 1
-        while j < h.n and restore_need_of(c, h.first + j, zeroed_in_place) == need:
+        while j < h.n and restore_need_of(r, h.first + j, zeroed_in_place) == need:
             j += 1
-        addr = page_address(c, h.first + i)
-        length = (j - i) * c.page_size
+        addr = page_address(r, h.first + i)
+        length = (j - i) * r.page_size
         if need != RESTORE_NOTHING and mprotect(addr, length, PROT_READ | PROT_WRITE) != 0:
             while True:
-                err = (map_anonymous(c, addr, length) if need == RESTORE_ZEROS
-                       else move_content(c, h, i, j, &kept))
+                err = (map_anonymous(addr, length) if need == RESTORE_ZEROS
+                       else move_content(r, h, i, j, &kept))
                 if err == 0:
                     break
                 sched_yield()           # the mapping limit as well: only freeing helps
             st.mappings_left -= MAPPINGS_PER_REMAP
         i = j
     if h.room != NULL and kept < h.n:
-        munmap(h.room + kept * c.page_size, (h.n - kept) * c.page_size)
+        munmap(h.room + kept * r.page_size, (h.n - kept) * r.page_size)
     h.room = NULL
 
 
-cdef int move_content(Core c, held_run *h, size_t i, size_t j, size_t *kept) noexcept nogil:
+cdef int move_content(reservation *r, held_run *h, size_t i, size_t j, size_t *kept) noexcept nogil:
     """Pages [i, j) of the run onto a copy of themselves in the held room
     (or in fresh memory, if no room was held); the room's pages before i
     that no piece took are let go. 0 or an errno."""
-    cdef char *addr = page_address(c, h.first + i)
-    cdef size_t length = (j - i) * c.page_size
+    cdef char *addr = page_address(r, h.first + i)
+    cdef size_t length = (j - i) * r.page_size
     cdef void *piece
     cdef int err
     if h.room != NULL:
-        piece = h.room + i * c.page_size
+        piece = h.room + i * r.page_size
     else:
         piece = mmap(NULL, length, PROT_READ | PROT_WRITE,
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
@@ -197,19 +215,20 @@ cdef int move_content(Core c, held_run *h, size_t i, size_t j, size_t *kept) noe
         return err
     if h.room != NULL:
         if i > kept[0]:
-            munmap(h.room + kept[0] * c.page_size, (i - kept[0]) * c.page_size)
+            munmap(h.room + kept[0] * r.page_size, (i - kept[0]) * r.page_size)
         kept[0] = j
     for p in range(h.first + i, h.first + j):
-        if c.rmap[p].state == PAGE_BROKEN:
-            c.rmap[p].state = PAGE_PRIVATE   # its content is anonymous memory now
+        if r.rmap[p].state == PAGE_BROKEN:
+            r.rmap[p].state = PAGE_PRIVATE   # its content is anonymous memory now
     return 0
 
 
-cdef int prepare_barrier(Core c) noexcept nogil:
+cdef int prepare_barrier(write_barrier *b) noexcept nogil:
     """Before a pass: the SIGSEGV handler must be ours, since something
     (Python's faulthandler, say) may have replaced it since the last one."""
     cdef rlimit data
-    if c.barrier == BARRIER_MPROTECT:
-        c.data_limited = getrlimit(RLIMIT_DATA, &data) == 0 and data.rlim_cur != RLIM_INFINITY
+    PD_ASSERT(b.mode != 0, "prepare_barrier: a barrier chosen")
+    if b.mode == BARRIER_MPROTECT:
+        b.data_limited = getrlimit(RLIMIT_DATA, &data) == 0 and data.rlim_cur != RLIM_INFINITY
         return pd_barrier_install()
     return 0

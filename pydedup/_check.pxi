@@ -9,16 +9,6 @@
 # It holds between operations only: inside reclaim_frames() or a pass, the
 # records are allowed to disagree for a while.
 
-cdef extern from *:
-    """
-    #ifdef PYDEDUP_DEBUG_CHECKS
-    #define PD_DEBUG_CHECKS 1
-    #else
-    #define PD_DEBUG_CHECKS 0
-    #endif
-    """
-    int PD_DEBUG_CHECKS
-
 import io
 
 DEBUG_CHECKS = bool(PD_DEBUG_CHECKS)   # a PYDEDUP_DEBUG=1 build: check after every operation
@@ -36,10 +26,10 @@ def check_invariants(Core c, free_pages=None):
     check_frames(c, counted)
     check_stable_tree(c)
     check_unstable_tree(c)
-    check_tiers(c)
+    check_tiers(&c.store)
     check_frame_memory(c)
     check_mappings(c)
-    if c.zero_pfn:
+    if c.tables.zero_pfn:
         check_page_tables(c)
 
 
@@ -47,12 +37,11 @@ cdef fail(str invariant, str where):
     raise InvariantError(f"{invariant} ({where})")
 
 
-cdef check_records_above(Core c, const char *records, size_t first, size_t count, size_t size,
+cdef check_records_above(size_t ps, const char *records, size_t first, size_t count, size_t size,
                          str what):
     """Records [first, count) of a lazily mapped table were never written:
     all zero. Only resident pages of the table can hold anything, so only
     those are read (a table covers the whole reservation, up to terabytes)."""
-    cdef size_t ps = c.page_size
     cdef size_t lo = first * size // ps * ps, hi = count * size
     cdef size_t npg = (hi - lo + ps - 1) // ps, i, b
     cdef unsigned char *resident
@@ -77,23 +66,23 @@ cdef check_records_above(Core c, const char *records, size_t first, size_t count
 cdef bytes check_pages(Core c, free_pages):
     """States and flags of every rmap item; returns, per frame, how many
     MERGED pages map it (uint32 each)."""
-    cdef size_t p, hw = c.high_water
-    cdef uint32_t nfr = c.frame_high
+    cdef size_t p, hw = c.res.high_water
+    cdef uint32_t nfr = c.store.frame_high
     cdef rmap_item *it
     cdef bytearray counts = bytearray(4 * (<size_t>nfr + 1))
     cdef uint32_t *counted = <uint32_t *><char *>counts
     cdef const uint8_t[::1] free_flags
-    if hw > c.npages or nfr > c.npages:
+    if hw > c.res.npages or nfr > c.res.npages:
         fail("high_water and frame_high lie within the reservation",
-             f"high_water {hw}, frame_high {nfr}, npages {c.npages}")
-    if c.norphans:
-        fail("no orphan frame is left unreclaimed between operations", f"{c.norphans} listed")
+             f"high_water {hw}, frame_high {nfr}, npages {c.res.npages}")
+    if c.store.norphans:
+        fail("no orphan frame is left unreclaimed between operations", f"{c.store.norphans} listed")
     if free_pages is not None:
         free_flags = free_pages
         if <size_t>free_flags.shape[0] < hw:
             raise ValueError("free_pages must cover the pages below high_water")
     for p in range(hw):
-        it = &c.rmap[p]
+        it = &c.res.rmap[p]
         if it.state > PAGE_BROKEN:
             fail("a page's state is one of FREE, PRIVATE, ZERO, MERGED, BROKEN",
                  f"page {p}, state {it.state}")
@@ -102,10 +91,10 @@ cdef bytes check_pages(Core c, free_pages):
                  f"page {p}, flags {it.flags:#x}")
         if it.state == PAGE_FREE and (it.flags or it.frame or it.checksum):
             fail("a FREE page has a blank record", f"page {p}")
-        if it.flags & PAGE_UNSTABLE and (c.unstable == NULL or p >= c.scan_cursor
+        if it.flags & PAGE_UNSTABLE and (c.scan.unstable == NULL or p >= c.scan.cursor
                                          or not mergeable(it)):
             fail("only mergeable pages behind the cursor of a scan in progress are in the "
-                 "unstable tree", f"page {p}, state {it.state}, cursor {c.scan_cursor}")
+                 "unstable tree", f"page {p}, state {it.state}, cursor {c.scan.cursor}")
         if it.state == PAGE_MERGED:
             if it.frame >= nfr:
                 fail("a MERGED page maps a frame below frame_high", f"page {p}, frame {it.frame}")
@@ -113,7 +102,8 @@ cdef bytes check_pages(Core c, free_pages):
         if free_pages is not None and (it.state == PAGE_FREE) != (free_flags[p] != 0):
             fail("the pages the allocator holds free are exactly the FREE pages",
                  f"page {p}, state {it.state}, free in the allocator: {free_flags[p] != 0}")
-    check_records_above(c, <const char *>c.rmap, hw, c.npages, sizeof(rmap_item), "page record")
+    check_records_above(c.res.page_size, <const char *>c.res.rmap, hw, c.res.npages,
+                        sizeof(rmap_item), "page record")
     return bytes(counts)
 
 
@@ -123,107 +113,110 @@ cdef check_frames(Core c, bytes counts):
     checksum its first page had when hashed, and a thread may write that
     page before the frame is filled (the merge stays right, since each remap
     compares the bytes, but the frame is then keyed by stale content)."""
+    cdef frame_store *fs = &c.store
     cdef const uint32_t *counted = <const uint32_t *><const char *>counts
     cdef uint32_t f, in_use = 0
-    for f in range(c.frame_high):
-        if c.frames[f].mapcount != counted[f]:
+    for f in range(fs.frame_high):
+        if fs.frames[f].mapcount != counted[f]:
             fail("a frame's mapcount is the number of MERGED pages on it",
-                 f"frame {f}: mapcount {c.frames[f].mapcount}, {counted[f]} MERGED pages")
-        in_use += c.frames[f].mapcount != 0
-    if in_use != c.frames_in_use:
+                 f"frame {f}: mapcount {fs.frames[f].mapcount}, {counted[f]} MERGED pages")
+        in_use += fs.frames[f].mapcount != 0
+    if in_use != fs.frames_in_use:
         fail("frames_in_use counts the frames with a mapcount",
-             f"frames_in_use {c.frames_in_use}, {in_use} frames mapped")
-    check_records_above(c, <const char *>c.frames, c.frame_high, c.npages, sizeof(frame_item),
-                        "frame slot")
+             f"frames_in_use {fs.frames_in_use}, {in_use} frames mapped")
+    check_records_above(fs.page_size, <const char *>fs.frames, fs.frame_high, fs.nslots,
+                        sizeof(frame_item), "frame slot")
 
 
 cdef check_stable_tree(Core c):
     """Every frame in use is in the stable tree once, in its checksum's
     bucket; no free frame is; chains end."""
-    cdef uint32_t b, f, nfr = c.frame_high, in_tree = 0
+    cdef frame_store *fs = &c.store
+    cdef uint32_t b, f, nfr = fs.frame_high, in_tree = 0
     cdef bytearray seen = bytearray(<size_t>nfr + 1)
     cdef unsigned char *s = <unsigned char *><char *>seen
-    if c.stable_mask & (c.stable_mask + 1):
-        fail("the stable tree has a power of two buckets", f"mask {c.stable_mask:#x}")
-    for b in range(c.stable_mask + 1):
-        f = c.stable[b]
+    if fs.stable_mask & (fs.stable_mask + 1):
+        fail("the stable tree has a power of two buckets", f"mask {fs.stable_mask:#x}")
+    for b in range(fs.stable_mask + 1):
+        f = fs.stable[b]
         while f != NO_FRAME:
             if f >= nfr:
                 fail("stable-tree chains link frames below frame_high", f"bucket {b}, frame {f}")
             if s[f]:
                 fail("a frame is in the stable tree once (chains end)", f"bucket {b}, frame {f}")
             s[f] = 1
-            if tree_key(c, c.frames[f].checksum, c.frames[f].node) & c.stable_mask != b:
+            if tree_key(fs, fs.frames[f].checksum, fs.frames[f].node) & fs.stable_mask != b:
                 fail("a frame sits in its checksum's (and node's) stable-tree bucket",
-                     f"frame {f} in bucket {b}, checksum {c.frames[f].checksum:#x}")
-            if c.frames[f].mapcount == 0:
+                     f"frame {f} in bucket {b}, checksum {fs.frames[f].checksum:#x}")
+            if fs.frames[f].mapcount == 0:
                 fail("a free frame (mapcount 0) is not in the stable tree", f"frame {f}")
             in_tree += 1
-            f = c.frames[f].next
+            f = fs.frames[f].next
     for f in range(nfr):
-        if c.frames[f].mapcount and not s[f]:
+        if fs.frames[f].mapcount and not s[f]:
             fail("a frame in use is in the stable tree", f"frame {f}")
 
 
 cdef check_unstable_tree(Core c):
     """Between scans there is none; during a background scan its chains
     hold exactly the pages flagged UNSTABLE, each in its checksum's bucket."""
-    cdef size_t p, hw = c.high_water, flagged = 0, linked = 0
+    cdef size_t p, hw = c.res.high_water, flagged = 0, linked = 0
     cdef uint32_t b, q
     cdef bytearray seen
     cdef unsigned char *s
     for p in range(hw):
-        flagged += c.rmap[p].flags & PAGE_UNSTABLE != 0
-    if c.unstable == NULL:
-        if c.scan_cursor != 0:
-            fail("the scan cursor is 0 between scans", f"cursor {c.scan_cursor}")
+        flagged += c.res.rmap[p].flags & PAGE_UNSTABLE != 0
+    if c.scan.unstable == NULL:
+        if c.scan.cursor != 0:
+            fail("the scan cursor is 0 between scans", f"cursor {c.scan.cursor}")
         return
-    if c.scan_cursor > hw:
-        fail("the scan cursor lies below high_water", f"cursor {c.scan_cursor}, high_water {hw}")
+    if c.scan.cursor > hw:
+        fail("the scan cursor lies below high_water", f"cursor {c.scan.cursor}, high_water {hw}")
     seen = bytearray(hw + 1)
     s = <unsigned char *><char *>seen
-    for b in range(c.unstable_mask + 1):
-        q = c.unstable[b]
+    for b in range(c.scan.unstable_mask + 1):
+        q = c.scan.unstable[b]
         while q != NO_PAGE:
-            if q >= hw or s[q] or not c.rmap[q].flags & PAGE_UNSTABLE:
+            if q >= hw or s[q] or not c.res.rmap[q].flags & PAGE_UNSTABLE:
                 fail("unstable-tree chains link distinct UNSTABLE pages and end",
                      f"bucket {b}, page {q}")
             s[q] = 1
-            if tree_key(c, c.rmap[q].checksum, c.rmap[q].node) & c.unstable_mask != b:
+            if tree_key(&c.store, c.res.rmap[q].checksum, c.res.rmap[q].node) & c.scan.unstable_mask != b:
                 fail("a page sits in its checksum's (and node's) unstable-tree bucket",
                      f"page {q}, bucket {b}")
             linked += 1
-            q = c.rmap[q].frame
+            q = c.res.rmap[q].frame
     if linked != flagged:
         fail("every UNSTABLE page is linked in the unstable tree",
              f"{flagged} flagged, {linked} linked")
 
 
-cdef check_tiers(Core c):
+cdef check_tiers(frame_store *fs):
     cdef int t
-    cdef frame_tier *top = &c.tiers[c.ntiers - 1]
-    if not 1 <= c.ntiers <= MAX_TIERS or c.tiers[0].first_frame != 0:
+    cdef frame_tier *top = &fs.tiers[fs.ntiers - 1]
+    if not 1 <= fs.ntiers <= MAX_TIERS or fs.tiers[0].first_frame != 0:
         fail("the frame store has 1 to MAX_TIERS tiers, the first from frame 0",
-             f"{c.ntiers} tiers")
-    for t in range(c.ntiers):
-        if c.tiers[t].fd < 0 or <void *>c.tiers[t].view == MAP_FAILED:
+             f"{fs.ntiers} tiers")
+    for t in range(fs.ntiers):
+        if fs.tiers[t].fd < 0 or <void *>fs.tiers[t].view == MAP_FAILED:
             fail("every tier has its memfd and view", f"tier {t}")
-        if t and c.tiers[t].first_frame <= c.tiers[t - 1].first_frame:
+        if t and fs.tiers[t].first_frame <= fs.tiers[t - 1].first_frame:
             fail("tiers are ordered by first_frame", f"tier {t}")
-    if not top.first_frame <= c.fork_fence <= c.frame_high:
+    if not top.first_frame <= fs.fork_fence <= fs.frame_high:
         fail("top tier's first_frame <= fork_fence <= frame_high",
-             f"{top.first_frame}, {c.fork_fence}, {c.frame_high}")
+             f"{top.first_frame}, {fs.fork_fence}, {fs.frame_high}")
 
 
 def check_frame_memory(Core c):
     """A frame this process may punch (top tier, at or above the fence)
     holds memory exactly while a page maps it: no frame leaks."""
-    cdef frame_tier *top = &c.tiers[c.ntiers - 1]
-    cdef uint32_t f, lo = max(top.first_frame, c.fork_fence)
-    ps = c.page_size
+    cdef frame_store *fs = &c.store
+    cdef frame_tier *top = &fs.tiers[fs.ntiers - 1]
+    cdef uint32_t f, lo = max(top.first_frame, fs.fork_fence)
+    ps = fs.page_size
     data = set()
     offset = lo * ps
-    end = c.npages * ps
+    end = fs.nslots * ps
     while offset < end:
         try:
             offset = os.lseek(top.fd, offset, os.SEEK_DATA)
@@ -235,10 +228,10 @@ def check_frame_memory(Core c):
         data.update(range(offset // ps, (hole + ps - 1) // ps))
         offset = hole
     for f in sorted(data):
-        if f >= c.frame_high or c.frames[f].mapcount == 0:
+        if f >= fs.frame_high or fs.frames[f].mapcount == 0:
             fail("a frame no page maps holds no memory (it was punched)", f"frame {f}")
-    for f in range(lo, c.frame_high):
-        if c.frames[f].mapcount and f not in data:
+    for f in range(lo, fs.frame_high):
+        if fs.frames[f].mapcount and f not in data:
             fail("a frame in use holds memory", f"frame {f}")
 
 
@@ -247,12 +240,12 @@ def check_mappings(Core c):
     pages in anonymous memory, BROKEN pages in a frame-store mapping, and a
     MERGED page in its frame's memfd, at its frame's offset."""
     cdef int t
-    ps = c.page_size
-    lo = <size_t>c.base
-    hi = lo + c.high_water * ps
+    ps = c.res.page_size
+    lo = <size_t>c.res.base
+    hi = lo + c.res.high_water * ps
     inodes = {}
-    for t in range(c.ntiers):
-        inodes[os.fstat(c.tiers[t].fd).st_ino] = t
+    for t in range(c.store.ntiers):
+        inodes[os.fstat(c.store.tiers[t].fd).st_ino] = t
     with io.open("/proc/self/maps", "rb") as maps:
         for line in maps:
             fields = line.split(None, 5)
@@ -276,7 +269,7 @@ cdef check_mapping(Core c, size_t first, size_t end, size_t pgoff, int tier):
     cdef size_t p
     cdef rmap_item *it
     for p in range(first, end):
-        it = &c.rmap[p]
+        it = &c.res.rmap[p]
         if it.state in (PAGE_MERGED, PAGE_BROKEN) and tier == -2:
             fail("MERGED and BROKEN pages lie in a frame-store mapping",
                  f"page {p}, state {it.state}")
@@ -284,7 +277,7 @@ cdef check_mapping(Core c, size_t first, size_t end, size_t pgoff, int tier):
             fail("FREE, PRIVATE and ZERO pages lie in anonymous memory",
                  f"page {p}, state {it.state}")
         if it.state == PAGE_MERGED and (pgoff + p - first != it.frame
-                                        or tier < 0 or tier_of(c, it.frame) != &c.tiers[tier]):
+                                        or tier < 0 or tier_of(&c.store, it.frame) != &c.store.tiers[tier]):
             fail("a MERGED page maps its own frame, in its tier's memfd",
                  f"page {p}: frame {it.frame}, mapped at file page {pgoff + p - first} "
                  f"of tier {tier}")
@@ -293,22 +286,23 @@ cdef check_mapping(Core c, size_t first, size_t end, size_t pgoff, int tier):
 def check_page_tables(Core c):
     """Where pagemap shows frame numbers (root): a MERGED page that maps a
     file page maps the very page of memory its frame is."""
-    cdef size_t p, ps = c.page_size
+    cdef size_t p
     cdef uint64_t entry = 0, frame_entry = 0
     cdef const char *content
     cdef volatile char touch
-    if c.pagemap_pid != getpid() and open_pagemap(c) != 0:
-        raise OSError(errno, "cannot open /proc/self/pagemap")
-    for p in range(c.high_water):
-        if c.rmap[p].state != PAGE_MERGED:
+    cdef int err
+    for p in range(c.res.high_water):
+        if c.res.rmap[p].state != PAGE_MERGED:
             continue
-        if pread(c.pagemap_fd, &entry, 8, <long>((<size_t>c.base // ps + p) * 8)) != 8:
-            raise OSError(errno, "cannot read /proc/self/pagemap")
+        err = pagemap_entry(&c.tables, page_address(&c.res, p), &entry)
+        if err:
+            raise OSError(err, "cannot read /proc/self/pagemap")
         if not (entry & PM_PRESENT and entry & PM_FILE):
             continue                    # not faulted in, or written (BROKEN at the next refresh)
-        content = frame_address(c, c.rmap[p].frame)
+        content = frame_address(&c.store, c.res.rmap[p].frame)
         touch = content[0]              # the view maps the frame's page
-        if pread(c.pagemap_fd, &frame_entry, 8, <long>(<size_t>content // ps * 8)) != 8:
-            raise OSError(errno, "cannot read /proc/self/pagemap")
+        err = pagemap_entry(&c.tables, content, &frame_entry)
+        if err:
+            raise OSError(err, "cannot read /proc/self/pagemap")
         if entry & PM_PFN != frame_entry & PM_PFN:
-            fail("a MERGED page maps its frame's memory", f"page {p}, frame {c.rmap[p].frame}")
+            fail("a MERGED page maps its frame's memory", f"page {p}, frame {c.res.rmap[p].frame}")

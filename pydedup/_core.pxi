@@ -2,17 +2,11 @@
 # the operations pydedup/pages.py calls, each under the arena's lock.
 import os
 
-cdef void *map_lazily(size_t length) noexcept nogil:
-    """Zero-filled memory that costs nothing until touched."""
-    return mmap(NULL, length, PROT_READ | PROT_WRITE,
-                MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-
-
-cdef uint32_t zero_page_checksum(Core c) except? 0:
-    cdef void *zeros = calloc(1, c.page_size)
+cdef uint32_t zero_page_checksum(pd_xxh3_fn xxh3, size_t page_size) except? 0:
+    cdef void *zeros = calloc(1, page_size)
     if zeros == NULL:
         raise MemoryError()
-    checksum = <uint32_t>c.xxh3(zeros, c.page_size)
+    checksum = <uint32_t>xxh3(zeros, page_size)
     free(zeros)
     return checksum
 
@@ -22,76 +16,132 @@ cdef class Core:
     reserved at once; records and frames only cost memory once used."""
 
     def __cinit__(self, size_t npages, size_t xxh3_address):
-        self.tiers[0] = frame_tier(0, -1, <char *>MAP_FAILED)
-        self.ntiers = 1
-        self.pagemap_fd = -1
-        self.maps_fd = -1
-        self.barrier_uffd = -1
-        self.track_uffd = -1
-        self.base = <char *>MAP_FAILED
-        self.rmap = <rmap_item *>MAP_FAILED
-        self.frames = <frame_item *>MAP_FAILED
+        cdef size_t page_size = sysconf(_SC_PAGESIZE)
+        cdef int err
+        self.res.base = <char *>MAP_FAILED
+        self.res.rmap = <rmap_item *>MAP_FAILED
+        self.res.page_size = page_size
+        nodes_init(&self.nodes)
+        barrier_init(&self.wb)
+        self.tables.track_uffd = -1
+        self.tables.pagemap.fd = self.tables.maps.fd = -1
+        self.store.tiers[0] = frame_tier(0, -1, <char *>MAP_FAILED)
+        self.store.ntiers = 1
         if npages == 0 or npages >= NO_PAGE:
             raise ValueError(f"an arena holds 1 to {NO_PAGE - 1} pages, not {npages}")
-        self.page_size = sysconf(_SC_PAGESIZE)
-        self.zero_colours = 1
-        self.merge_across_nodes = True
-        self.nnodes = 1
-        self.policy_node = -1
-        self.npages = npages
+        self.res.npages = npages
         self.xxh3 = <pd_xxh3_fn>xxh3_address
-        self.base = <char *>map_lazily(npages * self.page_size)
-        self.rmap = <rmap_item *>map_lazily(npages * sizeof(rmap_item))
-        self.frames = <frame_item *>map_lazily(npages * sizeof(frame_item))
-        if MAP_FAILED in (<void *>self.base, <void *>self.rmap, <void *>self.frames):
+        self.res.base = <char *>map_lazily(npages * page_size)
+        self.res.rmap = <rmap_item *>map_lazily(npages * sizeof(rmap_item))
+        if MAP_FAILED in (<void *>self.res.base, <void *>self.res.rmap):
             raise MemoryError(f"cannot reserve {npages} pages of address space")
-        madvise(self.base, npages * self.page_size, MADV_NOHUGEPAGE)  # a merge would split a huge page
-        self.tiers[0].fd = pd_memfd_create(b"pydedup-frames")
-        if self.tiers[0].fd < 0 or ftruncate(self.tiers[0].fd, <long>(npages * self.page_size)) != 0:
-            raise OSError(errno, "cannot create the frame store (memfd_create)")
-        self.tiers[0].view = <char *>mmap(NULL, npages * self.page_size, PROT_READ,
-                                          MAP_SHARED | MAP_NORESERVE, self.tiers[0].fd, 0)
-        if <void *>self.tiers[0].view == MAP_FAILED:
-            raise MemoryError("cannot map the frame store")
-        self.stable_mask = 15
-        self.stable = <uint32_t *>malloc(16 * sizeof(uint32_t))
-        self.orphans_cap = 64
-        self.orphans = <uint32_t *>malloc(self.orphans_cap * sizeof(uint32_t))
-        if self.stable == NULL or self.orphans == NULL:
-            raise MemoryError()
-        memset(self.stable, 0xFF, 16 * sizeof(uint32_t))
-        self.zero_checksum = zero_page_checksum(self)
-        probe_page_tables(self)
-        start_tracking(self)
+        madvise(self.res.base, npages * page_size, MADV_NOHUGEPAGE)  # a merge would split a huge page
+        err = frames_open(&self.store, page_size, npages, zero_page_checksum(self.xxh3, page_size))
+        if err == ENOMEM:
+            raise MemoryError(f"cannot reserve the frame store of {npages} pages")
+        if err:
+            raise OSError(err, "cannot create the frame store (memfd_create)")
+        page_tables_open(&self.tables, self.res.base, page_size, npages)
+        start_tracking(&self.tables)
 
     def __dealloc__(self):
-        cdef size_t ps = self.page_size
-        cdef int t
-        if <void *>self.base != MAP_FAILED:
-            munmap(self.base, self.npages * ps)
-        for t in range(self.ntiers):
-            close_tier(self, &self.tiers[t])
-        if <void *>self.rmap != MAP_FAILED:
-            munmap(self.rmap, self.npages * sizeof(rmap_item))
-        if <void *>self.frames != MAP_FAILED:
-            munmap(self.frames, self.npages * sizeof(frame_item))
-        for fd in (self.pagemap_fd, self.maps_fd, self.barrier_uffd, self.track_uffd):
-            if fd >= 0:
-                close(fd)
-        free(self.stable)
-        free(self.orphans)
-        free(self.unstable)
+        if <void *>self.res.base != MAP_FAILED:
+            munmap(self.res.base, self.res.npages * self.res.page_size)
+        if <void *>self.res.rmap != MAP_FAILED:
+            munmap(self.res.rmap, self.res.npages * sizeof(rmap_item))
+        frames_close(&self.store)
+        page_tables_close(&self.tables)
+        barrier_close(&self.wb)
+        scan_close(self)
+
+    # -- what the parts hold, read-only (and the two knobs tests set) ----------
+
+    @property
+    def page_size(self):
+        return self.res.page_size
+
+    @property
+    def npages(self):
+        """Arena pages reserved."""
+        return self.res.npages
+
+    @property
+    def high_water(self):
+        """Pages [high_water, npages) were never used."""
+        return self.res.high_water
+
+    @property
+    def frames_in_use(self):
+        return self.store.frames_in_use
+
+    @property
+    def frame_high(self):
+        """Frame slots [frame_high, npages) were never used."""
+        return self.store.frame_high
+
+    @property
+    def fork_fence(self):
+        """Frames below it existed at a fork: shared with another process,
+        never punched or reused."""
+        return self.store.fork_fence
+
+    @property
+    def zero_colours(self):
+        """Zero frames are kept apart by page colour (zero_page_colours)."""
+        return self.store.zero_colours
+
+    @zero_colours.setter
+    def zero_colours(self, uint32_t colours):
+        self.store.zero_colours = colours
+
+    @property
+    def merge_across_nodes(self):
+        """One pair of trees; else one a node."""
+        return merges_across_nodes(&self.store)
+
+    @property
+    def nnodes(self):
+        """Nodes pages may be on (1: no lookups)."""
+        return self.nodes.nnodes
+
+    @property
+    def scan_cursor(self):
+        """The next page the background scan looks at."""
+        return self.scan.cursor
+
+    @property
+    def barrier(self):
+        """The barrier_mode chosen; 0 before set_barrier()."""
+        return self.wb.mode
+
+    @property
+    def restored_in_pieces(self):
+        """Runs RLIMIT_DATA kept read-only (_barrier.pxi restore_in_pieces)."""
+        return self.wb.restored_in_pieces
+
+    @property
+    def squeeze_data(self):
+        """Tests: runs under mprotect lose their RLIMIT_DATA room meanwhile."""
+        return self.wb.squeeze_data
+
+    @squeeze_data.setter
+    def squeeze_data(self, bint squeeze):
+        self.wb.squeeze_data = squeeze
+
+    @property
+    def has_pagemap_scan(self):
+        return self.tables.has_pagemap_scan
 
     @property
     def base_address(self):
-        return <size_t>self.base
+        return <size_t>self.res.base
 
     @property
     def memfd(self):
         """The memfd new frames go to (the top tier's). In a forked child it
         is the child's own: the frames it inherited live in its parent's
         memfd(s), shared with the parent, and are not in this one."""
-        return self.tiers[self.ntiers - 1].fd
+        return frames_memfd(&self.store)
 
     # -- NUMA nodes (_numa.pxi) ------------------------------------------------
 
@@ -99,19 +149,19 @@ cdef class Core:
         """KSM's merge_across_nodes. It decides which tree each frame is in,
         so it changes only while no page is merged (KSM answers EBUSY)."""
         cdef pass_stats dropped
-        if value == self.merge_across_nodes:
+        if value == merges_across_nodes(&self.store):
             return
         if self.frames_in_use:
             raise RuntimeError(
                 f"merge_across_nodes cannot change while pages are merged ({self.frames_in_use} "
                 f"frames in use; KSM answers EBUSY): unmerge() first")
-        if self.unstable != NULL:       # a background scan keyed its tree the old way
+        if scan_in_progress(self):      # a background scan keyed its tree the old way
             end_scan(self, &dropped)
-        self.merge_across_nodes = value
+        frames_set_across_nodes(&self.store, value)
 
     def set_nodes(self, int nnodes):
         """How many nodes pages may be on; with one, nodes are never looked up."""
-        self.nnodes = max(nnodes, 1)
+        self.nodes.nnodes = max(nnodes, 1)
 
     def simulate_nodes(self, nodes):
         """Take each page's node from `nodes`, a writable uint16 buffer with
@@ -120,17 +170,17 @@ cdef class Core:
         for. None: ask the kernel again."""
         cdef uint16_t[::1] view
         if nodes is None:
-            self.simulated, self.simulated_nodes = NULL, None
+            self.nodes.simulated, self.simulated_nodes = NULL, None
             return
         view = nodes
-        if <size_t>view.shape[0] != self.npages:
-            raise ValueError(f"a node map needs one entry per page ({self.npages}), not {view.shape[0]}")
-        self.simulated, self.simulated_nodes = &view[0], nodes
+        if <size_t>view.shape[0] != self.res.npages:
+            raise ValueError(f"a node map needs one entry per page ({self.res.npages}), not {view.shape[0]}")
+        self.nodes.simulated, self.simulated_nodes = &view[0], nodes
 
     @property
     def simulating(self):
         """Whether pages' nodes come from a simulated map (simulate_nodes)."""
-        return self.simulated != NULL
+        return self.nodes.simulated != NULL
 
     def place(self, size_t first, size_t n, tuple nodes):
         """Memory of pages [first, first + n) from `nodes`: one node, several
@@ -139,23 +189,24 @@ cdef class Core:
         cdef unsigned long mask[NODE_MASK_WORDS]
         cdef int mode = PD_MPOL_DEFAULT if not nodes else PD_MPOL_PREFERRED if len(nodes) == 1 else PD_MPOL_INTERLEAVE
         self.check_range(first, n)
-        if self.simulated != NULL:
+        if self.nodes.simulated != NULL:
             for i in range(n):
-                self.simulated[first + i] = nodes[i % len(nodes)] if nodes else 0
+                self.nodes.simulated[first + i] = nodes[i % len(nodes)] if nodes else 0
             return
         memset(mask, 0, sizeof(mask))
         for node in nodes:
             mask[node // 64] |= 1UL << (node % 64)
-        if n and pd_mbind(page_address(self, first), n * self.page_size, mode,
+        if n and pd_mbind(page_address(&self.res, first), n * self.res.page_size, mode,
                           mask if nodes else NULL) != 0:
             raise OSError(errno, f"cannot place pages on NUMA nodes {list(nodes)} (mbind)")
 
     def frames_by_node(self):
         """{node: frames in use written for it}."""
         counts = {}
-        for f in range(self.frame_high):
-            if self.frames[f].mapcount:
-                counts[self.frames[f].node] = counts.get(self.frames[f].node, 0) + 1
+        for f in range(self.store.frame_high):
+            if frame_mapcount(&self.store, f):
+                node = frame_node(&self.store, f)
+                counts[node] = counts.get(node, 0) + 1
         return counts
 
     @property
@@ -164,47 +215,52 @@ cdef class Core:
         6.11), which lets a spent mapping budget still pay for remaps that
         add no mapping."""
         cdef mapping m
-        return find_mapping(self, <uint64_t>self.base, &m) == 0
+        return find_mapping(&self.tables, <uint64_t>self.res.base, &m) == 0
 
     @property
     def frame_store_tiers(self):
         """The tiers of the frame store, bottom first, as (first_frame, memfd)."""
-        return [(self.tiers[t].first_frame, self.tiers[t].fd) for t in range(self.ntiers)]
+        return [(self.store.tiers[t].first_frame, self.store.tiers[t].fd)
+                for t in range(self.store.ntiers)]
 
     cdef void check_range(self, size_t first, size_t n) except *:
-        if first > self.npages or n > self.npages - first:
-            raise IndexError(f"pages [{first}, {first + n}) are outside the arena's {self.npages}")
+        if first > self.res.npages or n > self.res.npages - first:
+            raise IndexError(f"pages [{first}, {first + n}) are outside the arena's {self.res.npages}")
 
     def adopt(self, size_t first, size_t n):
         """Pages of a new array: FREE (zero-filled) to PRIVATE."""
         self.check_range(first, n)
         for p in range(first, first + n):
-            self.rmap[p] = rmap_item(0, 0, PAGE_PRIVATE, 0, 0)
-        self.high_water = max(self.high_water, first + n)
+            self.res.rmap[p] = rmap_item(0, 0, PAGE_PRIVATE, 0, 0)
+        self.res.high_water = max(self.res.high_water, first + n)
 
     def release(self, size_t first, size_t n):
         """Pages of a dead array back to FREE: zero-filled and holding no
         memory. False if the kernel refused to remap them (mapping limit)."""
         cdef bint in_frame_store = False
+        cdef char *addr
+        cdef size_t length
         cdef int err
         self.check_range(first, n)
         for p in range(first, first + n):
-            in_frame_store |= self.rmap[p].state in (PAGE_MERGED, PAGE_BROKEN)
+            in_frame_store |= self.res.rmap[p].state in (PAGE_MERGED, PAGE_BROKEN)
+        addr = page_address(&self.res, first)
+        length = n * self.res.page_size
         with nogil:
             if in_frame_store:
-                err = map_anonymous(self, page_address(self, first), n * self.page_size)
+                err = map_anonymous(addr, length)
                 if err == 0:
-                    self.remapped = True
-                    track_range(self, page_address(self, first), n * self.page_size)
+                    self.res.remapped = True
+                    track_range(&self.tables, addr, length)
             else:
-                err = errno if madvise(page_address(self, first), n * self.page_size, MADV_DONTNEED) else 0
+                err = errno if madvise(addr, length, MADV_DONTNEED) else 0
             if err == 0:
                 for p in range(first, first + n):
                     unstable_tree_erase(self, p)
-                    if self.rmap[p].state == PAGE_MERGED:
-                        frame_put(self, self.rmap[p].frame)
-                    self.rmap[p] = rmap_item(0, 0, PAGE_FREE, 0, 0)
-                reclaim_frames(self)
+                    if self.res.rmap[p].state == PAGE_MERGED:
+                        frame_put(&self.store, self.res.rmap[p].frame)
+                    self.res.rmap[p] = rmap_item(0, 0, PAGE_FREE, 0, 0)
+                reclaim_frames(&self.store)
         return err == 0
 
     def forget_cuts(self):
@@ -215,13 +271,14 @@ cdef class Core:
         if nothing was remapped; if the kernel refuses (the mapping limit),
         it is tried again at the next release."""
         cdef int err = 0
-        if not self.remapped:
+        cdef size_t length = self.res.npages * self.res.page_size
+        if not self.res.remapped:
             return
         with nogil:
-            err = map_anonymous(self, self.base, self.npages * self.page_size)
+            err = map_anonymous(self.res.base, length)
             if err == 0:
-                self.remapped = False
-                track_range(self, self.base, self.npages * self.page_size)
+                self.res.remapped = False
+                track_range(&self.tables, self.res.base, length)
 
     def merge(self, bint use_zero_pages, uint32_t max_page_sharing, long mappings_left):
         """One whole scan, now; returns what it did as a dict of pass_stats."""
@@ -246,28 +303,28 @@ cdef class Core:
         progress. mappings_left is the mapping budget of a scan, taken when
         one begins (at scan_cursor 0). Returns (this step's pass_stats,
         whether a scan ended)."""
-        cdef pass_stats before = self.scan
+        cdef pass_stats before = self.scan.stats
         cdef scan_knobs k = scan_knobs(use_zero_pages, max_page_sharing, False)
         cdef bint scan_done = False
         cdef int err
         self.check_can_merge()
-        if self.unstable == NULL:
-            self.scan.mappings_left = mappings_left
+        if not scan_in_progress(self):
+            self.scan.stats.mappings_left = mappings_left
         with nogil:
-            err = scan_batch(self, npages, &k, &self.scan, &scan_done)
+            err = scan_batch(self, npages, &k, &scan_done)
         step = {key: value - before.get(key, 0) if not key.endswith("left") else value
-                for key, value in (<dict>self.scan).items()}
+                for key, value in (<dict>self.scan.stats).items()}
         if scan_done:
             self.full_scans += 1
-            self.pages_unshared = self.scan.unshared
-            self.pages_volatile = self.scan.volatile
-            memset(&self.scan, 0, sizeof(self.scan))
+            self.pages_unshared = self.scan.stats.unshared
+            self.pages_volatile = self.scan.stats.volatile
+            memset(&self.scan.stats, 0, sizeof(pass_stats))
         if err:
             raise OSError(err, "background scan failed")
         return step, scan_done
 
     cdef check_can_merge(self):
-        if self.barrier == 0:
+        if self.wb.mode == 0:
             raise RuntimeError("no write barrier chosen: call set_barrier() first")
         if self.merge_refusal is not None:
             raise RuntimeError(self.merge_refusal)
@@ -277,38 +334,33 @@ cdef class Core:
         'mprotect' (and a SIGSEGV handler)."""
         cdef int err
         if mode == "uffd":
-            err = open_barrier_uffd(self)
+            err = barrier_use_uffd(&self.wb)
             if err:
                 raise OSError(err, "the 'uffd' barrier needs userfaultfd, which this process may "
                                    "not use (it takes CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1"
                                    " and Linux 5.19+)")
-            self.barrier = BARRIER_UFFD
         elif mode == "mprotect":
-            err = pd_barrier_install()
+            err = barrier_use_mprotect(&self.wb)
             if err:
                 raise OSError(err, "cannot install the SIGSEGV handler of the 'mprotect' barrier")
-            self.barrier = BARRIER_MPROTECT
-            if self.barrier_uffd >= 0:
-                close(self.barrier_uffd)
-                self.barrier_uffd = -1
         else:
             raise ValueError(f"barrier is 'uffd' or 'mprotect', not {mode!r}")
 
     def set_tracking(self, bint on):
         """Track written pages, if the kernel can (see `tracking`)."""
-        if on and self.track_uffd < 0:
-            start_tracking(self)
+        if on and not tracking(&self.tables):
+            start_tracking(&self.tables)
         elif not on:
-            stop_tracking(self)
+            stop_tracking(&self.tables)
 
     @property
     def tracking(self):
         """Whether written pages are tracked (else every page counts as written)."""
-        return self.track_uffd >= 0
+        return tracking(&self.tables)
 
     @property
     def barrier_name(self):
-        return {BARRIER_UFFD: "uffd", BARRIER_MPROTECT: "mprotect"}.get(self.barrier, "none")
+        return {BARRIER_UFFD: "uffd", BARRIER_MPROTECT: "mprotect"}.get(self.wb.mode, "none")
 
     def fork_happened(self, bint in_child):
         """After fork, parent and child share the frame store: frames that
@@ -319,10 +371,10 @@ cdef class Core:
         have one, it may not merge (it can still read, write, free, unmerge).
         Called from the at-fork hooks: never raises."""
         cdef int err
-        self.fork_fence = max(self.fork_fence, self.frame_high)
+        frames_fence(&self.store)
         if in_child:
             self.forked_child = True
-            err = push_tier(self)
+            err = push_tier(&self.store)
             if err == 0:
                 self.merge_refusal = None
             elif err < 0:
@@ -336,12 +388,12 @@ cdef class Core:
                     f"merging in this forked process is not possible: it could not make a "
                     f"memfd of its own for new frames ({os.strerror(err)}); it can read, "
                     f"write, free and unmerge")
-        if in_child and self.track_uffd >= 0:
+        if in_child and tracking(&self.tables):
             # The inherited userfaultfd tracks the parent; the child's pages
             # lost their protection, so all count as written until retracked.
-            stop_tracking(self)
-            start_tracking(self)
-        if in_child and self.barrier == BARRIER_UFFD and open_barrier_uffd(self) != 0:
+            stop_tracking(&self.tables)
+            start_tracking(&self.tables)
+        if in_child and self.wb.mode == BARRIER_UFFD and barrier_use_uffd(&self.wb) != 0:
             # The inherited userfaultfd acts on the parent's memory: never
             # use it (set_barrier closes it).
             self.set_barrier("mprotect")
@@ -368,10 +420,10 @@ cdef class Core:
         for p in range(first, first + n):
             if unmergeable:
                 unstable_tree_erase(self, p)
-                self.rmap[p].flags |= PAGE_UNMERGEABLE
-            elif self.rmap[p].flags & PAGE_UNMERGEABLE:
+                self.res.rmap[p].flags |= PAGE_UNMERGEABLE
+            elif self.res.rmap[p].flags & PAGE_UNMERGEABLE:
                 # Writes to it were not looked at: hash it again.
-                self.rmap[p].flags &= ~(PAGE_UNMERGEABLE | PAGE_CHECKSUMMED)
+                self.res.rmap[p].flags &= ~(PAGE_UNMERGEABLE | PAGE_CHECKSUMMED)
 
     def counts(self, size_t first, size_t n):
         """Pages of [first, first + n) by state, and the pages they save: a
@@ -382,10 +434,10 @@ cdef class Core:
         cdef double saved = 0
         cdef rmap_item *it
         self.check_range(first, n)
-        if n and read_categories(self, first, n, &cats[0]) != 0:
+        if n and read_categories(&self.tables, first, n, &cats[0]) != 0:
             raise OSError(errno, "cannot read the page tables")
         for p in range(first, first + n):
-            it = &self.rmap[p]
+            it = &self.res.rmap[p]
             used += it.state != PAGE_FREE
             unmergeable += it.state != PAGE_FREE and it.flags & PAGE_UNMERGEABLE != 0
             if it.state == PAGE_PRIVATE or it.state == PAGE_BROKEN:
@@ -393,7 +445,7 @@ cdef class Core:
                 resident += cats[p - first] & (PD_PAGE_IS_PRESENT | PD_PAGE_IS_SWAPPED) != 0
             elif it.state == PAGE_MERGED:
                 merged += 1
-                saved += 1.0 - 1.0 / self.frames[it.frame].mapcount
+                saved += 1.0 - 1.0 / frame_mapcount(&self.store, it.frame)
             elif it.state == PAGE_ZERO:
                 zero += 1
                 saved += 1.0
@@ -404,15 +456,14 @@ cdef class Core:
         """The kernel's PAGE_IS_* categories of each page, as bytes."""
         cdef uint8_t[::1] cats = bytearray(n)
         self.check_range(first, n)
-        if n and read_categories(self, first, n, &cats[0]) != 0:
+        if n and read_categories(&self.tables, first, n, &cats[0]) != 0:
             raise OSError(errno, "cannot read the page tables")
         return bytes(cats)
 
     def metadata_bytes(self):
         """Memory the bookkeeping holds: records up to the high water, frame
         slots ever used, stable-tree buckets."""
-        return (self.high_water * sizeof(rmap_item) + self.frame_high * sizeof(frame_item)
-                + (self.stable_mask + 1) * sizeof(uint32_t) + self.orphans_cap * sizeof(uint32_t))
+        return self.res.high_water * sizeof(rmap_item) + frames_metadata_bytes(&self.store)
 
     @staticmethod
     def record_sizes():

@@ -53,6 +53,32 @@
 #   frames_in_use == #{f : frames[f].mapcount > 0}
 #   tiers[ntiers - 1].first_frame <= fork_fence <= frame_high: every frame that
 #   can be written, punched or reused lies in the top tier
+#
+# The parts of the core, in include order (_fast.pyx), after mm/ksm.c's
+# records. Each owns its record and the invariants on it; the parts after it
+# call its functions (declared in its .pxd), never the record's fields, and
+# never a part included after them (tests/test_core_source.py):
+#
+#   base         _base        the reservation (Core.res): page addresses,
+#                             anonymous maps, populate-write, the clock
+#   nodes        _numa        node_map: which NUMA node a page is on, and the
+#                             thread's memory policy while a pass writes frames
+#   frame store  _frames      frame_store (KSM's stable nodes): the tiers of
+#                             memfds, the frame table, the stable tree, orphans
+#                             and reclaim, the fork fence. Plain C, no Python
+#                             object, every address and fd inside: ready to
+#                             live in memory shared by processes
+#   page tables  _pagemap,    page_tables: pagemap / PAGEMAP_SCAN, PROCMAP_QUERY,
+#                _maps,       the tracking userfaultfd; every /proc descriptor
+#                _track       reopened after a fork in one place
+#   barrier      _barrier     write_barrier: how a run is write-protected while
+#                             it is compared and remapped
+#   remap        _remap       applying a pass's targets in runs (no record)
+#   scan         _scan        scan_state (KSM's ksm_scan): the unstable tree,
+#                             the cursor, the last new frame, the pass's stats
+#   Core         _core        the Python face: the reservation, holding the parts
+#   Block        _block       the buffer arrays are made on; PageOwner
+#   checks       _check       the invariant checker
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from pydedup._os cimport pd_xxh3_fn
 
@@ -88,26 +114,6 @@ cdef struct frame_item:            # 16 bytes, one per frame slot
     uint16_t node                  # the NUMA node (pool) it was written for
     uint16_t spare                 # room to grow
 
-cdef enum:
-    MAX_TIERS = 8                  # memfds of a frame store: one, plus one a fork level
-
-cdef struct frame_tier:            # one memfd of the frame store
-    uint32_t first_frame           # frames [first_frame, next tier's first_frame) live here
-    int fd                         # the memfd, frame f at offset f * page_size; -1 if none
-    char *view                     # read-only shared window on the memfd from frame
-                                   # first_frame: frame f at (f - first_frame) * page_size
-
-cdef enum barrier_mode:           # how a run is write-protected while it is merged
-    BARRIER_MPROTECT = 1           # mprotect and a SIGSEGV handler that waits
-    BARRIER_UFFD = 2               # userfaultfd write-protect: the kernel waits
-
-cdef enum:
-    NODE_MASK_WORDS = 16           # longs in a NUMA node mask (PD_MAX_NODES bits)
-
-cdef struct mem_policy:            # a thread's NUMA memory policy, kept to restore
-    int mode
-    unsigned long mask[NODE_MASK_WORDS]
-
 cdef struct scan_knobs:            # what a scan is asked to do
     bint use_zero_pages
     uint32_t max_page_sharing
@@ -132,63 +138,42 @@ cdef struct pass_stats:            # what one merge pass did
     double decide_seconds          # zero tests, checksums, tree searches
     double apply_seconds           # checks under way to the remap, and the remaps
 
+cdef class Core                    # below, once the records of its parts are known
+
+# The parts, in include order: each .pxd holds a part's record and the
+# prototypes of the functions the parts after it may call.
+include "_base.pxd"
+include "_numa.pxd"
+include "_frames.pxd"
+include "_pagemap.pxd"
+include "_barrier.pxd"
+include "_remap.pxd"
+include "_scan.pxd"
+
+
 cdef class Core:
-    cdef readonly size_t page_size
-    cdef char *base                    # first byte of the reservation
-    cdef readonly size_t npages        # arena pages reserved
-    cdef readonly size_t high_water    # pages [high_water, npages) were never used
-    cdef bint remapped                 # mappings were laid inside the reservation since
-                                       # it was last one mapping (forget_cuts)
-    cdef rmap_item *rmap               # npages records, mapped lazily
+    cdef reservation res               # the arena's pages and their rmap items (_base)
     cdef pd_xxh3_fn xxh3
-    # the frame store
-    cdef frame_tier tiers[MAX_TIERS]   # by first_frame, tiers[0] from frame 0;
-    cdef int ntiers                    # new frames go to tiers[ntiers - 1] (`memfd`)
-    cdef frame_item *frames            # npages frame slots, mapped lazily
-    cdef readonly uint32_t frames_in_use
-    cdef readonly uint32_t frame_high  # slots [frame_high, npages) were never used
-    cdef uint32_t frame_cursor         # where the next-fit search resumes
-    cdef readonly uint32_t fork_fence  # frames below it existed at a fork: shared
-                                       # with another process, never punched or reused
+    cdef node_map nodes                # NUMA nodes (_numa)
+    cdef frame_store store             # the frame store (_frames)
+    cdef page_tables tables            # reading the page tables (_pagemap, _maps, _track)
+    cdef write_barrier wb              # the write barrier (_barrier)
+    cdef scan_state scan               # the scan in progress (_scan)
     cdef readonly bint forked_child    # this process is a child forked with the arena
-    cdef readonly object merge_refusal # why this process may not merge (a forked child
-                                       # without a tier of its own), or None
-    cdef uint32_t *stable              # stable-tree bucket heads
-    cdef uint32_t zero_checksum        # of a page of zeros
-    cdef public uint32_t zero_colours  # zero frames are kept apart by page colour
-    cdef uint32_t stable_mask          # buckets - 1, a power of two minus one
-    cdef uint32_t *orphans             # frames whose mapcount fell to 0, to reclaim
-    cdef size_t norphans, orphans_cap
-    # the scan in progress (KSM's ksm_scan)
-    cdef uint32_t *unstable            # unstable-tree bucket heads; NULL between scans
-    cdef uint32_t unstable_mask
-    cdef readonly size_t scan_cursor   # the next page the background scan looks at
-    cdef uint32_t last_new_frame       # the frame a scan wrote last
-    cdef pass_stats scan               # what the background scan in progress did
-    cdef int track_uffd                # written-page tracking (_track.pxi), or -1
-    # the write barrier
-    cdef readonly int barrier          # barrier_mode
-    cdef int barrier_uffd              # the userfaultfd of BARRIER_UFFD, or -1
-    cdef bint data_limited             # RLIMIT_DATA is finite: runs under mprotect hold room
-    cdef readonly uint64_t restored_in_pieces  # runs RLIMIT_DATA kept read-only (_barrier.pxi)
-    cdef public bint squeeze_data      # tests: runs under mprotect lose their room meanwhile
-    # reading the page tables
-    cdef int pagemap_fd
-    cdef int pagemap_pid               # the process pagemap_fd belongs to
-    cdef readonly bint has_pagemap_scan
-    cdef uint64_t zero_pfn             # 0 when pagemap hides frame numbers
-    # NUMA nodes (_numa.pxi)
-    cdef readonly bint merge_across_nodes  # one pair of trees; else one per node
-    cdef readonly int nnodes           # nodes pages may be on (1: no lookups)
-    cdef object simulated_nodes        # a writable uint16 map page -> node, or None
-    cdef uint16_t *simulated           # its data: nodes come from it, not the kernel
-    cdef int policy_node               # the node a pass prefers for new memory, or -1
-    cdef mem_policy saved_policy       # the thread's own policy while policy_node >= 0
-    # reading the mappings (_maps.pxi)
-    cdef int maps_fd                   # /proc/self/maps, for PROCMAP_QUERY; -1 if not open
-    cdef int maps_pid                  # the process maps_fd belongs to
+    cdef readonly object merge_refusal  # why this process may not merge (a forked
+                                        # child without a tier of its own), or None
+    cdef object simulated_nodes        # the writable uint16 buffer nodes.simulated is, or None
     # counters of the last pass, after KSM
     cdef readonly uint64_t full_scans, pages_unshared, pages_volatile
 
     cdef void check_range(self, size_t first, size_t n) except *
     cdef check_can_merge(self)
+
+
+cdef class PageOwner:
+    """The page allocator (pydedup/pages.py) as the core and numpy's handler
+    see it: a typed interface, so nothing below calls up into Python by a
+    method's name. Pages subclasses it."""
+    cpdef object take_pages(self, size_t npages)
+    cpdef bint take_at(self, size_t first, size_t npages)
+    cpdef give_back(self, size_t first, size_t npages)

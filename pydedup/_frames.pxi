@@ -1,227 +1,376 @@
-# The frame store: memfds whose pages (frames) hold merged content, the
-# stable tree that finds a frame by content, and reclaim of frames that no
-# arena page maps any more. A process has one memfd, or after a fork one a
-# tier (_fast.pxd); frame f is at offset f * page_size of its tier's memfd.
+# The frame store (_frames.pxd): memfds whose pages (frames) hold merged
+# content, the stable tree that finds a frame by content, and reclaim of
+# frames that no arena page maps any more. A process has one memfd, or after
+# a fork one a tier (_fast.pxd); frame f is at offset f * page_size of its
+# tier's memfd.
 
-cdef inline frame_tier *tier_of(Core c, uint32_t f) noexcept nogil:
+cdef int frames_open(frame_store *fs, size_t page_size, size_t nslots,
+                     uint32_t zero_checksum) noexcept nogil:
+    """An empty store of nslots frame slots, with its first memfd; 0 or an
+    errno. frames_close() undoes it, also after a failure."""
+    PD_ASSERT(0 < nslots < NO_FRAME, "frames_open: 1 to NO_FRAME - 1 slots")
+    memset(fs, 0, sizeof(frame_store))
+    fs.page_size = page_size
+    fs.nslots = nslots
+    fs.tiers[0] = frame_tier(0, -1, <char *>MAP_FAILED)
+    fs.ntiers = 1
+    fs.zero_checksum = zero_checksum
+    fs.zero_colours = 1
+    fs.merge_across_nodes = True
+    fs.frames = <frame_item *>map_lazily(nslots * sizeof(frame_item))
+    if <void *>fs.frames == MAP_FAILED:
+        return ENOMEM
+    fs.stable_mask = 15
+    fs.stable = <uint32_t *>malloc(16 * sizeof(uint32_t))
+    fs.orphans_cap = 64
+    fs.orphans = <uint32_t *>malloc(fs.orphans_cap * sizeof(uint32_t))
+    if fs.stable == NULL or fs.orphans == NULL:
+        return ENOMEM
+    memset(fs.stable, 0xFF, 16 * sizeof(uint32_t))
+    fs.tiers[0].fd = pd_memfd_create(b"pydedup-frames")
+    if fs.tiers[0].fd < 0 or ftruncate(fs.tiers[0].fd, <long>(nslots * page_size)) != 0:
+        return errno
+    fs.tiers[0].view = <char *>mmap(NULL, nslots * page_size, PROT_READ,
+                                    MAP_SHARED | MAP_NORESERVE, fs.tiers[0].fd, 0)
+    if <void *>fs.tiers[0].view == MAP_FAILED:
+        return errno
+    return 0
+
+
+cdef void frames_close(frame_store *fs) noexcept nogil:
+    cdef int t
+    for t in range(fs.ntiers):
+        close_tier(fs, &fs.tiers[t])
+    if fs.frames != NULL and <void *>fs.frames != MAP_FAILED:
+        munmap(fs.frames, fs.nslots * sizeof(frame_item))
+    fs.frames = NULL
+    free(fs.stable)
+    free(fs.orphans)
+    fs.stable = fs.orphans = NULL
+
+
+cdef frame_tier *tier_of(frame_store *fs, uint32_t f) noexcept nogil:
     """The tier holding frame f: the last whose first_frame <= f. One test
     in a process never forked as a child; the newest frames come first."""
-    cdef int t = c.ntiers - 1
-    while f < c.tiers[t].first_frame:   # tiers[0].first_frame == 0 ends it
+    cdef int t = fs.ntiers - 1
+    PD_ASSERT(f < fs.nslots, "tier_of: a frame slot")
+    while f < fs.tiers[t].first_frame:   # tiers[0].first_frame == 0 ends it
         t -= 1
-    return &c.tiers[t]
+    return &fs.tiers[t]
 
 
-cdef inline char *frame_address(Core c, uint32_t f) noexcept nogil:
-    cdef frame_tier *t = tier_of(c, f)
-    return t.view + <size_t>(f - t.first_frame) * c.page_size
+cdef char *frame_address(frame_store *fs, uint32_t f) noexcept nogil:
+    """Where the store's read-only view shows frame f."""
+    cdef frame_tier *t = tier_of(fs, f)
+    return t.view + <size_t>(f - t.first_frame) * fs.page_size
 
 
-cdef inline bint tier_starts_at(Core c, uint32_t f) noexcept nogil:
+cdef int frame_fd(frame_store *fs, uint32_t f) noexcept nogil:
+    """The memfd holding frame f, at offset f * page_size."""
+    return tier_of(fs, f).fd
+
+
+cdef int frames_memfd(frame_store *fs) noexcept nogil:
+    """The memfd new frames go to: the top tier's."""
+    return fs.tiers[fs.ntiers - 1].fd
+
+
+cdef bint tier_starts_at(frame_store *fs, uint32_t f) noexcept nogil:
     """Whether frame f is the first of a tier above the bottom one: frames
     f - 1 and f lie in different memfds, and no mmap can map both."""
     cdef int t
-    for t in range(1, c.ntiers):
-        if c.tiers[t].first_frame == f:
+    for t in range(1, fs.ntiers):
+        if fs.tiers[t].first_frame == f:
             return True
     return False
 
 
-cdef int push_tier(Core c) noexcept nogil:
+cdef void frames_fence(frame_store *fs) noexcept nogil:
+    """A fork: the frames that exist now are shared with another process
+    from here on, never punched or reused by this one."""
+    fs.fork_fence = max(fs.fork_fence, fs.frame_high)
+
+
+cdef int push_tier(frame_store *fs) noexcept nogil:
     """A new memfd for the frames from the fork fence up, in a forked child;
     0, an errno, or -1 when the MAX_TIERS tiers are all taken. A top tier that
     starts at the fence holds no frame (every frame is below the fence): the
     new memfd replaces it here, and the parent keeps its own."""
-    cdef size_t ps = c.page_size
-    cdef uint32_t first = c.fork_fence
-    cdef frame_tier *top = &c.tiers[c.ntiers - 1]
+    cdef size_t ps = fs.page_size
+    cdef uint32_t first = fs.fork_fence
+    cdef frame_tier *top = &fs.tiers[fs.ntiers - 1]
     cdef int fd
     cdef char *view
-    if top.first_frame != first and c.ntiers == MAX_TIERS:
+    PD_ASSERT(fs.frame_high <= fs.fork_fence, "push_tier: after frames_fence")
+    if top.first_frame != first and fs.ntiers == MAX_TIERS:
         return -1
     fd = pd_memfd_create(b"pydedup-frames")
     if fd < 0:
         return errno
-    if ftruncate(fd, <long>(c.npages * ps)) != 0:
+    if ftruncate(fd, <long>(fs.nslots * ps)) != 0:
         close(fd)
         return errno
-    view = <char *>mmap(NULL, view_length(c, first), PROT_READ, MAP_SHARED | MAP_NORESERVE,
+    view = <char *>mmap(NULL, view_length(fs, first), PROT_READ, MAP_SHARED | MAP_NORESERVE,
                         fd, <long>first * ps)
     if <void *>view == MAP_FAILED:
         close(fd)
         return errno
     if top.first_frame == first:
-        close_tier(c, top)
+        close_tier(fs, top)
     else:
-        top = &c.tiers[c.ntiers]
-        c.ntiers += 1
+        top = &fs.tiers[fs.ntiers]
+        fs.ntiers += 1
     top.first_frame = first
     top.fd = fd
     top.view = view
     return 0
 
 
-cdef inline size_t view_length(Core c, uint32_t first_frame) noexcept nogil:
+cdef inline size_t view_length(frame_store *fs, uint32_t first_frame) noexcept nogil:
     """The view of a tier from first_frame to the last frame slot; a page
     at least, for mmap, when the fence is at the end of the slots."""
-    return max(c.npages - first_frame, 1) * c.page_size
+    return max(fs.nslots - first_frame, 1) * fs.page_size
 
 
-cdef void close_tier(Core c, frame_tier *t) noexcept nogil:
+cdef void close_tier(frame_store *fs, frame_tier *t) noexcept nogil:
     if <void *>t.view != MAP_FAILED:
-        munmap(t.view, view_length(c, t.first_frame))
+        munmap(t.view, view_length(fs, t.first_frame))
         t.view = <char *>MAP_FAILED
     if t.fd >= 0:
         close(t.fd)
         t.fd = -1
 
 
-cdef uint32_t frame_alloc(Core c, uint32_t hint) noexcept nogil:
+# -- keys: one stable tree, or one a node -------------------------------------
+
+cdef uint32_t tree_key(frame_store *fs, uint32_t checksum, uint16_t node) noexcept nogil:
+    """The bucket key of a page or frame: with merge_across_nodes off, each
+    node's pages hash apart, as if in trees of their own. The scan keys its
+    unstable tree the same way."""
+    if fs.merge_across_nodes:
+        return checksum
+    return checksum ^ (<uint32_t>node * 0x9E3779B1u)
+
+
+cdef bint merges_across_nodes(frame_store *fs) noexcept nogil:
+    return fs.merge_across_nodes
+
+
+cdef bint same_tree(frame_store *fs, uint16_t a, uint16_t b) noexcept nogil:
+    return fs.merge_across_nodes or a == b
+
+
+cdef uint32_t zero_key(frame_store *fs, size_t vpn) noexcept nogil:
+    """The stable-tree key of an all-zero page at virtual page number vpn:
+    the zero page's checksum, made distinct per colour, so that with
+    use_zero_pages off a zero page only shares a zero frame with pages of its
+    own colour (vpn modulo zero_page_colours), as the kernel colours its
+    zero pages."""
+    if fs.zero_colours <= 1:
+        return fs.zero_checksum
+    return fs.zero_checksum ^ <uint32_t>(vpn % fs.zero_colours)
+
+
+cdef void frames_set_across_nodes(frame_store *fs, bint value) noexcept nogil:
+    """It decides which tree each frame is in: only while none is in use."""
+    PD_ASSERT(fs.frames_in_use == 0, "frames_set_across_nodes: no frame in use")
+    fs.merge_across_nodes = value
+
+
+# -- frames -------------------------------------------------------------------
+
+cdef uint32_t frame_alloc(frame_store *fs, uint32_t hint) noexcept nogil:
     """A free frame slot. `hint` when it is free, so that the frames of a run
     of new content are consecutive and the run maps back with one mmap; else
     the next free slot after the last one handed out."""
-    cdef uint32_t nslots = <uint32_t>c.npages
+    cdef uint32_t nslots = <uint32_t>fs.nslots
     cdef uint32_t f = hint
     cdef uint32_t tries = 0
-    if f >= nslots or f < c.fork_fence or c.frames[f].mapcount != 0:
-        f = max(c.frame_cursor, c.fork_fence)
+    if f >= nslots or f < fs.fork_fence or fs.frames[f].mapcount != 0:
+        f = max(fs.frame_cursor, fs.fork_fence)
         if f >= nslots:
             f = 0
-        while f < c.fork_fence or c.frames[f].mapcount != 0:
+        while f < fs.fork_fence or fs.frames[f].mapcount != 0:
             f = f + 1 if f + 1 < nslots else 0
             tries += 1
             if tries == nslots:
                 return NO_FRAME
-    c.frame_cursor = f + 1 if f + 1 < nslots else 0
-    if f >= c.frame_high:
-        c.frame_high = f + 1
+    fs.frame_cursor = f + 1 if f + 1 < nslots else 0
+    if f >= fs.frame_high:
+        fs.frame_high = f + 1
     return f
 
 
-cdef int frame_write(Core c, uint32_t f, const char *content, uint16_t node) noexcept nogil:
-    """Fill a new frame, with memory of `node`; 0 or an errno. pwrite, not a
+cdef int frame_write(frame_store *fs, uint32_t f, const char *content, uint16_t node) noexcept nogil:
+    """Fill a new frame, written for `node`; 0 or an errno. pwrite, not a
     store through the view: a full memory cgroup or tmpfs then answers ENOMEM
-    or ENOSPC, not SIGBUS."""
+    or ENOSPC, not SIGBUS. The memory comes from the writing thread's policy
+    (_numa.pxi prefer_node)."""
     cdef long done
-    prefer_node(c, node)
-    done = pwrite(tier_of(c, f).fd, content, c.page_size, <long>f * c.page_size)
-    c.frames[f].node = node
-    if done == <long>c.page_size:
+    done = pwrite(tier_of(fs, f).fd, content, fs.page_size, <long>f * fs.page_size)
+    fs.frames[f].node = node
+    if done == <long>fs.page_size:
         return 0
     return errno if done < 0 else ENOMEM
 
 
-cdef inline void frame_get(Core c, uint32_t f) noexcept nogil:
-    c.frames[f].mapcount += 1
+cdef uint32_t frame_mapcount(frame_store *fs, uint32_t f) noexcept nogil:
+    PD_ASSERT(f < fs.frame_high, "frame_mapcount: a frame below frame_high")
+    return fs.frames[f].mapcount
 
 
-cdef void frame_put(Core c, uint32_t f) noexcept nogil:
+cdef uint16_t frame_node(frame_store *fs, uint32_t f) noexcept nogil:
+    PD_ASSERT(f < fs.frame_high, "frame_node: a frame below frame_high")
+    return fs.frames[f].node
+
+
+cdef void frame_get(frame_store *fs, uint32_t f) noexcept nogil:
+    PD_ASSERT(f < fs.frame_high, "frame_get: a frame below frame_high")
+    fs.frames[f].mapcount += 1
+
+
+cdef void frame_put(frame_store *fs, uint32_t f) noexcept nogil:
+    """One page less maps frame f; at none, it is an orphan, reclaimed by
+    the next reclaim_frames()."""
     cdef uint32_t *grown
-    c.frames[f].mapcount -= 1
-    if c.frames[f].mapcount != 0:
+    PD_ASSERT(f < fs.frame_high and fs.frames[f].mapcount > 0,
+              "frame_put: a frame some page maps")
+    fs.frames[f].mapcount -= 1
+    if fs.frames[f].mapcount != 0:
         return
-    if c.norphans == c.orphans_cap:
-        grown = <uint32_t *>realloc(c.orphans, 2 * c.orphans_cap * sizeof(uint32_t))
+    if fs.norphans == fs.orphans_cap:
+        grown = <uint32_t *>realloc(fs.orphans, 2 * fs.orphans_cap * sizeof(uint32_t))
         if grown == NULL:
-            reclaim_frames(c)           # empties the list instead
+            reclaim_frames(fs)          # empties the list instead
         else:
-            c.orphans = grown
-            c.orphans_cap *= 2
-    c.orphans[c.norphans] = f
-    c.norphans += 1
+            fs.orphans = grown
+            fs.orphans_cap *= 2
+    fs.orphans[fs.norphans] = f
+    fs.norphans += 1
 
 
-cdef uint32_t stable_tree_search(Core c, const char *page, uint32_t checksum, uint16_t node,
-                                 uint32_t max_page_sharing) noexcept nogil:
+# -- the stable tree ----------------------------------------------------------
+
+cdef uint32_t stable_tree_search(frame_store *fs, const char *page, uint32_t checksum,
+                                 uint16_t node, uint32_t max_page_sharing) noexcept nogil:
     """A frame holding exactly `page`'s content, in the tree of `node`, that
     may take one more page."""
-    cdef uint32_t f = c.stable[tree_key(c, checksum, node) & c.stable_mask]
+    cdef uint32_t f
+    PD_ASSERT(fs.stable != NULL and page != NULL, "stable_tree_search: an open store")
+    f = fs.stable[tree_key(fs, checksum, node) & fs.stable_mask]
     while f != NO_FRAME:
-        if (c.frames[f].checksum == checksum
-                and same_tree(c, c.frames[f].node, node)
-                and c.frames[f].mapcount < max_page_sharing
-                and memcmp(page, frame_address(c, f), c.page_size) == 0):
+        if (fs.frames[f].checksum == checksum
+                and same_tree(fs, fs.frames[f].node, node)
+                and fs.frames[f].mapcount < max_page_sharing
+                and memcmp(page, frame_address(fs, f), fs.page_size) == 0):
             return f
-        f = c.frames[f].next
+        f = fs.frames[f].next
     return NO_FRAME
 
 
-cdef void stable_tree_link(Core c, uint32_t *heads, uint32_t mask, uint32_t f) noexcept nogil:
-    cdef uint32_t *head = &heads[tree_key(c, c.frames[f].checksum, c.frames[f].node) & mask]
-    c.frames[f].next = head[0]
+cdef uint32_t stable_tree_add(frame_store *fs, const char *content, uint32_t checksum,
+                              uint16_t node, uint32_t hint) noexcept nogil:
+    """A new frame holding `content`, written for `node` and in its stable
+    tree, at `hint` if that slot is free; NO_FRAME if the store cannot grow.
+    Its mapcount is 0 until frame_get()."""
+    cdef uint32_t f = frame_alloc(fs, hint)
+    PD_ASSERT(fs.frame_high <= fs.nslots and content != NULL, "stable_tree_add: content")
+    if f == NO_FRAME or frame_write(fs, f, content, node) != 0:
+        return NO_FRAME
+    fs.frames[f].checksum = checksum
+    fs.frames[f].mapcount = 0
+    fs.frames_in_use += 1
+    stable_tree_insert(fs, f)
+    return f
+
+
+cdef void stable_tree_link(frame_store *fs, uint32_t *heads, uint32_t mask, uint32_t f) noexcept nogil:
+    cdef uint32_t *head = &heads[tree_key(fs, fs.frames[f].checksum, fs.frames[f].node) & mask]
+    fs.frames[f].next = head[0]
     head[0] = f
 
 
-cdef void stable_tree_grow(Core c) noexcept nogil:
+cdef void stable_tree_grow(frame_store *fs) noexcept nogil:
     """Double the buckets so chains stay short. Without memory, keep going
     with longer chains: slower, never wrong."""
-    cdef uint32_t mask = 2 * c.stable_mask + 1
+    cdef uint32_t mask = 2 * fs.stable_mask + 1
     cdef uint32_t *heads = <uint32_t *>malloc((<size_t>mask + 1) * sizeof(uint32_t))
     cdef uint32_t b, f, next_f
     if heads == NULL:
         return
     memset(heads, 0xFF, (<size_t>mask + 1) * sizeof(uint32_t))
-    for b in range(c.stable_mask + 1):
-        f = c.stable[b]
+    for b in range(fs.stable_mask + 1):
+        f = fs.stable[b]
         while f != NO_FRAME:
-            next_f = c.frames[f].next
-            stable_tree_link(c, heads, mask, f)
+            next_f = fs.frames[f].next
+            stable_tree_link(fs, heads, mask, f)
             f = next_f
-    free(c.stable)
-    c.stable = heads
-    c.stable_mask = mask
+    free(fs.stable)
+    fs.stable = heads
+    fs.stable_mask = mask
 
 
-cdef void stable_tree_insert(Core c, uint32_t f) noexcept nogil:
-    if c.frames_in_use > c.stable_mask:
-        stable_tree_grow(c)
-    stable_tree_link(c, c.stable, c.stable_mask, f)
+cdef void stable_tree_insert(frame_store *fs, uint32_t f) noexcept nogil:
+    if fs.frames_in_use > fs.stable_mask:
+        stable_tree_grow(fs)
+    stable_tree_link(fs, fs.stable, fs.stable_mask, f)
 
 
-cdef bint stable_tree_erase(Core c, uint32_t f) noexcept nogil:
-    cdef uint32_t *link = &c.stable[tree_key(c, c.frames[f].checksum, c.frames[f].node) & c.stable_mask]
+cdef bint stable_tree_erase(frame_store *fs, uint32_t f) noexcept nogil:
+    cdef uint32_t *link = &fs.stable[tree_key(fs, fs.frames[f].checksum, fs.frames[f].node)
+                                     & fs.stable_mask]
     while link[0] != NO_FRAME:
         if link[0] == f:
-            link[0] = c.frames[f].next
+            link[0] = fs.frames[f].next
             return True
-        link = &c.frames[link[0]].next
+        link = &fs.frames[link[0]].next
     return False
 
+
+# -- reclaim ------------------------------------------------------------------
 
 cdef int compare_frames(const void *a, const void *b) noexcept nogil:
     cdef uint32_t x = (<uint32_t *>a)[0], y = (<uint32_t *>b)[0]
     return (x > y) - (x < y)
 
 
-cdef void punch_frames(Core c, uint32_t first, uint32_t n) noexcept nogil:
-    if first < c.fork_fence:            # another process may still map them
-        n = first + n - c.fork_fence if first + n > c.fork_fence else 0
-        first = c.fork_fence
+cdef void punch_frames(frame_store *fs, uint32_t first, uint32_t n) noexcept nogil:
+    if first < fs.fork_fence:           # another process may still map them
+        n = first + n - fs.fork_fence if first + n > fs.fork_fence else 0
+        first = fs.fork_fence
     if n == 0:
         return
     # At or above the fence: all in the top tier, the memfd no other process writes.
-    fallocate(tier_of(c, first).fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-              <long>first * c.page_size, <long>n * c.page_size)
+    fallocate(tier_of(fs, first).fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+              <long>first * fs.page_size, <long>n * fs.page_size)
 
 
-cdef void reclaim_frames(Core c) noexcept nogil:
+cdef void reclaim_frames(frame_store *fs) noexcept nogil:
     """Free the frames whose mapcount fell to 0: out of the stable tree, and
     their memory back to the kernel, one fallocate per run of frames."""
     cdef size_t i
     cdef uint32_t f, run_first = 0, run_len = 0
-    qsort(c.orphans, c.norphans, sizeof(uint32_t), compare_frames)
-    for i in range(c.norphans):
-        f = c.orphans[i]
+    PD_ASSERT(fs.norphans <= fs.orphans_cap, "reclaim_frames: orphans in their list")
+    qsort(fs.orphans, fs.norphans, sizeof(uint32_t), compare_frames)
+    for i in range(fs.norphans):
+        f = fs.orphans[i]
         # An orphan may have been listed twice, or found again by a merge.
-        if c.frames[f].mapcount != 0 or not stable_tree_erase(c, f):
+        if fs.frames[f].mapcount != 0 or not stable_tree_erase(fs, f):
             continue
-        c.frames_in_use -= 1
+        fs.frames_in_use -= 1
         if run_len and f == run_first + run_len:
             run_len += 1
             continue
         if run_len:
-            punch_frames(c, run_first, run_len)
+            punch_frames(fs, run_first, run_len)
         run_first, run_len = f, 1
     if run_len:
-        punch_frames(c, run_first, run_len)
-    c.norphans = 0
+        punch_frames(fs, run_first, run_len)
+    fs.norphans = 0
+
+
+cdef size_t frames_metadata_bytes(frame_store *fs) noexcept nogil:
+    """Memory the store's bookkeeping holds: frame slots ever used, bucket
+    heads, the orphan list."""
+    return (fs.frame_high * sizeof(frame_item) + (fs.stable_mask + 1) * sizeof(uint32_t)
+            + fs.orphans_cap * sizeof(uint32_t))

@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3, wraparound=False, cdivision=True
 """pydedup as numpy's data memory handler (NEP 49).
 
 One handler per arena: a PyCapsule named "mem_handler" holding a
@@ -22,14 +22,16 @@ Every function may be called without the GIL. Small allocations never take
 it; `free` and `realloc` tell the two kinds apart by address (the arena is
 one range [lo, hi)). The arena path takes the GIL (PyGILState_Ensure, cheap
 when numpy already holds it, as it always does today): the page allocator
-(pydedup/pages.py, extents.py) is Python, and the GIL is also what serialises
-the cache."""
+(pydedup/pages.py, extents.py) is Python, reached through the typed
+PageOwner interface the core declares (_fast.pxd), and the GIL is also what
+serialises the cache."""
 from cpython.exc cimport PyErr_Fetch, PyErr_Restore
 from cpython.pycapsule cimport PyCapsule_New, PyCapsule_GetPointer
 from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
 from libc.stdint cimport uint8_t, uint32_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memmove, strncpy
+from pydedup._fast cimport PageOwner
 
 cdef extern from "sys/mman.h" nogil:
     void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
@@ -81,7 +83,8 @@ cdef struct arena_ctx:
     cached_run cache[CACHE_SLOTS]   # oldest first
     uint32_t *run_pages       # [first page] = pages of the arena allocation starting there
     size_t npages             # pages in the reservation
-    PyObject *pages           # the arena's Pages (strong reference, dropped with the capsule)
+    PyObject *pages           # the arena's Pages, a PageOwner (strong reference, dropped
+                              # with the capsule)
     bint closed               # the arena is closed: new allocations go to the default handler
     PyDataMem_Handler *fallback     # numpy's default handler
     # counters
@@ -91,33 +94,53 @@ cdef struct arena_ctx:
     size_t pages_live         # arena pages held by live allocations (cache excluded)
 
 
-# -- the page allocator, in Python (GIL held) -------------------------------
+# -- the page allocator, a PageOwner (GIL held) -------------------------------
+#
+# An exception in it (arena full) means "no"; an exception pending in the
+# caller (numpy frees arrays while one unwinds) is kept as it was.
 
-cdef size_t call_pages(arena_ctx *c, str method, size_t first, size_t npages) noexcept:
-    """pages.take_pages(npages) -> first page or NO_RUN; pages.take_at(first,
-    npages) -> 0/1; pages.give_back(first, npages). An exception in them
-    (arena full) means "no"; an exception pending in the caller (numpy frees
-    arrays while one unwinds) is kept as it was."""
+cdef size_t owner_take_pages(arena_ctx *c, size_t npages) noexcept:
+    """The first of npages fresh pages, or NO_RUN."""
     cdef PyObject *etype
     cdef PyObject *evalue
     cdef PyObject *etb
     cdef size_t result = NO_RUN
     PyErr_Fetch(&etype, &evalue, &etb)
     try:
-        pages = <object>c.pages
-        if method == "take_pages":
-            first_page = pages.take_pages(npages)
-            if first_page is not None:
-                result = first_page
-        elif method == "take_at":
-            result = 1 if pages.take_at(first, npages) else 0
-        else:
-            pages.give_back(first, npages)
-            result = 0
+        first_page = (<PageOwner>c.pages).take_pages(npages)
+        if first_page is not None:
+            result = first_page
     except BaseException:
-        result = NO_RUN if method == "take_pages" else 0
+        result = NO_RUN
     PyErr_Restore(etype, evalue, etb)
     return result
+
+
+cdef bint owner_take_at(arena_ctx *c, size_t first, size_t npages) noexcept:
+    """Whether pages [first, first + npages) were free, and are taken now."""
+    cdef PyObject *etype
+    cdef PyObject *evalue
+    cdef PyObject *etb
+    cdef bint taken = False
+    PyErr_Fetch(&etype, &evalue, &etb)
+    try:
+        taken = (<PageOwner>c.pages).take_at(first, npages)
+    except BaseException:
+        taken = False
+    PyErr_Restore(etype, evalue, etb)
+    return taken
+
+
+cdef void owner_give_back(arena_ctx *c, size_t first, size_t npages) noexcept:
+    cdef PyObject *etype
+    cdef PyObject *evalue
+    cdef PyObject *etb
+    PyErr_Fetch(&etype, &evalue, &etb)
+    try:
+        (<PageOwner>c.pages).give_back(first, npages)
+    except BaseException:
+        pass
+    PyErr_Restore(etype, evalue, etb)
 
 
 cdef inline size_t pages_for(arena_ctx *c, size_t size) noexcept nogil:
@@ -162,7 +185,7 @@ cdef bint cache_put(arena_ctx *c, size_t first, size_t npages) noexcept:
         memmove(&c.cache[0], &c.cache[1], (c.ncached - 1) * sizeof(cached_run))
         c.ncached -= 1
         c.cache_bytes -= oldest.npages * c.page_size
-        call_pages(c, "give_back", oldest.first, oldest.npages)
+        owner_give_back(c, oldest.first, oldest.npages)
     c.cache[c.ncached] = cached_run(first, npages)
     c.ncached += 1
     c.cache_bytes += nbytes
@@ -175,7 +198,7 @@ cdef void cache_flush(arena_ctx *c) noexcept:
         c.ncached -= 1
         run = c.cache[c.ncached]
         c.cache_bytes -= run.npages * c.page_size
-        call_pages(c, "give_back", run.first, run.npages)
+        owner_give_back(c, run.first, run.npages)
 
 
 # -- arena allocations (GIL held) --------------------------------------------
@@ -193,7 +216,7 @@ cdef void *arena_alloc(arena_ctx *c, size_t size, bint zeroed) noexcept:
         first = cache_take(c, npages)
         c.cache_hits += first != NO_RUN
     if first == NO_RUN:
-        first = call_pages(c, "take_pages", 0, npages)
+        first = owner_take_pages(c, npages)
     if first == NO_RUN:
         c.fell_back += 1
         return NULL
@@ -209,7 +232,7 @@ cdef void arena_free(arena_ctx *c, void *ptr) noexcept:
     c.run_pages[first] = 0
     c.pages_live -= npages
     if not cache_put(c, first, npages):
-        call_pages(c, "give_back", first, npages)
+        owner_give_back(c, first, npages)
 
 
 cdef void *arena_realloc(arena_ctx *c, void *ptr, size_t new_size) noexcept:
@@ -225,9 +248,9 @@ cdef void *arena_realloc(arena_ctx *c, void *ptr, size_t new_size) noexcept:
         if new < old:
             c.run_pages[first] = <uint32_t>new
             c.pages_live -= old - new
-            call_pages(c, "give_back", first + new, old - new)
+            owner_give_back(c, first + new, old - new)
             return ptr
-        if new <= 0xFFFFFFFF and call_pages(c, "take_at", first + old, new - old) == 1:
+        if new <= 0xFFFFFFFF and owner_take_at(c, first + old, new - old):
             c.run_pages[first] = <uint32_t>new
             c.pages_live += new - old
             return ptr
@@ -321,7 +344,7 @@ cdef class Allocator:
     cdef readonly object capsule
     cdef arena_ctx *c
 
-    def __cinit__(self, pages, size_t base, size_t npages, size_t page_size,
+    def __cinit__(self, PageOwner pages not None, size_t base, size_t npages, size_t page_size,
                   size_t threshold, size_t cache_limit):
         cdef PyDataMem_Handler *handler = <PyDataMem_Handler *>calloc(1, sizeof(PyDataMem_Handler))
         cdef arena_ctx *c = <arena_ctx *>calloc(1, sizeof(arena_ctx))
@@ -341,8 +364,8 @@ cdef class Allocator:
         c.page_size = page_size
         c.threshold = threshold
         c.cache_limit = cache_limit
-        c.fallback = <PyDataMem_Handler *>PyCapsule_GetPointer(<object>PyDataMem_DefaultHandler,
-                                                              "mem_handler")
+        c.fallback = <PyDataMem_Handler *>PyCapsule_GetPointer(
+            <object>PyDataMem_DefaultHandler, "mem_handler")
         Py_INCREF(pages)
         c.pages = <PyObject *>pages
         strncpy(handler.name, b"pydedup", sizeof(handler.name) - 1)

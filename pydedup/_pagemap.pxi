@@ -1,7 +1,8 @@
 # Reading the page tables: which arena pages still map their frame, which map
 # the zero page, which hold memory of their own. PAGEMAP_SCAN (Linux 6.7)
 # answers for a whole range in one call; /proc/self/pagemap, eight bytes a
-# page, is the fallback. Both work without privileges.
+# page, is the fallback. Both work without privileges. The record is
+# page_tables (_pagemap.pxd), shared with _maps.pxi and _track.pxi.
 
 cdef uint64_t CATEGORIES = PD_PAGE_IS_FILE | PD_PAGE_IS_PRESENT | PD_PAGE_IS_SWAPPED | PD_PAGE_IS_PFNZERO
 
@@ -17,55 +18,86 @@ cdef uint64_t PM_EXCLUSIVE = 1ULL << 56
 cdef uint64_t PM_PFN = (1ULL << 55) - 1
 
 
-cdef int open_pagemap(Core c) noexcept nogil:
-    """(Re)open /proc/self/pagemap. After fork the old descriptor still reads
-    the parent's page tables, so the pid it was opened in is kept beside it."""
-    if c.pagemap_fd >= 0:
-        close(c.pagemap_fd)
-    c.pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
-    c.pagemap_pid = getpid()
-    return 0 if c.pagemap_fd >= 0 else errno
+cdef int proc_file_fd(proc_file *f, const char *path) noexcept nogil:
+    """The descriptor of /proc file `path`, opened again if this process is
+    not the one it was opened in: after a fork the old descriptor still shows
+    the parent. -1 if it cannot be opened. The one place that knows."""
+    cdef int pid = getpid()
+    if f.pid != pid:
+        if f.fd >= 0:
+            close(f.fd)
+        f.fd = open(path, O_RDONLY | O_CLOEXEC)
+        f.pid = pid
+    return f.fd
 
 
-cdef int scan_categories(Core c, size_t first, size_t n, uint8_t *out,
+cdef inline int pagemap_fd(page_tables *pt) noexcept nogil:
+    return proc_file_fd(&pt.pagemap, "/proc/self/pagemap")
+
+
+cdef void page_tables_open(page_tables *pt, char *base, size_t page_size,
+                           size_t npages) noexcept nogil:
+    """Readers of the page tables of [base, base + npages * page_size);
+    which ways this kernel offers is probed at once."""
+    memset(pt, 0, sizeof(page_tables))
+    pt.base = base
+    pt.page_size = page_size
+    pt.npages = npages
+    pt.pagemap = proc_file(-1, 0)
+    pt.maps = proc_file(-1, 0)
+    pt.track_uffd = -1
+    probe_page_tables(pt)
+
+
+cdef void page_tables_close(page_tables *pt) noexcept nogil:
+    if pt.track_uffd >= 0:
+        close(pt.track_uffd)
+    if pt.pagemap.fd >= 0:
+        close(pt.pagemap.fd)
+    if pt.maps.fd >= 0:
+        close(pt.maps.fd)
+    pt.pagemap.fd = pt.maps.fd = pt.track_uffd = -1
+
+
+cdef int scan_categories(page_tables *pt, size_t first, size_t n, uint8_t *out,
                          uint64_t flags=0) noexcept nogil:
     """PAGEMAP_SCAN; with PD_PM_SCAN_WP_MATCHING it also reports which pages
     were written and write-protects them again (_track.pxi)."""
     cdef pd_page_region regions[REGIONS_PER_CALL]
     cdef pd_pm_scan_arg arg
-    cdef uint64_t start = <uint64_t>(c.base + first * c.page_size)
+    cdef uint64_t start = <uint64_t>(pt.base + first * pt.page_size)
     cdef uint64_t p, lo, hi
     cdef long found, i
     memset(&arg, 0, sizeof(arg))
     arg.size = sizeof(arg)
     arg.start = start
-    arg.end = start + n * c.page_size
+    arg.end = start + n * pt.page_size
     arg.vec = <uint64_t>regions
     arg.vec_len = REGIONS_PER_CALL
     arg.flags = flags
     arg.category_anyof_mask = CATEGORIES
     arg.return_mask = CATEGORIES | (PD_PAGE_IS_WRITTEN if flags else 0)
     while True:
-        found = ioctl(c.pagemap_fd, PD_PAGEMAP_SCAN, &arg)
+        found = ioctl(pt.pagemap.fd, PD_PAGEMAP_SCAN, &arg)
         if found < 0:
             return errno
         for i in range(found):
-            lo = (regions[i].start - start) // c.page_size
-            hi = (regions[i].end - start) // c.page_size
+            lo = (regions[i].start - start) // pt.page_size
+            hi = (regions[i].end - start) // pt.page_size
             memset(out + lo, <int>regions[i].categories, hi - lo)
         if arg.walk_end >= arg.end or found < REGIONS_PER_CALL:
             return 0
         arg.start = arg.walk_end
 
 
-cdef uint8_t pagemap_entry_categories(Core c, uint64_t entry) noexcept nogil:
+cdef uint8_t pagemap_entry_categories(page_tables *pt, uint64_t entry) noexcept nogil:
     cdef uint8_t cats = 0
     if entry & PM_PRESENT:
         cats |= PD_PAGE_IS_PRESENT
         if entry & PM_FILE:
             cats |= PD_PAGE_IS_FILE
-        elif c.zero_pfn:
-            if entry & PM_PFN == c.zero_pfn:
+        elif pt.zero_pfn:
+            if entry & PM_PFN == pt.zero_pfn:
                 cats |= PD_PAGE_IS_PFNZERO
         elif not entry & PM_EXCLUSIVE:
             # Frame numbers are hidden without CAP_SYS_ADMIN: a present page
@@ -77,64 +109,70 @@ cdef uint8_t pagemap_entry_categories(Core c, uint64_t entry) noexcept nogil:
     return cats
 
 
-cdef int pagemap_categories(Core c, size_t first, size_t n, uint8_t *out) noexcept nogil:
+cdef int pagemap_categories(page_tables *pt, size_t first, size_t n, uint8_t *out) noexcept nogil:
     cdef uint64_t entries[PAGEMAP_ENTRIES_PER_READ]
     cdef size_t done = 0, want, i
-    cdef size_t vpn = <size_t>c.base // c.page_size + first
+    cdef size_t vpn = <size_t>pt.base // pt.page_size + first
     cdef long got
     while done < n:
         want = min(n - done, <size_t>PAGEMAP_ENTRIES_PER_READ)
-        got = pread(c.pagemap_fd, entries, want * 8, <long>((vpn + done) * 8))
+        got = pread(pt.pagemap.fd, entries, want * 8, <long>((vpn + done) * 8))
         if got <= 0:
             return errno if got < 0 else ENOMEM
         for i in range(<size_t>got // 8):
-            out[done + i] = pagemap_entry_categories(c, entries[i])
+            out[done + i] = pagemap_entry_categories(pt, entries[i])
         done += <size_t>got // 8
     return 0
 
 
-cdef int read_categories(Core c, size_t first, size_t n, uint8_t *out) noexcept nogil:
+cdef int read_categories(page_tables *pt, size_t first, size_t n, uint8_t *out) noexcept nogil:
     """PAGE_IS_* categories of arena pages [first, first + n) into out[0:n]."""
-    cdef int err = 0
+    PD_ASSERT(first + n <= pt.npages, "read_categories: pages of the reservation")
     memset(out, 0, n)
-    if c.pagemap_pid != getpid():
-        err = open_pagemap(c)
-    if err == 0 and c.has_pagemap_scan:
-        err = scan_categories(c, first, n, out)
-    elif err == 0:
-        err = pagemap_categories(c, first, n, out)
-    return err
+    if pagemap_fd(pt) < 0:
+        return EBADF
+    if pt.has_pagemap_scan:
+        return scan_categories(pt, first, n, out)
+    return pagemap_categories(pt, first, n, out)
 
 
-cdef int take_written(Core c, size_t first, size_t n, uint8_t *out) noexcept nogil:
+cdef int take_written(page_tables *pt, size_t first, size_t n, uint8_t *out) noexcept nogil:
     """Like read_categories, with PD_PAGE_IS_WRITTEN set on the pages written
     since the last call that covered them (every page, without tracking);
     tracking starts over for the range."""
     cdef size_t i
     cdef int err
-    if c.track_uffd < 0:
-        err = read_categories(c, first, n, out)
+    PD_ASSERT(first + n <= pt.npages, "take_written: pages of the reservation")
+    if pt.track_uffd < 0:
+        err = read_categories(pt, first, n, out)
         for i in range(n):
             out[i] |= PD_PAGE_IS_WRITTEN
         return err
     memset(out, 0, n)
-    if c.pagemap_pid != getpid() and open_pagemap(c) != 0:
+    if pagemap_fd(pt) < 0:
+        return EBADF
+    return scan_categories(pt, first, n, out, PD_PM_SCAN_WP_MATCHING)
+
+
+cdef int pagemap_entry(page_tables *pt, const void *addr, uint64_t *entry) noexcept nogil:
+    """The /proc/self/pagemap entry of the page at addr; 0 or an errno."""
+    if pagemap_fd(pt) < 0:
+        return EBADF
+    if pread(pt.pagemap.fd, entry, 8, <long>(<size_t>addr // pt.page_size * 8)) != 8:
         return errno
-    return scan_categories(c, first, n, out, PD_PM_SCAN_WP_MATCHING)
+    return 0
 
 
-cdef void probe_page_tables(Core c) noexcept nogil:
+cdef void probe_page_tables(page_tables *pt) noexcept nogil:
     """Which way of reading page tables this kernel offers, and the frame
     number of the zero page where pagemap shows frame numbers (root)."""
     cdef uint8_t cats
     cdef uint64_t entry = 0
-    cdef volatile char *first = c.base
-    if open_pagemap(c) != 0:
+    cdef volatile char *first = pt.base
+    if pagemap_fd(pt) < 0:
         return
-    c.has_pagemap_scan = True
-    if scan_categories(c, 0, 1, &cats) != 0:
-        c.has_pagemap_scan = False
+    pt.has_pagemap_scan = scan_categories(pt, 0, 1, &cats) == 0
     first[0]                            # a read maps the zero page
-    if pread(c.pagemap_fd, &entry, 8, <long>(<size_t>c.base // c.page_size * 8)) == 8:
-        c.zero_pfn = entry & PM_PFN if entry & PM_PRESENT else 0
-    madvise(c.base, c.page_size, MADV_DONTNEED)
+    if pagemap_entry(pt, pt.base, &entry) == 0:
+        pt.zero_pfn = entry & PM_PFN if entry & PM_PRESENT else 0
+    madvise(pt.base, pt.page_size, MADV_DONTNEED)

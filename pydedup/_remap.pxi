@@ -3,50 +3,18 @@
 # pass compared the pages a while ago; a page that changed meanwhile keeps
 # its content.
 
-cdef enum run_kind:
-    RUN_NONE = 0
-    RUN_ZERO_ANON = 1      # zero pages in an anonymous mapping: MADV_DONTNEED
-    RUN_ZERO_FILE = 2      # zero pages in a frame-store mapping: anonymous mmap
-    RUN_FRAMES = 3         # pages onto consecutive frames of one tier: one mmap of its memfd
-
-cdef enum:
-    MAPPINGS_PER_REMAP = 2 # an mmap inside a mapping splits it in three
-
-
-cdef int map_anonymous(Core c, char *addr, size_t length) noexcept nogil:
-    """Fresh zero-filled anonymous memory over [addr, addr + length). Here
-    MADV_DONTNEED would bring a file mapping's frame back, not zeros."""
-    if mmap(addr, length, PROT_READ | PROT_WRITE,
-            MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0) == MAP_FAILED:
-        return errno
-    madvise(addr, length, MADV_NOHUGEPAGE)   # same flags as its neighbours: they merge
-    return 0
-
-
 cdef int map_frames(Core c, char *addr, size_t length, uint32_t first_frame) noexcept nogil:
     """Frames from first_frame on, all in first_frame's tier, over
     [addr, addr + length)."""
     if mmap(addr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED,
-            tier_of(c, first_frame).fd, <long>first_frame * c.page_size) == MAP_FAILED:
+            frame_fd(&c.store, first_frame), <long>first_frame * c.res.page_size) == MAP_FAILED:
         return errno
     madvise(addr, length, MADV_NOHUGEPAGE)
     return 0
 
 
-cdef int populate_write(Core c, size_t first, size_t n) noexcept nogil:
-    cdef char *addr = page_address(c, first)
-    cdef size_t i
-    if madvise(addr, n * c.page_size, MADV_POPULATE_WRITE) == 0:
-        return 0
-    if errno != EINVAL:                 # EINVAL: a kernel before 5.14
-        return errno
-    for i in range(n):
-        pd_touch_write(addr + i * c.page_size)
-    return 0
-
-
 cdef run_kind target_kind(Core c, size_t p) noexcept nogil:
-    cdef rmap_item *it = &c.rmap[p]
+    cdef rmap_item *it = &c.res.rmap[p]
     if it.flags & PAGE_TARGET:
         return RUN_FRAMES
     if it.flags & PAGE_TARGET_ZERO:
@@ -55,25 +23,28 @@ cdef run_kind target_kind(Core c, size_t p) noexcept nogil:
 
 
 cdef bint still_matches(Core c, size_t p, run_kind kind) noexcept nogil:
-    cdef const char *page = page_address(c, p)
+    cdef const char *page = page_address(&c.res, p)
     if kind == RUN_FRAMES:
-        return memcmp(page, frame_address(c, c.rmap[p].frame), c.page_size) == 0
-    return pd_page_is_zero(page, c.page_size)
+        return memcmp(page, frame_address(&c.store, c.res.rmap[p].frame), c.res.page_size) == 0
+    return pd_page_is_zero(page, c.res.page_size)
 
 
 cdef void drop_targets(Core c, size_t first, size_t n) noexcept nogil:
+    """Pages [first, first + n) keep what they map: their targets go, and
+    the frames they would have mapped lose them."""
     cdef size_t p
+    PD_ASSERT(first + n <= c.res.high_water, "drop_targets: pages below high_water")
     for p in range(first, first + n):
-        if c.rmap[p].flags & PAGE_TARGET:
-            frame_put(c, c.rmap[p].frame)
-        c.rmap[p].flags &= ~(PAGE_TARGET | PAGE_TARGET_ZERO)
+        if c.res.rmap[p].flags & PAGE_TARGET:
+            frame_put(&c.store, c.res.rmap[p].frame)
+        c.res.rmap[p].flags &= ~(PAGE_TARGET | PAGE_TARGET_ZERO)
 
 
 cdef void settle_targets(Core c, size_t first, size_t n, run_kind kind, pass_stats *st) noexcept nogil:
     cdef size_t p
     for p in range(first, first + n):
-        c.rmap[p].state = PAGE_MERGED if kind == RUN_FRAMES else PAGE_ZERO
-        c.rmap[p].flags &= ~(PAGE_TARGET | PAGE_TARGET_ZERO)
+        c.res.rmap[p].state = PAGE_MERGED if kind == RUN_FRAMES else PAGE_ZERO
+        c.res.rmap[p].flags &= ~(PAGE_TARGET | PAGE_TARGET_ZERO)
     if kind == RUN_FRAMES:
         st.merged += n
     else:
@@ -85,8 +56,8 @@ cdef void remap_run(Core c, size_t first, size_t n, run_kind kind, bint charge,
     """One system call for the run. If `charge`, only if the mapping budget
     allows its worst case, which it is charged: zero pages in an anonymous
     mapping cost no mapping and always go."""
-    cdef char *addr = page_address(c, first)
-    cdef size_t length = n * c.page_size
+    cdef char *addr = page_address(&c.res, first)
+    cdef size_t length = n * c.res.page_size
     cdef long cost = worst_remap_cost(kind) if charge else 0
     cdef int err
     if cost > st.mappings_left:
@@ -96,9 +67,9 @@ cdef void remap_run(Core c, size_t first, size_t n, run_kind kind, bint charge,
     if kind == RUN_ZERO_ANON:
         err = errno if madvise(addr, length, MADV_DONTNEED) != 0 else 0
     elif kind == RUN_ZERO_FILE:
-        err = map_anonymous(c, addr, length)
+        err = map_anonymous(addr, length)
     else:
-        err = map_frames(c, addr, length, c.rmap[first].frame)
+        err = map_frames(c, addr, length, c.res.rmap[first].frame)
     st.syscalls += 1
     if err:
         drop_targets(c, first, n)
@@ -106,7 +77,7 @@ cdef void remap_run(Core c, size_t first, size_t n, run_kind kind, bint charge,
         st.mappings_left = 0            # the kernel said no: add no more mappings
         return
     st.mappings_left -= cost
-    c.remapped |= kind != RUN_ZERO_ANON
+    c.res.remapped |= kind != RUN_ZERO_ANON
     settle_targets(c, first, n, kind, st)
 
 
@@ -133,7 +104,7 @@ cdef void merge_run(Core c, size_t first, size_t n, run_kind kind, pass_stats *s
         st.skipped_budget += n
         return
     held.first, held.n = first, n
-    if protect_run(c, &held) != 0:
+    if protect_run(&c.wb, &c.tables, &c.res, &held) != 0:
         drop_targets(c, first, n)       # the kernel could not split the mapping, or hold room
         st.skipped_no_memory += n
         return
@@ -150,7 +121,7 @@ cdef void merge_run(Core c, size_t first, size_t n, run_kind kind, pass_stats *s
             drop_targets(c, first + j, 1)
             st.skipped_changed += 1
         i = j + 1
-    unprotect_run(c, &held, kind == RUN_ZERO_ANON, st)
+    unprotect_run(&c.wb, &c.tables, &c.res, &held, kind == RUN_ZERO_ANON, st)
     if measured:
         st.mappings_left -= measured_remap_cost(c, &cost)
 
@@ -158,18 +129,78 @@ cdef void merge_run(Core c, size_t first, size_t n, run_kind kind, pass_stats *s
 cdef inline bint continues_run(Core c, size_t first, size_t n, uint32_t f) noexcept nogil:
     """Whether frame f follows the n frames of the run at page `first` in
     the same memfd, so that one mmap maps them all."""
-    return f == c.rmap[first].frame + n and not tier_starts_at(c, f)
+    return f == c.res.rmap[first].frame + n and not tier_starts_at(&c.store, f)
 
 
 cdef void apply_targets(Core c, pass_stats *st) noexcept nogil:
     cdef size_t p, first = 0, n = 0
     cdef run_kind kind = RUN_NONE, k
-    for p in range(c.high_water + 1):
-        k = target_kind(c, p) if p < c.high_water else RUN_NONE
-        if n and k == kind and (k != RUN_FRAMES or continues_run(c, first, n, c.rmap[p].frame)):
+    PD_ASSERT(c.res.high_water <= c.res.npages, "apply_targets: high_water within the reservation")
+    for p in range(c.res.high_water + 1):
+        k = target_kind(c, p) if p < c.res.high_water else RUN_NONE
+        if n and k == kind and (k != RUN_FRAMES or continues_run(c, first, n, c.res.rmap[p].frame)):
             n += 1
             continue
         if n:
             merge_run(c, first, n, kind, st)
         first, kind = p, k
         n = 1 if k != RUN_NONE else 0
+
+
+# -- what a remap costs in mappings ---------------------------------------------
+#
+# One mmap inside a mapping splits it in three, so a pass charges every run
+# MAPPINGS_PER_REMAP while the budget allows. When it does not, the pass
+# looks at the mappings around the run (_maps.pxi) and predicts what the
+# kernel will make of them: a page going back onto the frame it left, inside
+# the mapping it left, joins the mappings on both sides and costs nothing.
+# The mappings are counted again after the remap, and the budget is charged
+# what the remap really cost.
+
+cdef bint predict_remap_cost(Core c, size_t first, size_t n, run_kind kind,
+                             remap_cost *cost) noexcept nogil:
+    """What remapping the whole run will cost, from the mappings around it;
+    False if the kernel cannot show them."""
+    cdef uint64_t a = <uint64_t>page_address(&c.res, first), b = a + n * c.res.page_size
+    cdef uint64_t lo = <uint64_t>c.res.base, hi = lo + c.res.npages * c.res.page_size
+    cdef mapping left, right, placed, view
+    cdef bint has_left = a > lo and find_mapping(&c.tables, a - 1, &left) == 0 and left.start < a
+    cdef bint has_right = b < hi and find_mapping(&c.tables, b, &right) == 0 and right.start <= b
+    cdef bint join_left = False, join_right = False
+    cdef bint one_mapping = has_left and has_right and left.start == right.start
+    cdef long after = 1
+    placed = mapping(a, b, 0, 0, 0, 0, MAPPING_READ_WRITE)
+    if kind == RUN_FRAMES:              # the memfd's identity, from its view
+        if find_mapping(&c.tables, <uint64_t>frame_address(&c.store, c.res.rmap[first].frame),
+                        &view) != 0:
+            return False
+        placed.inode, placed.dev_major, placed.dev_minor = view.inode, view.dev_major, view.dev_minor
+        placed.offset = <uint64_t>c.res.rmap[first].frame * c.res.page_size
+    cost.lo = left.start if has_left else a
+    cost.hi = right.end if has_right else b
+    cost.before = count_mappings(&c.tables, cost.lo, cost.hi)
+    if cost.before < 0:
+        return False
+    if has_left:                        # what is left of it once the run is unmapped
+        left.end = a
+        join_left = joins(&left, &placed)
+        after += not join_left
+    if has_right:
+        if right.inode:
+            right.offset += b - right.start
+        right.start = b
+        join_right = joins(&placed, &right)
+        after += not join_right
+    if join_left and join_right and not one_mapping:
+        # Two mappings join through a third only if their anon_vmas agree,
+        # which /proc does not show: expect the kernel to join one side.
+        after += 1
+    cost.predicted = after - cost.before
+    return True
+
+
+cdef long measured_remap_cost(Core c, const remap_cost *cost) noexcept nogil:
+    """What the remap did cost, counted again; the worst case if the kernel
+    cannot say."""
+    cdef long now = count_mappings(&c.tables, cost.lo, cost.hi)
+    return now - cost.before if now >= 0 else MAPPINGS_PER_REMAP

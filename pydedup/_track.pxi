@@ -6,44 +6,52 @@
 # takes the written bits and protects the pages again in the same call, so a
 # write made while it hashes a page is seen by the next pass. Needs no
 # privilege (Linux 6.7+); without it every page counts as written, and the
-# checksums tell what changed.
+# checksums tell what changed. Part of the page tables (_pagemap.pxd).
 
-cdef int start_tracking(Core c) noexcept nogil:
+cdef int start_tracking(page_tables *pt) noexcept nogil:
     """0, or the errno that leaves every page counted as written."""
     cdef uint64_t wanted = (PD_UFFD_FEATURE_WP_ASYNC | PD_UFFD_FEATURE_WP_UNPOPULATED
                             | PD_UFFD_FEATURE_WP_HUGETLBFS_SHMEM)
     cdef uint64_t granted = 0
     cdef int fd, err
-    if not c.has_pagemap_scan:
+    if not pt.has_pagemap_scan:
         return ENOTTY
     fd = pd_uffd_open(1, wanted, &granted)
     if fd < 0:
         return -fd
     err = EOPNOTSUPP if granted & wanted != wanted else 0
     if err == 0:
-        err = pd_uffd_register(fd, c.base, c.npages * c.page_size)
+        err = pd_uffd_register(fd, pt.base, pt.npages * pt.page_size)
     if err:
         close(fd)
         return err
-    c.track_uffd = fd
+    pt.track_uffd = fd
     return 0
 
 
-cdef void stop_tracking(Core c) noexcept nogil:
-    if c.track_uffd >= 0:
-        close(c.track_uffd)             # the registration goes with the last reference
-        c.track_uffd = -1
+cdef void stop_tracking(page_tables *pt) noexcept nogil:
+    if pt.track_uffd >= 0:
+        close(pt.track_uffd)             # the registration goes with the last reference
+        pt.track_uffd = -1
 
 
-cdef void track_range(Core c, char *addr, size_t length) noexcept nogil:
+cdef bint tracking(page_tables *pt) noexcept nogil:
+    return pt.track_uffd >= 0
+
+
+cdef void track_range(page_tables *pt, char *addr, size_t length) noexcept nogil:
     """A new mapping over arena pages (a remap) joins the tracking. If it
     cannot, its pages just count as written."""
-    if c.track_uffd >= 0:
-        pd_uffd_register(c.track_uffd, addr, length)
+    PD_ASSERT(addr >= pt.base and addr + length <= pt.base + pt.npages * pt.page_size,
+              "track_range: a range of the reservation")
+    if pt.track_uffd >= 0:
+        pd_uffd_register(pt.track_uffd, addr, length)
 
 
-cdef void untrack_range(Core c, char *addr, size_t length) noexcept nogil:
+cdef void untrack_range(page_tables *pt, char *addr, size_t length) noexcept nogil:
     """Before the uffd barrier takes the range: a mapping belongs to one
     userfaultfd at a time. Its pages count as written until tracked again."""
-    if c.track_uffd >= 0:
-        pd_uffd_unregister(c.track_uffd, addr, length)
+    PD_ASSERT(addr >= pt.base and addr + length <= pt.base + pt.npages * pt.page_size,
+              "untrack_range: a range of the reservation")
+    if pt.track_uffd >= 0:
+        pd_uffd_unregister(pt.track_uffd, addr, length)

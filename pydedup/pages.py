@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import xxhash._xxhash
 
-from pydedup._fast import DEBUG_CHECKS, Block, Core, check_invariants
+from pydedup._fast import DEBUG_CHECKS, Block, Core, PageOwner, check_invariants
 from pydedup.extents import Extents
 
 
@@ -27,7 +27,7 @@ def _xxh3_address() -> int:
     return address
 
 
-class Pages:
+class Pages(PageOwner):
     def __init__(self, npages: int):
         self.core = Core(npages, _xxh3_address())
         self.extents = Extents(npages)

@@ -1,0 +1,60 @@
+# The frame store (_frames.pxi), after KSM's stable nodes: the frames, the
+# memfds (tiers) they live in, the stable tree that finds a frame by
+# content, orphans and reclaim, the fork fence. Plain C with every address
+# and descriptor inside, and what it needs of other parts (a page's node,
+# the memory policy) passed in: ready to move to memory shared by processes.
+
+cdef enum:
+    MAX_TIERS = 8                  # memfds of a frame store: one, plus one a fork level
+
+cdef struct frame_tier:            # one memfd of the frame store
+    uint32_t first_frame           # frames [first_frame, next tier's first_frame) live here
+    int fd                         # the memfd, frame f at offset f * page_size; -1 if none
+    char *view                     # read-only shared window on the memfd from frame
+                                   # first_frame: frame f at (f - first_frame) * page_size
+
+cdef struct frame_store:           # Core.store
+    size_t page_size
+    size_t nslots                  # frame slots: as many as arena pages
+    frame_tier tiers[MAX_TIERS]    # by first_frame, tiers[0] from frame 0;
+    int ntiers                     # new frames go to tiers[ntiers - 1]
+    frame_item *frames             # nslots frame slots, mapped lazily
+    uint32_t frames_in_use         # == #{f : frames[f].mapcount > 0}
+    uint32_t frame_high            # slots [frame_high, nslots) were never used
+    uint32_t frame_cursor          # where the next-fit search resumes
+    uint32_t fork_fence            # frames below it existed at a fork: shared with
+                                   # another process, never punched or reused
+    uint32_t *stable               # stable-tree bucket heads
+    uint32_t stable_mask           # buckets - 1, a power of two minus one
+    uint32_t *orphans              # frames whose mapcount fell to 0, to reclaim
+    size_t norphans, orphans_cap
+    uint32_t zero_checksum         # of a page of zeros
+    uint32_t zero_colours          # zero frames are kept apart by page colour
+    bint merge_across_nodes        # one stable tree; else one a node (KSM's knob):
+                                   # changes only while no frame is in use
+
+cdef int frames_open(frame_store *fs, size_t page_size, size_t nslots,
+                     uint32_t zero_checksum) noexcept nogil
+cdef void frames_close(frame_store *fs) noexcept nogil
+cdef frame_tier *tier_of(frame_store *fs, uint32_t f) noexcept nogil
+cdef char *frame_address(frame_store *fs, uint32_t f) noexcept nogil
+cdef int frame_fd(frame_store *fs, uint32_t f) noexcept nogil
+cdef int frames_memfd(frame_store *fs) noexcept nogil
+cdef bint tier_starts_at(frame_store *fs, uint32_t f) noexcept nogil
+cdef void frames_fence(frame_store *fs) noexcept nogil
+cdef int push_tier(frame_store *fs) noexcept nogil
+cdef uint32_t tree_key(frame_store *fs, uint32_t checksum, uint16_t node) noexcept nogil
+cdef bint same_tree(frame_store *fs, uint16_t a, uint16_t b) noexcept nogil
+cdef uint32_t zero_key(frame_store *fs, size_t vpn) noexcept nogil
+cdef void frames_set_across_nodes(frame_store *fs, bint value) noexcept nogil
+cdef uint32_t frame_mapcount(frame_store *fs, uint32_t f) noexcept nogil
+cdef uint16_t frame_node(frame_store *fs, uint32_t f) noexcept nogil
+cdef void frame_get(frame_store *fs, uint32_t f) noexcept nogil
+cdef void frame_put(frame_store *fs, uint32_t f) noexcept nogil
+cdef uint32_t stable_tree_search(frame_store *fs, const char *page, uint32_t checksum,
+                                 uint16_t node, uint32_t max_page_sharing) noexcept nogil
+cdef uint32_t stable_tree_add(frame_store *fs, const char *content, uint32_t checksum,
+                              uint16_t node, uint32_t hint) noexcept nogil
+cdef void reclaim_frames(frame_store *fs) noexcept nogil
+cdef size_t frames_metadata_bytes(frame_store *fs) noexcept nogil
+cdef bint merges_across_nodes(frame_store *fs) noexcept nogil

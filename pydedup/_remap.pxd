@@ -1,0 +1,20 @@
+# Applying a pass's targets (_remap.pxi): the runs, their barrier, their
+# remaps, and what they cost in mappings. No record of its own: it works on
+# the reservation's rmap items through the parts below it.
+
+cdef enum run_kind:
+    RUN_NONE = 0
+    RUN_ZERO_ANON = 1      # zero pages in an anonymous mapping: MADV_DONTNEED
+    RUN_ZERO_FILE = 2      # zero pages in a frame-store mapping: anonymous mmap
+    RUN_FRAMES = 3         # pages onto consecutive frames of one tier: one mmap of its memfd
+
+cdef enum:
+    MAPPINGS_PER_REMAP = 2  # an mmap inside a mapping splits it in three
+
+cdef struct remap_cost:            # the mappings one remap of a run changes
+    uint64_t lo, hi                # the window: the run and the mappings it touches
+    long before                    # mappings meeting the window before the remap
+    long predicted                 # mappings the remap adds (negative: removes)
+
+cdef void drop_targets(Core c, size_t first, size_t n) noexcept nogil
+cdef void apply_targets(Core c, pass_stats *st) noexcept nogil

@@ -1,0 +1,22 @@
+# The scan (_scan.pxi), after KSM's ksm_scan: the pass over every page in
+# use, its unstable tree and cursor, and the page states it brings up to date.
+
+cdef enum:
+    STATE_CHUNK = 65536            # pages whose categories are read at once
+
+cdef struct scan_state:            # Core.scan: the scan in progress
+    uint32_t *unstable             # unstable-tree bucket heads; NULL between scans
+    uint32_t unstable_mask
+    size_t cursor                  # the next page the background scan looks at
+    uint32_t last_new_frame        # the frame a scan wrote last
+    pass_stats stats               # what the background scan in progress did
+
+cdef bint mergeable(const rmap_item *it) noexcept nogil
+cdef int refresh_states(Core c, size_t first, size_t n) noexcept nogil
+cdef bint scan_in_progress(Core c) noexcept nogil
+cdef void end_scan(Core c, pass_stats *st) noexcept nogil
+cdef void unstable_tree_erase(Core c, size_t p) noexcept nogil
+cdef int merge_pass(Core c, scan_knobs *k, pass_stats *st) noexcept nogil
+cdef int scan_batch(Core c, size_t npages, scan_knobs *k, bint *scan_done) noexcept nogil
+cdef int unmerge_range(Core c, size_t first, size_t n) noexcept nogil
+cdef void scan_close(Core c) noexcept nogil
