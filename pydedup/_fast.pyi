@@ -1,7 +1,7 @@
 """Type stubs of pydedup._fast, the Cython core (_fast.pyx and its .pxi
 files): what Python sees of it. Keep in step with the `def`s, properties and
 `cdef readonly`/`cdef public` fields there."""
-from typing import Any, Protocol
+from typing import Any
 
 DEBUG_CHECKS: bool
 """A PYDEDUP_DEBUG=1 build: the invariants are checked after every operation."""
@@ -9,10 +9,13 @@ DEBUG_CHECKS: bool
 class InvariantError(AssertionError):
     """An invariant of pydedup's core does not hold: a bug in pydedup."""
 
-class _PagesOwner(Protocol):
-    """What a Block gives its pages back to (pydedup.pages.Pages)."""
+class PageOwner:
+    """The page allocator, as Block and numpy's handler call it (a typed
+    interface; pydedup.pages.Pages implements it)."""
 
-    def give_back(self, first: int, n: int, /) -> None: ...
+    def take_pages(self, npages: int, /) -> int | None: ...
+    def take_at(self, first: int, npages: int, /) -> bool: ...
+    def give_back(self, first: int, npages: int, /) -> None: ...
 
 class Core:
     """The arena's pages and frames: `npages` pages of virtual memory
@@ -104,8 +107,8 @@ class Block:
     @property
     def npages(self) -> int: ...
     @property
-    def owner(self) -> Any: ...
-    def __init__(self, core: Core, owner: _PagesOwner | None, first_page: int, npages: int,
+    def owner(self) -> PageOwner | None: ...
+    def __init__(self, core: Core, owner: PageOwner | None, first_page: int, npages: int,
                  nbytes: int) -> None: ...
     @property
     def address(self) -> int: ...

@@ -5,9 +5,6 @@ declares and not through its record's fields, the debug build's bounds
 checks are not switched off by a file header, and cython-lint passes."""
 import pathlib
 import re
-import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -143,17 +140,6 @@ def test_the_debug_build_decides_bounds_checks():
         assert not any("boundscheck" in line for line in header), pyx.name
     assert '"boundscheck": debug' in (ROOT / "setup.py").read_text()
 
-
-def test_cython_lint_passes():
-    exe = shutil.which("cython-lint") or shutil.which("cython-lint", path=str(pathlib.Path(sys.executable).parent))
-    if exe is None:
-        pytest.skip("cython-lint is not installed (pip install -e '.[test]')")
-    files = sorted(str(p) for ext in ("pyx", "pxi", "pxd") for p in CORE.glob(f"*.{ext}"))
-    result = subprocess.run([exe, *files], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-# -- the page allocator behind a typed interface --------------------------------
 
 def test_the_core_calls_the_page_allocator_through_page_owner():
     from pydedup._fast import Block, PageOwner

@@ -1,8 +1,8 @@
-"""The tools as tests (uvloop's tests/test_sourcecode.py): ruff and mypy pass
-over the tree with the configuration in pyproject.toml, and code that uses
+"""The tools as tests (uvloop's tests/test_sourcecode.py): ruff, mypy and
+cython-lint pass over the tree with the configuration in pyproject.toml, and code that uses
 pydedup type-checks under `mypy --strict` and sees real types, not Any.
 
-ruff and mypy come with the `test` extra; where they are missing the tests
+ruff, mypy and cython-lint come with the `test` extra; where they are missing the tests
 skip, except in CI, where that is a failure."""
 import os
 import shutil
@@ -33,6 +33,16 @@ def run(command, **kwargs):
 
 def test_ruff_passes():
     done = run([*tool("ruff"), "check", "--no-cache", ROOT], cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_cython_lint_passes():
+    """Over every .pyx, .pxi and .pxd of the core, configured in pyproject.toml."""
+    tool("cython_lint")
+    core = os.path.join(ROOT, "pydedup")
+    files = sorted(os.path.join(core, f) for f in os.listdir(core) if f.endswith((".pyx", ".pxi", ".pxd")))
+    lint = "import sys; from cython_lint.cython_lint import main; sys.exit(main(sys.argv[1:]))"
+    done = run([sys.executable, "-c", lint, *files], cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
