@@ -11,6 +11,12 @@ cdef uint32_t zero_page_checksum(pd_xxh3_fn xxh3, size_t page_size) except? 0:
     return checksum
 
 
+cdef uint32_t check_tile_pages(uint32_t tile_pages) except 0:
+    if not 1 <= tile_pages <= MAX_TILE_PAGES:
+        raise ValueError(f"tile_pages is 1 to {MAX_TILE_PAGES}, not {tile_pages}")
+    return tile_pages
+
+
 cdef class Core:
     """The arena's pages and frames. `npages` pages of virtual memory are
     reserved at once; records and frames only cost memory once used."""
@@ -200,6 +206,21 @@ cdef class Core:
                           mask if nodes else NULL) != 0:
             raise OSError(errno, f"cannot place pages on NUMA nodes {list(nodes)} (mbind)")
 
+    def tile_counts(self):
+        """Frames in use by tile: `tiles`, those with a frame after their
+        first; `tile_frames`, the frames of those tiles."""
+        cdef uint32_t f, tiles = 0, tile_frames = 0
+        for f in range(self.store.frame_high):
+            if frame_mapcount(&self.store, f) == 0:
+                continue
+            if frame_tile_index(&self.store, f) > 0:
+                tile_frames += 1
+            elif (f + 1 < self.store.frame_high and frame_mapcount(&self.store, f + 1)
+                    and frame_tile_index(&self.store, f + 1) == 1):
+                tiles += 1
+                tile_frames += 1
+        return dict(tiles=tiles, tile_frames=tile_frames)
+
     def frames_by_node(self):
         """{node: frames in use written for it}."""
         counts = {}
@@ -280,10 +301,13 @@ cdef class Core:
                 self.res.remapped = False
                 track_range(&self.tables, self.res.base, length)
 
-    def merge(self, bint use_zero_pages, uint32_t max_page_sharing, long mappings_left):
-        """One whole scan, now; returns what it did as a dict of pass_stats."""
+    def merge(self, bint use_zero_pages, uint32_t max_page_sharing, long mappings_left,
+              uint32_t tile_pages=1):
+        """One whole scan, now; returns what it did as a dict of pass_stats.
+        Runs of one content map onto tiles of up to tile_pages frames."""
         cdef pass_stats st
-        cdef scan_knobs k = scan_knobs(use_zero_pages, max_page_sharing, True)
+        cdef scan_knobs k = scan_knobs(use_zero_pages, max_page_sharing, True,
+                                       check_tile_pages(tile_pages))
         cdef int err
         self.check_can_merge()
         memset(&st, 0, sizeof(st))
@@ -298,13 +322,14 @@ cdef class Core:
         return st
 
     def scan_batch(self, size_t npages, bint use_zero_pages, uint32_t max_page_sharing,
-                   long mappings_left):
+                   long mappings_left, uint32_t tile_pages=1):
         """The background scanner's step: the next npages of the scan in
         progress. mappings_left is the mapping budget of a scan, taken when
         one begins (at scan_cursor 0). Returns (this step's pass_stats,
         whether a scan ended)."""
         cdef pass_stats before = self.scan.stats
-        cdef scan_knobs k = scan_knobs(use_zero_pages, max_page_sharing, False)
+        cdef scan_knobs k = scan_knobs(use_zero_pages, max_page_sharing, False,
+                                       check_tile_pages(tile_pages))
         cdef bint scan_done = False
         cdef int err
         self.check_can_merge()

@@ -6,6 +6,7 @@
 
 cdef enum:
     MAX_TIERS = 8                  # memfds of a frame store: one, plus one a fork level
+    MAX_TILE_PAGES = 65536         # frame_item.tile_index is 16 bits
 
 cdef struct frame_tier:            # one memfd of the frame store
     uint32_t first_frame           # frames [first_frame, next tier's first_frame) live here
@@ -56,5 +57,11 @@ cdef uint32_t stable_tree_search(frame_store *fs, const char *page, uint32_t che
 cdef uint32_t stable_tree_add(frame_store *fs, const char *content, uint32_t checksum,
                               uint16_t node, uint32_t hint) noexcept nogil
 cdef void reclaim_frames(frame_store *fs) noexcept nogil
+cdef uint32_t frame_tile_index(frame_store *fs, uint32_t f) noexcept nogil
+cdef uint32_t tile_start(frame_store *fs, uint32_t f, uint32_t max_page_sharing) noexcept nogil
+cdef uint32_t tile_next(frame_store *fs, uint32_t g, const char *page, uint32_t checksum,
+                        uint16_t node, uint32_t max_page_sharing, uint32_t tile_pages,
+                        bint *grow) noexcept nogil
+cdef uint32_t tile_grow(frame_store *fs, uint32_t g, const char *content) noexcept nogil
 cdef size_t frames_metadata_bytes(frame_store *fs) noexcept nogil
 cdef bint merges_across_nodes(frame_store *fs) noexcept nogil

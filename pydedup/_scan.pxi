@@ -182,7 +182,11 @@ cdef void cmp_and_merge_page(Core c, size_t p, bint written, scan_knobs *k,
     if zero and k.use_zero_pages:
         it.flags |= PAGE_TARGET_ZERO
         return
-    f = stable_tree_search(&c.store, page, checksum, it.node, k.max_page_sharing)
+    f = tile_continuation(c, p, page, checksum, k, st)
+    if f == NO_FRAME:
+        f = stable_tree_search(&c.store, page, checksum, it.node, k.max_page_sharing)
+        if f != NO_FRAME:
+            f = tile_start(&c.store, f, k.max_page_sharing)
     if f == NO_FRAME:
         q = unstable_tree_search_insert(c, p)
         if q == NO_PAGE:
@@ -196,7 +200,39 @@ cdef void cmp_and_merge_page(Core c, size_t p, bint written, scan_knobs *k,
             return
         c.scan.last_new_frame = f
         set_target(c, q, f)
+        if q + 1 == p:                  # a run of one content begins: p starts a tile
+            f = tile_continuation(c, p, page, checksum, k, st)
+            if f == NO_FRAME:
+                f = c.scan.last_new_frame
     set_target(c, p, f)
+
+
+cdef uint32_t tile_continuation(Core c, size_t p, const char *page, uint32_t checksum,
+                                scan_knobs *k, pass_stats *st) noexcept nogil:
+    """If page p - 1 maps, or is to map, a frame of p's content: the next
+    frame of that frame's tile, grown if need be (_frames.pxi), so that a run
+    of one content maps onto consecutive frames. NO_FRAME otherwise."""
+    cdef rmap_item *prev
+    cdef uint32_t g, f
+    cdef bint grow
+    if p == 0 or k.tile_pages < 2:
+        return NO_FRAME
+    prev = &c.res.rmap[p - 1]
+    if not (prev.flags & PAGE_TARGET or (prev.state == PAGE_MERGED
+                                         and not prev.flags & (PAGE_TARGET | PAGE_UNSTABLE))):
+        return NO_FRAME
+    g = prev.frame
+    f = tile_next(&c.store, g, page, checksum, c.res.rmap[p].node, k.max_page_sharing,
+                  k.tile_pages, &grow)
+    if f != NO_FRAME or not grow:
+        return f
+    prefer_node(&c.nodes, frame_node(&c.store, g))
+    f = tile_grow(&c.store, g, page)
+    if f != NO_FRAME:
+        st.frames_new += 1
+        st.tile_frames_new += 1
+        c.scan.last_new_frame = f
+    return f
 
 
 cdef int scan_range(Core c, size_t first, size_t end, scan_knobs *k,

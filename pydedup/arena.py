@@ -61,6 +61,7 @@ class Arena:
     max_page_sharing = _Knob[int]()
     merge_across_nodes = _Knob[bool]()
     max_mappings = _Knob[int]()
+    tile_pages = _Knob[int]()
     run = _Knob[int]()
     pages_to_scan = _Knob[int]()
     sleep_millisecs = _Knob[int]()
@@ -282,7 +283,8 @@ class Arena:
         start = time.perf_counter()
         self._flush_allocator_cache()
         with self._locked() as core:
-            st = core.merge(self.use_zero_pages, self.max_page_sharing, self._mapping_budget())
+            st = core.merge(self.use_zero_pages, self.max_page_sharing, self._mapping_budget(),
+                            self.tile_pages)
             self._live().keep_placements()
         report = MergeReport.made_from(dict(st, seconds=time.perf_counter() - start))
         self._publish_if_due()
@@ -335,7 +337,7 @@ class Arena:
             # The budget is read once a scan: /proc/self/maps is not free.
             budget = self._mapping_budget() if core.scan_cursor == 0 else 0
             step, _ = core.scan_batch(self.pages_to_scan, self.use_zero_pages,
-                                      self.max_page_sharing, budget)
+                                      self.max_page_sharing, budget, self.tile_pages)
             if step["merged"] or step["zeroed"]:
                 self._live().keep_placements()
         self._publish_if_due()
@@ -399,7 +401,7 @@ class Arena:
                 full_scans=core.full_scans, unshared=core.pages_unshared,
                 volatile=core.pages_volatile, barrier=core.barrier_name,
                 frame_store_bytes=os.fstat(core.memfd).st_blocks * 512,
-                frames_by_node=core.frames_by_node(),
+                frames_by_node=core.frames_by_node(), **core.tile_counts(),
                 mappings=procfs.count_mappings(self._lo, self._hi)[1],
                 reserved=self._hi - self._lo, page_size=PAGE_SIZE)
             pss = procfs.smaps_fields(self._lo, self._hi)

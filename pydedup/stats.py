@@ -75,6 +75,8 @@ class MergeReport(_Readable):
         "pages newly placed on the kernel zero page", value=_reading("zeroed")))
     frames_new: int = field(metadata=counter(
         "frames written for new shared content", value=_reading("frames_new")))
+    tile_frames_new: int = field(metadata=counter(
+        "of those, frames that grew a tile (`tile_pages`)", value=_reading("tile_frames_new")))
     pages_unshared: int = field(metadata=counter(
         "unique pages: nothing else holds their content", ksm="pages_unshared",
         value=_reading("unshared")))
@@ -159,6 +161,10 @@ class ArenaStats(_Readable):
         "`pages_in_use * page_size`", value=lambda r: r["pages"] * r["page_size"]))
     frames_in_use: int = field(metadata=counter(
         "equal to `pages_shared`", value=_reading("frames")))
+    tiles: int = field(metadata=counter(
+        "tiles in use: runs of consecutive frames of one content that runs of pages of that "
+        "content map (`tile_pages`); their frames count in `pages_shared`"))
+    tile_frames: int = field(metadata=counter("frames in use of those tiles"))
     frame_store_bytes: int = field(metadata=counter(
         "memory the frame store holds (allocated blocks of the memfd this process writes new "
         "frames to; after a fork, frames inherited from the parent count in the parent's)"))
