@@ -61,7 +61,7 @@ cdef uint32_t frame_tile_index(frame_store *fs, uint32_t f) noexcept nogil
 cdef uint32_t tile_start(frame_store *fs, uint32_t f, uint32_t max_page_sharing) noexcept nogil
 cdef uint32_t tile_next(frame_store *fs, uint32_t g, const char *page, uint32_t checksum,
                         uint16_t node, uint32_t max_page_sharing, uint32_t tile_pages,
-                        bint *grow) noexcept nogil
+                        size_t run_pages, bint *grow) noexcept nogil
 cdef uint32_t tile_grow(frame_store *fs, uint32_t g, const char *content) noexcept nogil
 cdef size_t frames_metadata_bytes(frame_store *fs) noexcept nogil
 cdef bint merges_across_nodes(frame_store *fs) noexcept nogil

@@ -390,29 +390,41 @@ cdef bint slot_free_after(frame_store *fs, uint32_t g) noexcept nogil:
 
 cdef uint32_t tile_next(frame_store *fs, uint32_t g, const char *page, uint32_t checksum,
                         uint16_t node, uint32_t max_page_sharing, uint32_t tile_pages,
-                        bint *grow) noexcept nogil:
+                        size_t run_pages, bint *grow) noexcept nogil:
     """The frame for a page holding `page` whose previous page maps (or is
-    to map) frame g, when g holds the same content: the next frame of g's
-    tile, or its first once the tile is tile_pages long. NO_FRAME if neither
-    can take the page; `grow` is set instead when the next slot is free and
-    the tile may grow into it (tile_grow)."""
+    to map) frame g, when g holds the same content and ends a run of
+    `run_pages` pages of it: the next frame of g's tile if it exists, else
+    the tile's first frame again (a new mapping). NO_FRAME if neither can
+    take the page. `grow` is set instead when the tile may grow into the
+    next slot (tile_grow): it is free, and the tile would still be no longer
+    than the square root of the run so far. A run of L pages on a tile of T
+    frames costs T frames and L / T mappings, least in sum at T = sqrt(L);
+    so a short run costs few frames, and a long one few mappings."""
     cdef uint32_t k, h
+    cdef bint can_grow
     grow[0] = False
     PD_ASSERT(g < fs.frame_high and tile_pages >= 1, "tile_next: a frame below frame_high")
     if (tile_pages < 2 or fs.frames[g].checksum != checksum or fs.frames[g].mapcount == 0
             or not same_tree(fs, fs.frames[g].node, node)):
         return NO_FRAME
     k = fs.frames[g].tile_index
-    h = g + 1 if k + 1 < tile_pages else g - k
-    if k + 1 >= tile_pages and (k > g or tier_of(fs, h) != tier_of(fs, g)):
+    can_grow = False
+    if k + 1 < tile_pages:
+        h = g + 1
+        if (h < fs.frame_high and takes_one_more(fs, h, checksum, node, max_page_sharing)
+                and fs.frames[h].tile_index == k + 1
+                and memcmp(page, frame_address(fs, h), fs.page_size) == 0):
+            return h
+        can_grow = slot_free_after(fs, g) and memcmp(page, frame_address(fs, g), fs.page_size) == 0
+    grow[0] = can_grow and <size_t>(k + 1) * (k + 1) <= run_pages
+    if grow[0] or k > g:
         return NO_FRAME
-    if (takes_one_more(fs, h, checksum, node, max_page_sharing)
-            and fs.frames[h].tile_index == (k + 1 if h > g else 0)
+    h = g - k
+    if (tier_of(fs, h) == tier_of(fs, g) and fs.frames[h].tile_index == 0
+            and takes_one_more(fs, h, checksum, node, max_page_sharing)
             and memcmp(page, frame_address(fs, h), fs.page_size) == 0):
         return h
-    if (h > g and slot_free_after(fs, g)
-            and memcmp(page, frame_address(fs, g), fs.page_size) == 0):
-        grow[0] = True
+    grow[0] = can_grow                  # the first frame is full (max_page_sharing)
     return NO_FRAME
 
 

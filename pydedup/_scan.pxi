@@ -78,6 +78,7 @@ cdef int begin_scan(Core c) noexcept nogil:
     c.scan.unstable_mask = mask
     c.scan.cursor = 0
     c.scan.last_new_frame = NO_FRAME
+    c.scan.run_last = NO_PAGE
     return 0
 
 
@@ -221,17 +222,21 @@ cdef uint32_t tile_continuation(Core c, size_t p, const char *page, uint32_t che
     if not (prev.flags & PAGE_TARGET or (prev.state == PAGE_MERGED
                                          and not prev.flags & (PAGE_TARGET | PAGE_UNSTABLE))):
         return NO_FRAME
+    if c.scan.run_last + 1 != p:
+        c.scan.run_pages = 1            # page p - 1 begins a run
     g = prev.frame
     f = tile_next(&c.store, g, page, checksum, c.res.rmap[p].node, k.max_page_sharing,
-                  k.tile_pages, &grow)
-    if f != NO_FRAME or not grow:
-        return f
-    prefer_node(&c.nodes, frame_node(&c.store, g))
-    f = tile_grow(&c.store, g, page)
+                  k.tile_pages, c.scan.run_pages, &grow)
+    if grow:
+        prefer_node(&c.nodes, frame_node(&c.store, g))
+        f = tile_grow(&c.store, g, page)
+        if f != NO_FRAME:
+            st.frames_new += 1
+            st.tile_frames_new += 1
+            c.scan.last_new_frame = f
     if f != NO_FRAME:
-        st.frames_new += 1
-        st.tile_frames_new += 1
-        c.scan.last_new_frame = f
+        c.scan.run_last = p
+        c.scan.run_pages += 1
     return f
 
 
