@@ -70,9 +70,9 @@ def run_bench(tmp_path, *args):
         return result, json.load(f), out
 
 
-def test_bench_figures_and_ratios_for_both_workloads(tmp_path, capsys):
+def test_bench_figures_and_ratios_for_every_workload(tmp_path, capsys):
     result, saved, out = run_bench(tmp_path, "--methods", "numpy,merge,background", "--no-plot")
-    assert set(saved["workloads"]) == {"structured", "scattered"}
+    assert set(saved["workloads"]) == {"structured", "scattered", "filled", "dataframe"}
     assert saved["machine"]["kernel"] and saved["command"].startswith("python -m pydedup bench")
     for name, figures in saved["workloads"].items():
         rows = figures["rows"]
