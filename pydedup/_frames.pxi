@@ -420,11 +420,23 @@ cdef uint32_t tile_next(frame_store *fs, uint32_t g, const char *page, uint32_t 
     if grow[0] or k > g:
         return NO_FRAME
     h = g - k
-    if (tier_of(fs, h) == tier_of(fs, g) and fs.frames[h].tile_index == 0
-            and takes_one_more(fs, h, checksum, node, max_page_sharing)
-            and memcmp(page, frame_address(fs, h), fs.page_size) == 0):
-        return h
+    if tier_of(fs, h) != tier_of(fs, g) or fs.frames[h].tile_index != 0:
+        return NO_FRAME
+    if takes_one_more(fs, h, checksum, node, max_page_sharing):
+        return h if memcmp(page, frame_address(fs, h), fs.page_size) == 0 else NO_FRAME
     grow[0] = can_grow                  # the first frame is full (max_page_sharing)
+    if can_grow:
+        return NO_FRAME
+    # The tile is as long as it may be and its first frames are full (they
+    # take a page at every wrap, and took more while the tile was short):
+    # start again at its first frame with room, the frames after it being
+    # fuller rarely.
+    while h < g:
+        h += 1
+        if fs.frames[h].tile_index != h - (g - k):
+            return NO_FRAME
+        if takes_one_more(fs, h, checksum, node, max_page_sharing):
+            return h if memcmp(page, frame_address(fs, h), fs.page_size) == 0 else NO_FRAME
     return NO_FRAME
 
 

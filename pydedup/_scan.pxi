@@ -184,6 +184,8 @@ cdef void cmp_and_merge_page(Core c, size_t p, bint written, scan_knobs *k,
         it.flags |= PAGE_TARGET_ZERO
         return
     f = tile_continuation(c, p, page, checksum, k, st)
+    if f == NO_FRAME and k.tile_pages > 1:
+        f = tile_restart(c, p, page, checksum, st)
     if f == NO_FRAME:
         f = stable_tree_search(&c.store, page, checksum, it.node, k.max_page_sharing)
         if f != NO_FRAME:
@@ -206,6 +208,33 @@ cdef void cmp_and_merge_page(Core c, size_t p, bint written, scan_knobs *k,
             if f == NO_FRAME:
                 f = c.scan.last_new_frame
     set_target(c, p, f)
+
+
+cdef uint32_t tile_restart(Core c, size_t p, const char *page, uint32_t checksum,
+                          pass_stats *st) noexcept nogil:
+    """A run of one content that its tile cannot take on (its first frame
+    is full, max_page_sharing, or was reclaimed): page p, holding what page
+    p - 1 maps, begins a new tile on a new frame, which the pages after it
+    grow. The frames of the old tile with room left are found by runs that
+    begin on them (stable_tree_search); taking them here would cost a
+    mapping a page, since their neighbours are full. NO_FRAME if page p - 1
+    maps no frame of p's content."""
+    cdef rmap_item *prev = &c.res.rmap[p - 1] if p > 0 else NULL
+    cdef uint32_t f
+    if prev == NULL or not (prev.flags & PAGE_TARGET or (prev.state == PAGE_MERGED
+                                                         and not prev.flags & PAGE_TARGET)):
+        return NO_FRAME
+    if (frame_mapcount(&c.store, prev.frame) == 0
+            or memcmp(page, frame_address(&c.store, prev.frame), c.res.page_size) != 0
+            or not same_tree(&c.store, frame_node(&c.store, prev.frame), c.res.rmap[p].node)):
+        return NO_FRAME
+    f = new_stable_frame(c, page, checksum, frame_node(&c.store, prev.frame),
+                         c.scan.last_new_frame + 1, st)
+    if f != NO_FRAME:
+        c.scan.last_new_frame = f
+        c.scan.run_last = p
+        c.scan.run_pages += 1
+    return f
 
 
 cdef uint32_t tile_continuation(Core c, size_t p, const char *page, uint32_t checksum,
