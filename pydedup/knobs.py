@@ -74,7 +74,7 @@ KNOBS = {knob.name: knob for knob in (
          "an integer >= 0", "",
          "Most mappings the arena may hold (vm.max_map_count counts them per "
          "process); merges that would need more are left undone and counted."),
-    Knob("tile_pages", lambda: 512, _integer_at_least(1, 65536), "an integer from 1 to 65536",
+    Knob("tile_pages", lambda: 256, _integer_at_least(1, 65536), "an integer from 1 to 65536",
          "",
          "Longest tile: a run of consecutive pages of one content (NaN, ones, "
          "a fill value) maps onto up to this many consecutive frames of that "

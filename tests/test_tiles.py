@@ -1,6 +1,7 @@
 """Tiles: a run of pages of one content maps onto consecutive frames of that
 content, read back from the kernel (/proc/self/maps offsets, PSS), not from
 pydedup's counters alone."""
+import gc
 import os
 
 import numpy as np
@@ -186,3 +187,17 @@ def test_bad_tile_pages_is_a_clear_error(bad):
 def test_the_core_refuses_a_tile_length_out_of_range(arena):
     with pytest.raises(ValueError, match="tile_pages"):
         testing.core(arena).merge(True, 256, 100, 65537)
+
+
+def test_general_profit_pays_for_the_mappings_merging_added(arena):
+    arena.tile_pages = 1                # a mapping a page: what tiles avoid
+    a = arena.full(64 * PAGE_FLOATS, np.nan)
+    arena.merge()
+    stats = arena.stats()
+    assert stats.mappings_added == stats.mappings - 1 == arena_mappings(arena) - 1 >= 63
+    assert stats.mapping_bytes == stats.mappings_added * pydedup.stats.MAPPING_BYTES
+    assert stats.general_profit == stats.bytes_saved - stats.metadata_bytes - stats.mapping_bytes
+    arena.unmerge()
+    del a
+    gc.collect()
+    assert arena.stats().mappings_added == arena.stats().mappings - 1
