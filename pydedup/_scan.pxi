@@ -211,7 +211,7 @@ cdef void cmp_and_merge_page(Core c, size_t p, bint written, scan_knobs *k,
 
 
 cdef uint32_t tile_restart(Core c, size_t p, const char *page, uint32_t checksum,
-                          pass_stats *st) noexcept nogil:
+                           pass_stats *st) noexcept nogil:
     """A run of one content that its tile cannot take on (its first frame
     is full, max_page_sharing, or was reclaimed): page p, holding what page
     p - 1 maps, begins a new tile on a new frame, which the pages after it

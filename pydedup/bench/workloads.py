@@ -156,7 +156,8 @@ def theoretical_saved(arrays) -> int:
     """Bytes merging saves at most: every page but one of each content, and
     every zero page (the kernel zero page costs nothing). Only whole pages
     count: arrays start on a page, and a last partial page is left out."""
-    seen, pages = set(), 0
+    seen: set[bytes] = set()
+    pages = 0
     for a in arrays:
         rows = a.view(np.uint8)[:a.nbytes // PAGE * PAGE].reshape(-1, PAGE)
         for lo in range(0, len(rows), CHUNK):
