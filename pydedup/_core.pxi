@@ -440,6 +440,35 @@ cdef class Core:
         if err:
             raise OSError(err, "cannot read the page tables")
 
+    def advise_kernel_ksm(self, bint on):
+        """Kernel KSM for what merging left private: with `on`, the whole
+        reservation MADV_MERGEABLE (one flag over every mapping: no mapping
+        is cut), then the pages the user made unmergeable MADV_UNMERGEABLE
+        again, a run at a time; else the whole reservation MADV_UNMERGEABLE,
+        which gives every page KSM merged its own copy. Kernel KSM ignores
+        pages on frames (file pages) and on the zero page."""
+        cdef size_t p, first = 0, n = 0, hw = self.res.high_water
+        cdef int err = 0
+        cdef bint excluded
+        with nogil:
+            if madvise(self.res.base, self.res.npages * self.res.page_size,
+                       MADV_MERGEABLE if on else MADV_UNMERGEABLE) != 0:
+                err = errno
+            for p in range(hw + 1 if on and err == 0 else 0):
+                excluded = (p < hw and self.res.rmap[p].state != PAGE_FREE
+                            and self.res.rmap[p].flags & PAGE_UNMERGEABLE != 0)
+                if excluded:
+                    first = p if n == 0 else first
+                    n += 1
+                    continue
+                if n and madvise(page_address(&self.res, first), n * self.res.page_size,
+                                 MADV_UNMERGEABLE) != 0:
+                    err = errno
+                    break
+                n = 0
+        if err:
+            raise OSError(err, f"cannot mark the arena {'' if on else 'un'}mergeable for kernel KSM")
+
     def set_unmergeable(self, size_t first, size_t n, bint unmergeable):
         self.check_range(first, n)
         for p in range(first, first + n):

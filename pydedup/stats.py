@@ -180,6 +180,10 @@ class ArenaStats(_Readable):
         "tiles in use: runs of consecutive frames of one content that runs of pages of that "
         "content map (`tile_pages`); their frames count in `pages_shared`"))
     tile_frames: int = field(metadata=counter("frames in use of those tiles"))
+    kernel_ksm_pages: int = field(metadata=counter(
+        "pages of this process the kernel's KSM merged (`ksm_merging_pages` of "
+        "`/proc/self/ksm_stat`; with `kernel_ksm`, what pydedup left to it), 0 where the "
+        "kernel does not say", value=lambda r: r["ksm_stat"].get("ksm_merging_pages", 0)))
     frame_store_bytes: int = field(metadata=counter(
         "memory the frame store holds (allocated blocks of the memfd this process writes new "
         "frames to; after a fork, frames inherited from the parent count in the parent's)"))

@@ -201,3 +201,71 @@ def test_general_profit_pays_for_the_mappings_merging_added(arena):
     del a
     gc.collect()
     assert arena.stats().mappings_added == arena.stats().mappings - 1
+
+
+# -- kernel KSM for what the mapping budget could not pay ------------------------
+
+def test_kernel_ksm_merges_what_the_mapping_budget_left(arena, rng):
+    from pydedup.bench import ksm
+    reason = ksm.available()
+    if reason:
+        pytest.skip(reason)
+    distinct = rng.random((8, PAGE_FLOATS))
+    a = arena.empty((512, PAGE_FLOATS))
+    a[:] = distinct[np.arange(512) % 8]              # duplicates scattered: a mapping each
+    expected = a.copy()
+    keep = arena.empty((64, PAGE_FLOATS))
+    keep[:] = distinct[0]
+    arena.unmergeable(keep)
+    arena.max_mappings = 8
+    arena.kernel_ksm = True
+    with ksm.KernelKSM(pages_to_scan=10_000, sleep_millisecs=0, use_zero_pages=1) as kernel:
+        kernel.set(run=1)
+        report = arena.merge()
+        assert report.skipped["mapping_budget"] > 0
+        kernel.merge()                                   # ksmd over what is marked: waits
+        stats = arena.stats()
+        # the pages pydedup left, not the unmergeable array: at most 512 - merged
+        assert 0 < stats.kernel_ksm_pages <= 512 - report.pages_merged
+        assert np.array_equal(a, expected) and (keep == distinct[0]).all()
+        a[3, 5] = -1.0                                   # a write still lands, privately
+        assert a[3, 5] == -1.0 and a[11, 5] == expected[11, 5]
+        arena.unmerge()
+        testing.check_invariants(arena)
+
+
+def merge_flags(arena):
+    """For each mapping of the arena's range: whether the kernel has it
+    VM_MERGEABLE (VmFlags "mg" in /proc/self/smaps)."""
+    lo, hi = testing.address_range(arena)
+    flags, start = [], None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start = int(head.split("-")[0], 16)
+            elif head == "VmFlags:" and lo <= start < hi:
+                flags.append("mg" in line.split()[1:])
+    return flags
+
+
+def test_kernel_ksm_marks_the_arena_only_when_on_and_the_kernel_runs_ksm(arena, monkeypatch):
+    arena.full(64 * PAGE_FLOATS, 2.0)
+    arena.merge()
+    assert not any(merge_flags(arena))                  # the knob is off by default
+    arena.kernel_ksm = True
+    monkeypatch.setattr(pydedup.procfs, "ksm_running", lambda: False)
+    arena.merge()
+    assert not any(merge_flags(arena))
+    monkeypatch.setattr(pydedup.procfs, "ksm_running", lambda: True)
+    keep = arena.full(8 * PAGE_FLOATS, 3.0)
+    arena.unmergeable(keep)
+    arena.merge()
+    flags = merge_flags(arena)
+    assert any(flags) and not all(flags)                # all but the unmergeable array
+    arena.unmerge()
+    assert not any(merge_flags(arena))                  # unmerge() takes the mark off
+    arena.merge()
+    arena.kernel_ksm = False
+    arena.merge()
+    assert not any(merge_flags(arena))
