@@ -249,6 +249,7 @@ def merge_flags(arena):
     return flags
 
 
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel/mm/ksm"), reason="a kernel without KSM")
 def test_kernel_ksm_marks_the_arena_only_when_on_and_the_kernel_runs_ksm(arena, monkeypatch):
     arena.full(64 * PAGE_FLOATS, 2.0)
     arena.merge()
