@@ -39,6 +39,7 @@ cdef struct held_run:              # a run under the barrier, from protect_run t
     int window                     # the mprotect barrier's window over it
     char *room                     # RLIMIT_DATA room held for its way back, or NULL
     data_slack taken               # for tests (Core.squeeze_data): the slack another thread took
+    uint32_t mapped_lo, mapped_hi  # uffd: frames its BROKEN pages map, whose holes it may fill
 
 
 cdef int protect_run(Core c, held_run *h) noexcept nogil:
@@ -50,6 +51,7 @@ cdef int protect_run(Core c, held_run *h) noexcept nogil:
     h.room = NULL
     h.taken.n = 0
     if c.barrier == BARRIER_UFFD:
+        note_mapped_frames(c, h)
         untrack_range(c, addr, length)
         err = pd_uffd_register(c.barrier_uffd, addr, length)
         if err == 0:
@@ -91,6 +93,7 @@ cdef void unprotect_run(Core c, held_run *h, bint zeroed_in_place, pass_stats *s
     if c.barrier == BARRIER_UFFD:
         pd_uffd_unregister(c.barrier_uffd, addr, length)  # clears the protection
         pd_uffd_wake(c.barrier_uffd, addr, length)        # and wakes writers of remapped pages
+        punch_refilled(c, h.mapped_lo, h.mapped_hi)
     else:
         # The range ends where the protection split its mappings, so making
         # it writable splits nothing and cannot run into the mapping limit;
@@ -102,6 +105,49 @@ cdef void unprotect_run(Core c, held_run *h, bint zeroed_in_place, pass_stats *s
         pd_window_close(h.window)
         give_data_slack_back(&h.taken)
     track_range(c, addr, length)
+
+
+cdef void note_mapped_frames(Core c, held_run *h) noexcept nogil:
+    """Which frames of the top tier the run's BROKEN pages map, before the
+    uffd barrier takes it: [h.mapped_lo, h.mapped_hi), empty if none.
+
+    Their frames may be punched already (a BROKEN page has its own copy), and
+    UFFDIO_WRITEPROTECT fills such a hole again when a thread writes the
+    page meanwhile: the ioctl changes the page table under the mmap lock
+    taken for reading, so a write fault can run alongside and meet the entry
+    while the kernel has it cleared (ptep_modify_prot_start); the fault then
+    takes the page for missing, reads the file page from the memfd (shmem
+    allocates the hole) and throws the copy away, the entry being back. The
+    frame holds a page of zeros that no page maps, until the arena closes
+    (benchmarks/uffd_refill.c shows it). UFFDIO_UNREGISTER write-locks the
+    run's mappings, and mmap over them unmaps them, both after every fault
+    in them has ended: then unprotect_run punches these frames again.
+    Without PROCMAP_QUERY (before Linux 6.11), every frame slot is looked at."""
+    cdef frame_tier *top = &c.tiers[c.ntiers - 1]
+    cdef uint64_t a = <uint64_t>page_address(c, h.first), b = a + h.n * c.page_size
+    cdef uint64_t s, e, f0, f1
+    cdef mapping view, m
+    cdef size_t p
+    h.mapped_lo = h.mapped_hi = 0
+    for p in range(h.first, h.first + h.n):
+        if c.rmap[p].state == PAGE_BROKEN:
+            break
+    else:
+        return
+    if find_mapping(c, <uint64_t>top.view, &view) != 0:
+        h.mapped_lo, h.mapped_hi = 0, c.frame_high
+        return
+    h.mapped_lo = c.frame_high
+    while a < b and find_mapping(c, a, &m) == 0 and m.start < b:
+        s, e = max(a, m.start), min(b, m.end)
+        if m.inode == view.inode and m.dev_major == view.dev_major and m.dev_minor == view.dev_minor:
+            f0 = (m.offset + (s - m.start)) // c.page_size
+            f1 = f0 + (e - s) // c.page_size
+            h.mapped_lo = min(h.mapped_lo, <uint32_t>f0)
+            h.mapped_hi = max(h.mapped_hi, <uint32_t>min(f1, <uint64_t>c.frame_high))
+        a = e
+    if h.mapped_lo >= h.mapped_hi:
+        h.mapped_lo = h.mapped_hi = 0
 
 
 cdef void take_data_slack(Core c, data_slack *taken) noexcept nogil:

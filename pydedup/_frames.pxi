@@ -178,6 +178,13 @@ cdef void stable_tree_insert(Core c, uint32_t f) noexcept nogil:
     stable_tree_link(c, c.stable, c.stable_mask, f)
 
 
+cdef bint stable_tree_holds(Core c, uint32_t f) noexcept nogil:
+    cdef uint32_t g = c.stable[tree_key(c, c.frames[f].checksum, c.frames[f].node) & c.stable_mask]
+    while g != NO_FRAME and g != f:
+        g = c.frames[g].next
+    return g == f
+
+
 cdef bint stable_tree_erase(Core c, uint32_t f) noexcept nogil:
     cdef uint32_t *link = &c.stable[tree_key(c, c.frames[f].checksum, c.frames[f].node) & c.stable_mask]
     while link[0] != NO_FRAME:
@@ -225,3 +232,27 @@ cdef void reclaim_frames(Core c) noexcept nogil:
     if run_len:
         punch_frames(c, run_first, run_len)
     c.norphans = 0
+
+
+cdef void punch_refilled(Core c, uint32_t lo, uint32_t hi) noexcept nogil:
+    """Punch again the free slots of frames [lo, hi) that hold memory again:
+    a page fault racing with UFFDIO_WRITEPROTECT fills the hole of a punched
+    frame that a BROKEN page still maps (_barrier.pxi). Free: no page maps
+    it and the stable tree no longer holds it (an orphan still there is
+    reclaim's). SEEK_DATA finds the memory, one call per run of it."""
+    cdef frame_tier *top = &c.tiers[c.ntiers - 1]
+    cdef size_t ps = c.page_size
+    cdef long offset, data, hole, end
+    cdef uint32_t f
+    lo = max(lo, max(top.first_frame, c.fork_fence))
+    hi = min(hi, c.frame_high)
+    offset, end = <long>lo * ps, <long>hi * ps
+    while offset < end:
+        data = lseek(top.fd, offset, SEEK_DATA)
+        if data < 0 or data >= end:
+            return
+        hole = min(max(lseek(top.fd, data, SEEK_HOLE), data + <long>ps), end)
+        for f in range(<uint32_t>(data // ps), <uint32_t>((hole + <long>ps - 1) // ps)):
+            if c.frames[f].mapcount == 0 and not stable_tree_holds(c, f):
+                punch_frames(c, f, 1)
+        offset = hole
