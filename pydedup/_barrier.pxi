@@ -111,18 +111,20 @@ cdef void note_mapped_frames(Core c, held_run *h) noexcept nogil:
     """Which frames of the top tier the run's BROKEN pages map, before the
     uffd barrier takes it: [h.mapped_lo, h.mapped_hi), empty if none.
 
-    Their frames may be punched already (a BROKEN page has its own copy), and
-    UFFDIO_WRITEPROTECT fills such a hole again when a thread writes the
-    page meanwhile: the ioctl changes the page table under the mmap lock
-    taken for reading, so a write fault can run alongside and meet the entry
-    while the kernel has it cleared (ptep_modify_prot_start); the fault then
-    takes the page for missing, reads the file page from the memfd (shmem
-    allocates the hole) and throws the copy away, the entry being back. The
-    frame holds a page of zeros that no page maps, until the arena closes
-    (benchmarks/uffd_refill.c shows it). UFFDIO_UNREGISTER write-locks the
-    run's mappings, and mmap over them unmaps them, both after every fault
-    in them has ended: then unprotect_run punches these frames again.
-    Without PROCMAP_QUERY (before Linux 6.11), every frame slot is looked at."""
+    Their frames may be punched already (a BROKEN page has its own copy),
+    and the barrier can fill such a hole again while a thread writes the
+    page: UFFDIO_WRITEPROTECT changes the page table under the mmap lock
+    taken for reading, and UFFDIO_UNREGISTER clears the protection before it
+    write-locks the mapping, so a write fault can run alongside and, as far
+    as the kernel source tells, meet the entry while the kernel has it
+    cleared (ptep_modify_prot_start). The fault then takes the page for
+    missing, reads its file page from the memfd (shmem allocates the hole)
+    and throws its copy away, the entry being back: a page of zeros in a free
+    frame slot until the arena closes (benchmarks/uffd_refill.c shows it).
+    Once UFFDIO_UNREGISTER has write-locked the run's mappings, or mmap has
+    replaced them, every fault in them has ended: unprotect_run then punches
+    these frames again. Without PROCMAP_QUERY (before Linux 6.11) every frame
+    slot is looked at."""
     cdef frame_tier *top = &c.tiers[c.ntiers - 1]
     cdef uint64_t a = <uint64_t>page_address(c, h.first), b = a + h.n * c.page_size
     cdef uint64_t s, e, f0, f1
