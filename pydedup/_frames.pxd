@@ -56,5 +56,8 @@ cdef uint32_t stable_tree_search(frame_store *fs, const char *page, uint32_t che
 cdef uint32_t stable_tree_add(frame_store *fs, const char *content, uint32_t checksum,
                               uint16_t node, uint32_t hint) noexcept nogil
 cdef void reclaim_frames(frame_store *fs) noexcept nogil
+cdef void punch_refilled(frame_store *fs, uint32_t lo, uint32_t hi) noexcept nogil
+cdef char *frames_top_view(frame_store *fs) noexcept nogil
+cdef uint32_t frames_high(frame_store *fs) noexcept nogil
 cdef size_t frames_metadata_bytes(frame_store *fs) noexcept nogil
 cdef bint merges_across_nodes(frame_store *fs) noexcept nogil
