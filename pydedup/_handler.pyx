@@ -53,6 +53,7 @@ cdef extern from "numpy/arrayobject.h":
         uint8_t version
         PyDataMemAllocator allocator
     PyObject *PyDataMem_SetHandler(PyObject *handler)   # new reference: the previous one
+    PyObject *PyDataMem_GetHandler()                    # new reference: the current one
     PyObject *PyDataMem_DefaultHandler
     int _import_array() except -1
 
@@ -88,6 +89,8 @@ cdef struct arena_ctx:
     size_t allocations        # arena allocations made (cache hits included)
     size_t cache_hits
     size_t fell_back          # wanted the arena, got the default handler (full, closed, busy)
+    size_t fell_back_closed   # of those, because the arena was closed
+    size_t fell_back_full     # of those, because take_pages said no (full, or busy: pages.py counts)
     size_t pages_live         # arena pages held by live allocations (cache excluded)
 
 
@@ -188,6 +191,8 @@ cdef void *arena_alloc(arena_ctx *c, size_t size, bint zeroed) noexcept:
     cdef size_t first = NO_RUN
     if c.closed or npages > 0xFFFFFFFF:
         c.fell_back += 1
+        c.fell_back_closed += c.closed
+        c.fell_back_full += not c.closed
         return NULL
     if not zeroed:
         first = cache_take(c, npages)
@@ -196,6 +201,7 @@ cdef void *arena_alloc(arena_ctx *c, size_t size, bint zeroed) noexcept:
         first = call_pages(c, "take_pages", 0, npages)
     if first == NO_RUN:
         c.fell_back += 1
+        c.fell_back_full += 1
         return NULL
     c.run_pages[first] = <uint32_t>npages
     c.allocations += 1
@@ -382,7 +388,8 @@ cdef class Allocator:
     def counters(self):
         c = self.c
         return dict(allocations=c.allocations, cache_hits=c.cache_hits,
-                    fell_back=c.fell_back, bytes_in_use=c.pages_live * c.page_size,
+                    fell_back=c.fell_back, fell_back_closed=c.fell_back_closed,
+                    fell_back_full=c.fell_back_full, bytes_in_use=c.pages_live * c.page_size,
                     cache_bytes=c.cache_bytes, cached_runs=c.ncached)
 
 
@@ -396,6 +403,16 @@ def set_handler(handler):
         raise RuntimeError("numpy refused the memory handler")
     result = <object>previous
     Py_XDECREF(previous)
+    return result
+
+
+def current_handler():
+    """The handler numpy uses in the current context."""
+    cdef PyObject *handler = PyDataMem_GetHandler()
+    if handler == NULL:
+        raise RuntimeError("numpy has no current memory handler")
+    result = <object>handler
+    Py_XDECREF(handler)
     return result
 
 

@@ -3,6 +3,7 @@ import math
 import operator
 import os
 import time
+import warnings
 
 import numpy as np
 
@@ -57,6 +58,8 @@ class Arena:
         self._knobs = knobs.initial(knob_values)
         self._scanner = None
         self._allocator = None      # numpy's memory handler for this arena, once asked for
+        self._scopes = []           # `with arena:` blocks active (pydedup.allocator._Scope)
+        self._warned = set()        # fallback reasons a FallbackWarning has named
         self._pages = _reserve(size)
         core = self._pages.core
         _choose_barrier(core, self.barrier)
@@ -69,6 +72,14 @@ class Arena:
         self._hi = self._lo + core.npages * PAGE_SIZE
         self._publisher = publish.Publisher(self)     # for `python -m pydedup stats`
         self._set_knob("run", self.run)
+
+    def __setattr__(self, name, value):
+        # A misspelt knob (max_pages_to_scan) must not become a new attribute
+        # that does nothing: only knobs and the arena's own (_private) ones.
+        if not name.startswith("_") and not hasattr(type(self), name):
+            raise AttributeError(f"pydedup.Arena has no knob {name!r}; "
+                                 f"knobs are: {', '.join(knobs.KNOBS)}")
+        object.__setattr__(self, name, value)
 
     def _set_knob(self, name, value):
         if name == "run":
@@ -109,10 +120,17 @@ class Arena:
         return self._pages is None
 
     def __enter__(self):
+        """Like pydedup.arena(self): numpy's allocations in the block (and in
+        threads started in it) go to this arena. The block's end does not
+        close the arena: it lives while you or its arrays hold it; close()
+        ends it."""
+        from pydedup.allocator import _Scope
+        scope = _Scope(self)
+        self._scopes.append(scope)
         return self
 
     def __exit__(self, *exc):
-        self.close()
+        self._scopes.pop().end(stacklevel=3)
 
     def __repr__(self):
         state = "closed" if self.closed else f"{self._hi - self._lo:,} bytes reserved"
@@ -211,18 +229,48 @@ class Arena:
             core = self._pages.core
             self._allocator = Allocator(self._pages, self._lo, core.npages, PAGE_SIZE,
                                         self.alloc_threshold, self.alloc_cache)
+            self._allocator_pages = self._pages     # outlives close(), for allocator_stats()
         return self._allocator.capsule
 
     def allocator_stats(self) -> dict:
         """numpy's allocator in this arena: `allocations` it made in arena
         pages (`cache_hits` of them reused a freed run), `fell_back` (sent
-        to numpy's default allocator: arena full, closed, or allocating
-        inside an arena operation), `bytes_in_use` by live arrays,
-        `cache_bytes` and `cached_runs` held for reuse."""
+        to numpy's default allocator), of which `fell_back_full` (no free
+        run that long: bigger than the arena's largest free run),
+        `fell_back_closed` (the arena was closed) and `fell_back_busy`
+        (allocated by pydedup itself, or a __del__, inside an arena
+        operation of the same thread); `bytes_in_use` by live arrays,
+        `cache_bytes` and `cached_runs` held for reuse. Works on a closed
+        arena too."""
         if self._allocator is None:
-            return dict(allocations=0, cache_hits=0, fell_back=0, bytes_in_use=0,
+            return dict(allocations=0, cache_hits=0, fell_back=0, fell_back_full=0,
+                        fell_back_closed=0, fell_back_busy=0, bytes_in_use=0,
                         cache_bytes=0, cached_runs=0)
-        return self._allocator.counters()
+        counters = self._allocator.counters()
+        busy = self._allocator_pages.busy_refusals
+        counters["fell_back_full"] -= busy
+        counters["fell_back_busy"] = busy
+        return counters
+
+    _FALLBACK_REASONS = {
+        "fell_back_full": "bigger than the arena's largest free run (make a larger Arena(size=...))",
+        "fell_back_closed": "the arena was closed",
+        "fell_back_busy": "made inside an arena operation of the same thread",
+    }
+
+    def _warn_fallbacks(self, before: dict, stacklevel: int = 2):
+        """A FallbackWarning for each reason that sent allocations to numpy's
+        default allocator since `before` (allocator_stats() then), once per
+        arena and reason: never silently, never a flood."""
+        from pydedup.allocator import FallbackWarning
+        now = self.allocator_stats()
+        for reason, why in self._FALLBACK_REASONS.items():
+            n = now[reason] - before.get(reason, 0)
+            if n > 0 and reason not in self._warned:
+                self._warned.add(reason)
+                warnings.warn(f"pydedup: {n} numpy allocation(s) went to numpy's default "
+                              f"allocator instead of the arena: {why}; "
+                              f"see Arena.allocator_stats()", FallbackWarning, stacklevel=stacklevel)
 
     def _flush_allocator_cache(self):
         """Cached runs are free memory to the user: they must not be merged
@@ -373,7 +421,7 @@ class Arena:
             frame_store_bytes = os.fstat(core.memfd).st_blocks * 512
             frames_by_node = core.frames_by_node()
             _, mappings = procfs.count_mappings(self._lo, self._hi)
-            pss = procfs.smaps_fields(self._lo, self._hi)
+            pss = procfs.smaps_fields(self._lo, self._hi, (b"Pss",))["pss"]
         sharing = c["merged"] - frames
         data_pages = c["private_resident"] + c["merged"] + c["zero"]
         stats = ArenaStats(
@@ -384,8 +432,12 @@ class Arena:
             pages_unmergeable=c["unmergeable"], bytes_reserved=self._hi - self._lo,
             bytes_in_use=c["pages"] * PAGE_SIZE, frames_in_use=frames,
             frame_store_bytes=frame_store_bytes, metadata_bytes=metadata, mappings=mappings,
-            pss_bytes=pss["pss"], bytes_saved=(sharing + c["zero"]) * PAGE_SIZE,
-            pss_bytes_saved=data_pages * PAGE_SIZE - pss["pss_anon"] - frame_store_bytes,
+            pss_bytes=pss, bytes_saved=(sharing + c["zero"]) * PAGE_SIZE,
+            # What the data would hold unmerged, less what it holds: the
+            # arena's PSS (private pages whole, each mapped frame shared among
+            # the pages that map it) and frames no page maps any more.
+            pss_bytes_saved=data_pages * PAGE_SIZE - pss
+            - max(0, frame_store_bytes - frames * PAGE_SIZE),
             barrier=barrier, frames_by_node=frames_by_node)
         self._publisher.publish(stats, self._scanner)
         return stats
@@ -418,7 +470,11 @@ def _reserve(size) -> Pages:
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
             raise ValueError(f"size must be a positive number of bytes, not {size!r}")
-        return Pages(-(-size // PAGE_SIZE))
+        if size % PAGE_SIZE:
+            whole = -(-size // PAGE_SIZE) * PAGE_SIZE
+            raise ValueError(f"size must be a whole number of pages ({PAGE_SIZE} bytes), not "
+                             f"{size}; {whole} is the next one up")
+        return Pages(size // PAGE_SIZE)
     size = min(4 * procfs.physical_memory(), MAX_DEFAULT_RESERVATION)
     while True:
         try:

@@ -121,14 +121,19 @@ def parse(name: str, value):
 
 def from_environment(name: str):
     """The knob's default, or the value of PYDEDUP_<NAME> if set."""
-    text = os.environ.get(f"PYDEDUP_{name.upper()}")
+    variable = f"PYDEDUP_{name.upper()}"
+    text = os.environ.get(variable)
     if text is None:
         return KNOBS[name].default()
     try:
         value = int(text)
     except ValueError:
         value = {"true": 1, "false": 0}.get(text.strip().lower(), text)
-    return parse(name, value)
+    try:
+        return parse(name, value)
+    except ValueError:
+        raise ValueError(f"environment variable {variable}={text!r}: knob {name} accepts "
+                         f"{KNOBS[name].accepts}") from None
 
 
 def initial(overrides: dict) -> dict:

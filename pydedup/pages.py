@@ -32,6 +32,7 @@ class Pages:
         self._holder = None         # the thread holding _lock, for numpy's allocator
         self._given_back = collections.deque()
         self._placed = {}               # first page -> (npages, nodes) of placed blocks
+        self.busy_refusals = 0          # take_pages() refused: this thread held the lock
         self.debug_checks = DEBUG_CHECKS   # check every invariant after each operation
         _LIVE.add(self)
 
@@ -103,6 +104,7 @@ class Pages:
         operation (a garbage collection running a __del__) must not wait for
         itself. Other threads wait for the operation in progress."""
         if self._holder == threading.get_ident():
+            self.busy_refusals += 1
             return None
         with self.locked() as core:
             first = self.extents.take(npages)
