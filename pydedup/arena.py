@@ -418,7 +418,9 @@ class Arena:
             frames, metadata = core.frames_in_use, core.metadata_bytes()
             full_scans, unshared, volatile = core.full_scans, core.pages_unshared, core.pages_volatile
             barrier = core.barrier_name
-            frame_store_bytes = os.fstat(core.memfd).st_blocks * 512
+            store = os.fstat(core.memfd)
+            frame_store_bytes = store.st_blocks * 512
+            window_pss = procfs.frame_store_pss(self._lo, self._hi, store.st_ino)
             frames_by_node = core.frames_by_node()
             _, mappings = procfs.count_mappings(self._lo, self._hi)
             pss = procfs.smaps_fields(self._lo, self._hi, (b"Pss",))["pss"]
@@ -435,8 +437,9 @@ class Arena:
             pss_bytes=pss, bytes_saved=(sharing + c["zero"]) * PAGE_SIZE,
             # What the data would hold unmerged, less what it holds: the
             # arena's PSS (private pages whole, each mapped frame shared among
-            # the pages that map it) and frames no page maps any more.
-            pss_bytes_saved=data_pages * PAGE_SIZE - pss
+            # the mappings that map it), the share of the frames the core's
+            # window onto the frame store holds, and frames no page maps.
+            pss_bytes_saved=data_pages * PAGE_SIZE - pss - window_pss
             - max(0, frame_store_bytes - frames * PAGE_SIZE),
             barrier=barrier, frames_by_node=frames_by_node)
         self._publisher.publish(stats, self._scanner)
