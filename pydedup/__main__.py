@@ -6,6 +6,7 @@ bench  the benchmark against plain numpy and kernel KSM
        (see `python -m pydedup bench --help`)
 stats  the counters of running processes' arenas (of PID if given)
 """
+import contextlib
 import argparse
 import os
 import sys
@@ -17,7 +18,7 @@ import pydedup
 
 
 def demo():
-    with pydedup.Arena() as arena:
+    with contextlib.closing(pydedup.Arena()) as arena:
         m = arena.zeros((4_000, 8_000))                  # 256 MB, float64
         m[:100] = np.random.default_rng(0).random((100, 8_000))
         m[100:] = 0.0                                    # written: it holds memory now

@@ -35,6 +35,7 @@ def _integer_at_least(low, high=None):
 
 
 UINT32_MAX = 2**32 - 1          # the core's page, frame and mapcount numbers are 32-bit
+SIZE_MAX = 2**63 - 1            # numpy's allocator keeps byte counts in a size_t
 
 
 def _one_of_integers(*choices):
@@ -95,12 +96,13 @@ KNOBS = {knob.name: knob for knob in (
          "CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1; 'mprotect' (a SIGSEGV "
          "handler makes writers wait; a kernel write into such a page fails with "
          "EFAULT) works everywhere; 'auto' takes uffd where allowed."),
-    Knob("alloc_threshold", lambda: 4 * procfs.PAGE_SIZE, _integer_at_least(1),
-         "a number of bytes >= 1", "",
+    Knob("alloc_threshold", lambda: 4 * procfs.PAGE_SIZE, _integer_at_least(1, SIZE_MAX),
+         f"a number of bytes from 1 to {SIZE_MAX}", "",
          "Inside pydedup.arena() or after pydedup.install(), numpy allocations "
          "of at least this many bytes take whole arena pages; smaller ones go "
          "to numpy's default allocator. Default: four pages."),
-    Knob("alloc_cache", lambda: 256 << 20, _integer_at_least(0), "a number of bytes >= 0", "",
+    Knob("alloc_cache", lambda: 256 << 20, _integer_at_least(0, SIZE_MAX),
+         f"a number of bytes from 0 to {SIZE_MAX}", "",
          "Most bytes of arena pages that numpy's allocator keeps after a free, "
          "to reuse for the next allocation of the same page count (fresh pages "
          "fault in on first touch); merge(), stats() and close() hand them "

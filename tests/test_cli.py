@@ -1,5 +1,6 @@
 """python -m pydedup: demo runs the README's example; stats shows the
 counters running arenas publish, and only theirs."""
+import contextlib
 import json
 import os
 import subprocess
@@ -53,7 +54,7 @@ def test_stats_shows_this_process_arena(arena, capsys, own_directory):
 
 
 def test_a_scanning_arena_refreshes_when_stats_asks(capsys):
-    with pydedup.Arena(size=1 << 30, run=1, sleep_millisecs=1) as arena:
+    with contextlib.closing(pydedup.Arena(size=1 << 30, run=1, sleep_millisecs=1)) as arena:
         a = arena.zeros(100_000)
         a[:] = 0.0                           # never a stats() call: the scanner must publish
         assert main(["stats", "--wait", "5"]) == 0
