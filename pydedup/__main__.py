@@ -1,7 +1,7 @@
-"""python -m pydedup [demo | bench [options] | stats [PID]]
+"""usage: python -m pydedup [demo | bench [options] | stats [PID] | --help]
 
-demo   the README's example: a mostly-zero matrix and copies of its rows,
-       merged, with the counters before and after (the default)
+demo   a mostly-zero matrix and copies of its rows, merged, with the
+       counters before and after (the default; 256 MiB)
 bench  the benchmark against plain numpy and kernel KSM
        (see `python -m pydedup bench --help`)
 stats  the counters of running processes' arenas (of PID if given)
@@ -52,7 +52,7 @@ def stats(argv):
         "pydedup/publish.py): arenas refresh them at stats(), and at merge() and "
         "in the background scanner for a while after this command asks.")
     parser.add_argument("pid", nargs="?", type=int, help="only this process's arenas")
-    parser.add_argument("--wait", type=float, default=1.5,
+    parser.add_argument("--wait", type=_non_negative_seconds, default=1.5,
                         help="seconds to give merging arenas to refresh (default 1.5)")
     parser.add_argument("--uid", type=int, help="another user's arenas (root)")
     args = parser.parse_args(argv)
@@ -69,7 +69,7 @@ def stats(argv):
     if not records:
         who = f"process {args.pid}" if args.pid else "any running process"
         print(f"no arena of {who} has published counters in {publish.directory(args.uid)} "
-              "(an arena publishes at its first stats() call)")
+              "(an arena publishes at its first merge() or stats() call)")
         return 1
     for r in records:
         pss = process_pss(r["pid"])
@@ -84,6 +84,9 @@ def stats(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     command, rest = (argv[0], argv[1:]) if argv else ("demo", [])
+    if command in ("-h", "--help", "help"):
+        print(__doc__)
+        return 0
     if command == "demo":
         demo()
     elif command == "bench":
@@ -92,8 +95,19 @@ def main(argv=None):
     elif command == "stats":
         return stats(rest)
     else:
-        sys.exit(__doc__)
+        print(f"pydedup: unknown command {command!r}\n\n{__doc__}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _non_negative_seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"seconds must be >= 0, not {text}")
+    return value
 
 
 if __name__ == "__main__":

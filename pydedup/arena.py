@@ -60,6 +60,7 @@ class Arena:
         self._allocator = None      # numpy's memory handler for this arena, once asked for
         self._scopes = []           # `with arena:` blocks active (pydedup.allocator._Scope)
         self._warned = set()        # fallback reasons a FallbackWarning has named
+        self._merged_once = False   # the first merge() publishes (publish.py)
         self._pages = _reserve(size)
         core = self._pages.core
         _choose_barrier(core, self.barrier)
@@ -300,6 +301,8 @@ class Arena:
         with self._locked() as core:
             st = core.merge(self.use_zero_pages, self.max_page_sharing, self._mapping_budget())
             self._pages.keep_placements()
+        first_merge = not self._merged_once
+        self._merged_once = True
         report = MergeReport(
             pages_scanned=st["scanned"], pages_hashed=st["hashed"],
             pages_merged=st["merged"], pages_zeroed=st["zeroed"],
@@ -309,7 +312,10 @@ class Arena:
                      "mapping_budget": st["skipped_budget"], "no_memory": st["skipped_no_memory"]},
             mappings_left=st["mappings_left"], seconds=time.perf_counter() - start,
             phase_seconds={phase: round(st[f"{phase}_seconds"], 6) for phase in ("refresh", "decide", "apply")})
-        self._publish_if_due()
+        if first_merge:             # listed by `pydedup stats` from the first merge on
+            self._publish()
+        else:
+            self._publish_if_due()
         return report
 
     def unmerge(self) -> UnmergeReport:
@@ -361,7 +367,11 @@ class Arena:
                                       self.max_page_sharing, budget)
             if step["merged"] or step["zeroed"]:
                 self._pages.keep_placements()
-        self._publish_if_due()
+        if (step["merged"] or step["zeroed"]) and not self._merged_once:
+            self._merged_once = True
+            self._publish()
+        else:
+            self._publish_if_due()
         return step["merged"] + step["zeroed"], self.sleep_millisecs / 1000
 
     @property
@@ -449,10 +459,13 @@ class Arena:
         # While `pydedup stats` watches, at most a stats() a second: merge()
         # and the scanner keep the published counters fresh (see publish.py).
         if self._publisher.due():
-            try:
-                self.stats()
-            except (OSError, ValueError):   # best effort: never fail a merge or stop the scanner
-                pass
+            self._publish()
+
+    def _publish(self):
+        try:
+            self.stats()
+        except (OSError, ValueError):   # best effort: never fail a merge or stop the scanner
+            pass
 
     def _page_range(self, array):
         """(first page, page count) that `array`'s bytes span."""
