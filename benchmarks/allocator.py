@@ -125,6 +125,65 @@ def memory(size):
     del a, b, c
 
 
+def footprint(mode, scale):
+    """In a fresh process (run as `--child MODE`): the temporaries workload
+    once with plain numpy or inside a block, and its PSS above the start:
+    peak (sampled every 2 ms by a thread) and held (after the workload, its
+    temporaries freed). PSS from /proc/self/smaps_rollup, never RSS."""
+    import json
+    import subprocess
+    done = subprocess.run([sys.executable, __file__, "--child", mode, "--scale", str(scale)],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def child(mode, scale):
+    import json
+    import threading
+    sizes = [n * scale for n in SIZES]
+    ar = pydedup.Arena() if mode == "arena" else None
+    temporaries([32 << 10])                  # numpy's and BLAS's own start-up memory
+    gc.collect()
+    start = procfs.process_pss()
+    peak = [start]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(0.002):
+            peak[0] = max(peak[0], procfs.process_pss())
+    sampler = threading.Thread(target=sample)
+    sampler._pydedup_exempt = True           # its own allocations stay outside the arena
+    sampler.start()
+    t = time.perf_counter()
+    if ar is None:
+        temporaries(sizes)
+    else:
+        with pydedup.arena(ar):
+            temporaries(sizes)
+    seconds = time.perf_counter() - t
+    gc.collect()
+    held = procfs.process_pss()
+    stop.set()
+    sampler.join()
+    peak[0] = max(peak[0], held)
+    print(json.dumps({"peak": peak[0] - start, "held": held - start, "seconds": seconds}))
+
+
+def memory_against_numpy(scale):
+    """Memory held and peak of code in the block against plain numpy's; the
+    target: within 10% (+16 MiB) of plain numpy's."""
+    plain, inside = footprint("plain", scale), footprint("arena", scale)
+    print(f"footprint of the temporaries workload (inputs x{scale}), PSS above the start:")
+    print(f"  {'':10} {'held MiB':>9} {'peak MiB':>9}")
+    for name, row in (("numpy", plain), ("in block", inside)):
+        print(f"  {name:10} {row['held'] / MiB:9.1f} {row['peak'] / MiB:9.1f}")
+    for what in ("held", "peak"):
+        limit = plain[what] * 1.10 + 16 * MiB
+        verdict = "within" if inside[what] <= limit else "OVER"
+        print(f"  {what}: in block {inside[what] / MiB:.1f} MiB, limit {limit / MiB:.1f} MiB "
+              f"(numpy's x1.10 + 16 MiB): {verdict}")
+
+
 def parse_size(text):
     units = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
     for unit, factor in units.items():
@@ -139,9 +198,18 @@ def main():
     parser.add_argument("--size", type=parse_size, default=512 * MiB, help="bytes of one matrix")
     parser.add_argument("--cache", type=parse_size, default=None,
                         help="the arena's alloc_cache (default: the knob's default)")
+    parser.add_argument("--scale", type=int, default=4,
+                        help="the footprint run's inputs, times those of the speed run (default 4)")
+    parser.add_argument("--child", choices=["plain", "arena"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cache is not None:
+        os.environ["PYDEDUP_ALLOC_CACHE"] = str(args.cache)   # the footprint's children too
+    if args.child:
+        child(args.child, args.scale)
+        return
     cache = pydedup.KNOBS["alloc_cache"].default() if args.cache is None else args.cache
     speed(args.rounds, cache)
+    memory_against_numpy(args.scale)
     memory(args.size)
 
 
