@@ -34,6 +34,7 @@ def size_option(description, default_mib):
 def compare(name, build, check=None):
     """build() makes the data (a tuple of arrays or objects holding them).
     Runs it with plain numpy, then in an arena, merges, prints the figures."""
+    build()                               # warm: imports, and the libraries' first-call costs
     gc.collect()
     start = time.perf_counter()
     plain = build()
@@ -45,7 +46,8 @@ def compare(name, build, check=None):
     with pydedup.arena() as ar:
         data = build()
     built = time.perf_counter() - start
-    before = process_pss()
+    ar.stats()                            # hands the allocator's cache of freed pages back,
+    before = process_pss()                # so that the drop below is the merge's alone
     report = ar.merge()
     after = process_pss()
     if check is not None:

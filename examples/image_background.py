@@ -1,10 +1,10 @@
 """A stack of camera frames with a common background: scikit-image's
-`camera` picture, tiled to the frame size, with a small bright object
+`camera` picture, scaled to the frame size, with a small bright object
 moving across it. Rows the object does not cross repeat frame after frame.
 
     python examples/image_background.py [--mib 256]"""
 import numpy as np
-from skimage import data, img_as_float32
+from skimage import data, transform
 
 from _common import compare, size_option
 
@@ -14,7 +14,7 @@ nframes = max(2, mib * (1 << 20) // (height * width * 4))
 
 
 def build():
-    background = np.tile(img_as_float32(data.camera()), (2, 4))[:height, :width]
+    background = transform.resize(data.camera(), (height, width)).astype(np.float32)
     stack = np.empty((nframes, height, width), np.float32)
     for i in range(nframes):
         stack[i] = background
