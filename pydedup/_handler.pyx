@@ -78,6 +78,7 @@ cdef struct arena_ctx:
     size_t page_size
     size_t threshold          # allocations of at least this many bytes go to the arena
     size_t cache_limit        # most bytes the cache holds; 0: no cache
+    size_t cache_base         # most bytes it holds with no array live (cache_room())
     size_t cache_bytes        # = sum of cache[i].npages * page_size
     int ncached
     cached_run cache[CACHE_SLOTS]   # oldest first
@@ -93,6 +94,7 @@ cdef struct arena_ctx:
     size_t fell_back_closed   # of those, because the arena was closed
     size_t fell_back_full     # of those, because take_pages said no (full, or busy: pages.py counts)
     size_t pages_live         # arena pages held by live allocations (cache excluded)
+    size_t pages_peak         # most pages_live since the last trim or flush
 
 
 # -- the page allocator, in Python (GIL held) -------------------------------
@@ -153,11 +155,12 @@ cdef size_t cache_take(arena_ctx *c, size_t npages) noexcept:
 
 
 cdef inline size_t cache_room(arena_ctx *c) noexcept nogil:
-    """What the cache may hold now: alloc_cache, but at most CACHE_BASE plus a
-    tenth of the bytes live arrays hold, so that code in a block holds and
-    peaks within 10% (+16 MiB) of what it would with plain numpy (whose
-    malloc keeps little after a free): the cache shrinks as arrays go."""
-    cdef size_t room = CACHE_BASE + c.pages_live * c.page_size // 10
+    """What the cache may hold now: alloc_cache, but at most cache_base plus
+    a tenth of the most bytes live arrays held since the last trim, so that
+    code in a block peaks within 10% (+16 MiB) of what it would with plain
+    numpy (which needs that peak too). The end of a block trims (cache_trim):
+    what it holds after the block is within 16 MiB of plain numpy's."""
+    cdef size_t room = c.cache_base + c.pages_peak * c.page_size // 10
     return room if room < c.cache_limit else c.cache_limit
 
 
@@ -185,8 +188,22 @@ cdef bint cache_put(arena_ctx *c, size_t first, size_t npages) noexcept:
     return True
 
 
+cdef void cache_trim(arena_ctx *c) noexcept:
+    """Forget the peak, and give back the oldest runs until the cache fits
+    the room that leaves."""
+    cdef cached_run oldest
+    c.pages_peak = c.pages_live
+    while c.ncached and c.cache_bytes > cache_room(c):
+        oldest = c.cache[0]
+        memmove(&c.cache[0], &c.cache[1], (c.ncached - 1) * sizeof(cached_run))
+        c.ncached -= 1
+        c.cache_bytes -= oldest.npages * c.page_size
+        call_pages(c, "give_back", oldest.first, oldest.npages)
+
+
 cdef void cache_flush(arena_ctx *c) noexcept:
     cdef cached_run run
+    c.pages_peak = c.pages_live
     while c.ncached:
         c.ncached -= 1
         run = c.cache[c.ncached]
@@ -219,6 +236,8 @@ cdef void *arena_alloc(arena_ctx *c, size_t size, bint zeroed) noexcept:
     c.run_pages[first] = <uint32_t>npages
     c.allocations += 1
     c.pages_live += npages
+    if c.pages_live > c.pages_peak:
+        c.pages_peak = c.pages_live
     return c.lo + first * c.page_size
 
 
@@ -360,6 +379,7 @@ cdef class Allocator:
         c.page_size = page_size
         c.threshold = threshold
         c.cache_limit = cache_limit
+        c.cache_base = CACHE_BASE
         c.fallback = <PyDataMem_Handler *>PyCapsule_GetPointer(<object>PyDataMem_DefaultHandler,
                                                               "mem_handler")
         Py_INCREF(pages)
@@ -387,6 +407,19 @@ cdef class Allocator:
         self.c.cache_limit = nbytes
         if self.c.cache_bytes > nbytes:
             cache_flush(self.c)
+
+    @property
+    def cache_base(self):
+        return self.c.cache_base
+
+    @cache_base.setter
+    def cache_base(self, size_t nbytes):
+        self.c.cache_base = nbytes
+
+    def trim(self):
+        """The end of a block: keep at most cache_base plus a tenth of what
+        live arrays hold now."""
+        cache_trim(self.c)
 
     def flush(self):
         """Give every cached run back to the arena."""

@@ -273,6 +273,11 @@ class Arena:
                               f"allocator instead of the arena: {why}; "
                               f"see Arena.allocator_stats()", FallbackWarning, stacklevel=stacklevel)
 
+    def _trim_allocator_cache(self):
+        """The end of a block: the cache back to what holds after it."""
+        if self._allocator is not None and not self.closed:
+            self._allocator.trim()
+
     def _flush_allocator_cache(self):
         """Cached runs are free memory to the user: they must not be merged
         nor counted in use."""
