@@ -80,7 +80,7 @@ def test_savings_match_the_drop_of_the_process_pss(arena, rng, elsewhere):
     assert smaps["Private_Dirty"] >= n * PAGE                          # the unique pages
     # unique pages + the frames, less the frames' share in the core's window
     assert n * PAGE < stats.pss_bytes <= 2 * n * PAGE + 16 * PAGE
-    assert abs(stats.pss_bytes_saved - dropped) < 0.02 * dropped
+    assert abs(stats.pss_bytes_saved - dropped) < max(0.02 * dropped, 128 * PAGE)
     assert abs(stats.pss_bytes_saved - 4 * n * PAGE) < 0.02 * 4 * n * PAGE
 
 
@@ -97,7 +97,8 @@ def test_savings_shrink_as_merged_pages_are_written(arena, rng, elsewhere):
     grown = process_pss() - before
     stats = arena.stats()
     assert close(stats.pss_bytes, arena_smaps(arena)["Pss"])
-    assert abs((merged.pss_bytes_saved - stats.pss_bytes_saved) - grown) < 0.03 * grown
+    # the process's PSS also moves by what Python allocates meanwhile: 128 pages
+    assert close(merged.pss_bytes_saved - stats.pss_bytes_saved, grown, pages=128)
     assert close(stats.pss_bytes_saved, n // 2 * PAGE, pages=64)
 
 
@@ -129,5 +130,5 @@ def test_pages_only_read_are_not_savings(arena, elsewhere):
     arena.merge()
     dropped = before - process_pss()
     stats = arena.stats()
-    assert abs(stats.pss_bytes_saved - dropped) < 0.03 * dropped
+    assert abs(stats.pss_bytes_saved - dropped) < max(0.03 * dropped, 128 * PAGE)
     assert close(stats.pss_bytes_saved, 1024 * PAGE)
