@@ -379,9 +379,14 @@ def test_threads_started_inside_a_block_allocate_in_the_arena(ar):
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
                 arrays = list(pool.map(lambda i: np.full(BIG // 8, float(i)), range(8)))
             from_early = early.submit(np.ones, BIG // 8).result()
+    with pydedup.arena(ar):
+        from multiprocessing.pool import ThreadPool    # joblib's threading backend's pool
+        with ThreadPool(2) as tpool:
+            pooled = tpool.map(lambda i: np.full(BIG // 8, float(i)), range(4))
     assert not ar.owns(before["array"])
     assert result["handler"] == "pydedup" and ar.owns(result["array"])
     assert all(ar.owns(a) for a in arrays) and [a[0] for a in arrays] == list(range(8))
+    assert all(ar.owns(a) for a in pooled)
     assert not ar.owns(from_early)            # threads started before the block: not covered
     assert not ar.owns(allocate_in_thread()["array"])         # the block is over
     assert threading.Thread.start is pydedup.allocator._thread_start   # and so is the hook
@@ -506,3 +511,22 @@ def test_a_closed_arena_in_a_block_says_so():
             ar.close()
             y = np.ones(BIG // 8)
     assert ar.allocator_stats()["fell_back_closed"] == 1 and get_handler_name(y) == "pydedup"
+
+
+def test_the_cache_holds_little_after_the_block(ar):
+    """Freed temporaries stay cached for reuse inside the block, within a
+    tenth of the peak live bytes plus 16 MiB, and the block's end trims the
+    cache to a tenth of what is live plus 16 MiB (issue 18: it held 256 MiB)."""
+    with pydedup.arena(ar):
+        keep = np.ones((64 << 20) // 8)
+        for i in range(40):
+            t = np.full((4 << 20) // 8 + i * 512, float(i))   # 40 sizes, 4 MiB each
+            del t
+        inside = ar.allocator_stats()
+        assert 0 < inside["cache_bytes"] <= (16 << 20) + (68 << 20) // 10
+    after = ar.allocator_stats()
+    assert after["cache_bytes"] <= (16 << 20) + keep.nbytes // 10
+    del keep
+    with pydedup.arena(ar):
+        pass
+    assert ar.allocator_stats()["cache_bytes"] <= 16 << 20
