@@ -82,7 +82,7 @@ def speed(rounds, cache):
     inside(), outside()                     # warm both
     ratios, cpu_ratios = [], []
     print(f"speed: {len(SIZES)} inputs, alloc_threshold {ar.alloc_threshold} B, "
-          f"alloc_cache {ar.alloc_cache >> 20} MiB")
+          f"alloc_cache {ar.alloc_cache if ar.alloc_cache == 'auto' else f'{ar.alloc_cache >> 20} MiB'}")
     for r in range(rounds):
         # Each timed run follows an untimed one of its own kind: run right
         # after the other kind, either one pays for faulting in the memory
@@ -210,8 +210,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--size", type=parse_size, default=512 * MiB, help="bytes of one matrix")
-    parser.add_argument("--cache", type=parse_size, default=None,
-                        help="the arena's alloc_cache (default: the knob's default)")
+    parser.add_argument("--cache", type=lambda t: t if t == "auto" else parse_size(t), default=None,
+                        help="the arena's alloc_cache: 'auto' (the knob's default) or bytes")
     parser.add_argument("--scale", type=int, default=4,
                         help="the footprint run's inputs, times those of the speed run (default 4)")
     parser.add_argument("--child", choices=["plain", "arena"], help=argparse.SUPPRESS)

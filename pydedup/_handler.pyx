@@ -79,6 +79,7 @@ cdef struct arena_ctx:
     size_t threshold          # allocations of at least this many bytes go to the arena
     size_t cache_limit        # most bytes the cache holds; 0: no cache
     size_t cache_base         # most bytes it holds with no array live (cache_room())
+    bint cache_auto           # alloc_cache 'auto': cache_room() follows the peak, not cache_limit
     size_t cache_bytes        # = sum of cache[i].npages * page_size
     int ncached
     cached_run cache[CACHE_SLOTS]   # oldest first
@@ -155,13 +156,15 @@ cdef size_t cache_take(arena_ctx *c, size_t npages) noexcept:
 
 
 cdef inline size_t cache_room(arena_ctx *c) noexcept nogil:
-    """What the cache may hold now: alloc_cache, but at most cache_base plus
-    a tenth of the most bytes live arrays held since the last trim, so that
-    code in a block peaks within 10% (+16 MiB) of what it would with plain
-    numpy (which needs that peak too). The end of a block trims (cache_trim):
-    what it holds after the block is within 16 MiB of plain numpy's."""
-    cdef size_t room = c.cache_base + c.pages_peak * c.page_size // 10
-    return room if room < c.cache_limit else c.cache_limit
+    """What the cache may hold now: alloc_cache bytes, or with alloc_cache
+    'auto', cache_base plus a tenth of the most bytes live arrays held since
+    the last trim, so that code in a block peaks within 10% (+16 MiB) of what
+    it would with plain numpy (which needs that peak too). The end of a block
+    trims (cache_trim): what it holds after the block is within 16 MiB of
+    plain numpy's."""
+    if not c.cache_auto:
+        return c.cache_limit
+    return c.cache_base + c.pages_peak * c.page_size // 10
 
 
 cdef bint cache_put(arena_ctx *c, size_t first, size_t npages) noexcept:
@@ -405,7 +408,7 @@ cdef class Allocator:
     @cache_limit.setter
     def cache_limit(self, size_t nbytes):
         self.c.cache_limit = nbytes
-        if self.c.cache_bytes > nbytes:
+        if not self.c.cache_auto and self.c.cache_bytes > nbytes:
             cache_flush(self.c)
 
     @property
@@ -416,10 +419,20 @@ cdef class Allocator:
     def cache_base(self, size_t nbytes):
         self.c.cache_base = nbytes
 
-    def trim(self):
-        """The end of a block: keep at most cache_base plus a tenth of what
-        live arrays hold now."""
+    @property
+    def cache_auto(self):
+        return self.c.cache_auto
+
+    @cache_auto.setter
+    def cache_auto(self, bint auto):
+        self.c.cache_auto = auto
         cache_trim(self.c)
+
+    def trim(self):
+        """The end of a block: with cache_auto, keep at most cache_base plus a
+        tenth of what live arrays hold now."""
+        if self.c.cache_auto:
+            cache_trim(self.c)
 
     def flush(self):
         """Give every cached run back to the arena."""

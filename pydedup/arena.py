@@ -91,8 +91,7 @@ class Arena:
                 raise ValueError("the arena is closed")
             self._knobs[name] = value
             if self._allocator is not None:
-                self._allocator.threshold = self.alloc_threshold
-                self._allocator.cache_limit = self.alloc_cache
+                self._tune_allocator()
             return
         with self._locked() as core:
             if name == "barrier":
@@ -229,9 +228,16 @@ class Arena:
             from pydedup._handler import Allocator
             core = self._pages.core
             self._allocator = Allocator(self._pages, self._lo, core.npages, PAGE_SIZE,
-                                        self.alloc_threshold, self.alloc_cache)
+                                        self.alloc_threshold, 0)
+            self._tune_allocator()
             self._allocator_pages = self._pages     # outlives close(), for allocator_stats()
         return self._allocator.capsule
+
+    def _tune_allocator(self):
+        auto = self.alloc_cache == "auto"
+        self._allocator.threshold = self.alloc_threshold
+        self._allocator.cache_auto = auto
+        self._allocator.cache_limit = 0 if auto else self.alloc_cache
 
     def allocator_stats(self) -> dict:
         """numpy's allocator in this arena: `allocations` it made in arena

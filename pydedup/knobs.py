@@ -46,6 +46,12 @@ def _one_of_integers(*choices):
     return parse
 
 
+def _auto_or(parse_number):
+    def parse(value):
+        return value if isinstance(value, str) and value == "auto" else parse_number(value)
+    return parse
+
+
 def _one_of(*choices):
     def parse(value):
         if isinstance(value, str) and value in choices:
@@ -101,13 +107,16 @@ KNOBS = {knob.name: knob for knob in (
          "Inside pydedup.arena() or after pydedup.install(), numpy allocations "
          "of at least this many bytes take whole arena pages; smaller ones go "
          "to numpy's default allocator. Default: four pages."),
-    Knob("alloc_cache", lambda: 256 << 20, _integer_at_least(0, SIZE_MAX),
-         f"a number of bytes from 0 to {SIZE_MAX}", "",
+    Knob("alloc_cache", lambda: "auto", _auto_or(_integer_at_least(0, SIZE_MAX)),
+         f"'auto' or a number of bytes from 0 to {SIZE_MAX}", "",
          "Most bytes of arena pages that numpy's allocator keeps after a free, "
          "to reuse for the next allocation of the same page count (fresh pages "
          "fault in on first touch); merge(), stats() and close() hand them "
-         "back. "
-         "0: no cache."),
+         "back. 'auto': 16 MiB plus a tenth of the most bytes live arrays held "
+         "since the block began, trimmed at the block's end, so that code in a "
+         "block holds and peaks within 10% (+16 MiB) of plain numpy. A number: "
+         "that many bytes, kept across blocks (faster for big temporaries, "
+         "more memory). 0: no cache."),
 )}
 
 

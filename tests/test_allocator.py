@@ -466,7 +466,7 @@ def test_bad_arguments(ar):
         ar.alloc_cache = -1
     with pytest.raises(ValueError, match="alloc_threshold"):
         ar.alloc_threshold = "4KiB"
-    assert ar.alloc_threshold == 4 * PAGE_SIZE and ar.alloc_cache == 256 << 20
+    assert ar.alloc_threshold == 4 * PAGE_SIZE and ar.alloc_cache == "auto"
     with pytest.raises(RuntimeError, match="not installed"):
         pydedup.uninstall()
     pydedup.install(ar)
@@ -530,3 +530,16 @@ def test_the_cache_holds_little_after_the_block(ar):
     with pydedup.arena(ar):
         pass
     assert ar.allocator_stats()["cache_bytes"] <= 16 << 20
+
+
+def test_a_fixed_cache_is_kept_across_blocks(ar):
+    ar.alloc_cache = 64 << 20                 # bytes, not "auto": the old, faster trade
+    with pydedup.arena(ar):
+        for i in range(8):
+            t = np.full((4 << 20) // 8 + i * 512, float(i))
+            del t
+    assert ar.allocator_stats()["cache_bytes"] > 16 << 20
+    ar.alloc_cache = "auto"
+    assert ar.allocator_stats()["cache_bytes"] <= 16 << 20
+    with pytest.raises(ValueError, match="'auto' or a number of bytes"):
+        ar.alloc_cache = "big"
