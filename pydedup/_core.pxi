@@ -442,7 +442,7 @@ cdef class Core:
             unmergeable += it.state != PAGE_FREE and it.flags & PAGE_UNMERGEABLE != 0
             if it.state == PAGE_PRIVATE or it.state == PAGE_BROKEN:
                 private += 1
-                resident += cats[p - first] & (PD_PAGE_IS_PRESENT | PD_PAGE_IS_SWAPPED) != 0
+                resident += holds_own_memory(cats[p - first])   # not the zero page a read mapped
             elif it.state == PAGE_MERGED:
                 merged += 1
                 saved += 1.0 - 1.0 / frame_mapcount(&self.store, it.frame)

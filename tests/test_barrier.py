@@ -1,4 +1,5 @@
 """No write is lost while merges run: the write barrier, in both its modes."""
+import contextlib
 import errno
 import os
 import subprocess
@@ -98,7 +99,7 @@ def reader_through_pipe(writers, pipes):
 
 @pytest.mark.slow
 def test_no_write_is_lost_while_merges_run(barrier):
-    with pydedup.Arena(size=64 << 20, barrier=barrier) as arena:
+    with contextlib.closing(pydedup.Arena(size=64 << 20, barrier=barrier)) as arena:
         pages_each = 8
         array = arena.zeros(12 * pages_each * PAGE_FLOATS)
         writers = Writers(array, pages_each)
@@ -177,7 +178,7 @@ def test_a_forced_uffd_barrier_that_is_not_allowed_says_why():
 
 
 def test_auto_takes_uffd_where_allowed():
-    with pydedup.Arena(size=1 << 20) as arena:
+    with contextlib.closing(pydedup.Arena(size=1 << 20)) as arena:
         assert arena.stats().barrier == ("uffd" if uffd_allowed() else "mprotect")
 
 
