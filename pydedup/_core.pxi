@@ -11,6 +11,12 @@ cdef uint32_t zero_page_checksum(pd_xxh3_fn xxh3, size_t page_size) except? 0:
     return checksum
 
 
+cdef pass_error(int err, str what):
+    """An OSError that says what failed and why: a pass refused memory under
+    RLIMIT_DATA says "Cannot allocate memory", not only its errno."""
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
 cdef class Core:
     """The arena's pages and frames. `npages` pages of virtual memory are
     reserved at once; records and frames only cost memory once used."""
@@ -291,7 +297,7 @@ cdef class Core:
         with nogil:
             err = merge_pass(self, &k, &st)
         if err:
-            raise OSError(err, "merge pass failed")
+            raise pass_error(err, "the merge pass failed")
         self.full_scans += 1
         self.pages_unshared = st.unshared
         self.pages_volatile = st.volatile
@@ -320,7 +326,7 @@ cdef class Core:
             self.pages_volatile = self.scan.stats.volatile
             memset(&self.scan.stats, 0, sizeof(pass_stats))
         if err:
-            raise OSError(err, "background scan failed")
+            raise pass_error(err, "the background scan failed")
         return step, scan_done
 
     cdef check_can_merge(self):
@@ -405,7 +411,7 @@ cdef class Core:
             err = unmerge_range(self, first, n)
         if err:
             refresh_states(self, first, n)   # learn which pages did break
-            raise OSError(err, "unmerge stopped: the kernel could not give every page its own copy")
+            raise pass_error(err, "unmerge stopped: the kernel could not give every page its own copy")
 
     def refresh(self, size_t first, size_t n):
         cdef int err
