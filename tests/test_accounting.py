@@ -1,8 +1,9 @@
 """Counters that claim a measurement agree with an independent read of the
-kernel: the process's PSS from /proc/self/smaps_rollup, and the arena's
-mappings' Pss, Shared and Private lines from /proc/self/smaps, parsed here
-without pydedup.procfs. With private pages present, frames shared, zero
-pages, and other memory in the process."""
+kernel: the process's PSS from /proc/self/smaps_rollup (its anonymous and
+shmem part, see kernel.process_pss), and the arena's mappings' Pss, Shared
+and Private lines from /proc/self/smaps, parsed here without pydedup.procfs.
+With private pages present, frames shared, zero pages, and other memory in
+the process."""
 import numpy as np
 import pytest
 
