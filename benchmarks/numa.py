@@ -14,6 +14,7 @@ On a machine of one node the first two rows are the bookkeeping a user pays;
 the third is what a machine of several nodes adds for asking the kernel.
 """
 import argparse
+import contextlib
 import statistics
 import sys
 
@@ -55,7 +56,7 @@ def main(argv=None):
     parser.add_argument("--size", type=parse_size, default=parse_size("512M"))
     parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args(argv)
-    with pydedup.Arena(size=2 * args.size) as arena:
+    with contextlib.closing(pydedup.Arena(size=2 * args.size)) as arena:
         arrays = build(arena, args.size, np.random.default_rng(0))
         seconds = {name: [] for name in SETUPS}
         names = list(SETUPS)

@@ -7,6 +7,7 @@ says the copy's memory is (move_pages), the pydedup-frames lines of
     python3 benchmarks/numa_guest_check.py [--mib 64]
 """
 import argparse
+import contextlib
 import ctypes
 import os
 import time
@@ -87,7 +88,7 @@ def main():
     cpu1 = topo.nodes[-1].cpus[-1]
     os.sched_setaffinity(0, {cpu1})                   # the reader of the copy sits on node 1
     rng = np.random.default_rng(0)
-    with pydedup.Arena(size=4 * args.mib << 20) as arena:
+    with contextlib.closing(pydedup.Arena(size=4 * args.mib << 20)) as arena:
         a = arena.array(rng.random((args.mib << 20) // 8), node=0)
         b = arena.array(a, node=topo.node_ids[-1])
         print(f"before merge: a on {nodes_of(a)} policy {policies(a)}, "

@@ -7,6 +7,7 @@ benchmark's filled and dataframe workloads (1 GiB), one merge() each:
 Savings are the arena's counters (bytes_saved over the theoretical saving),
 mappings are counted in /proc/self/maps (stats().mappings)."""
 import gc
+from contextlib import closing
 
 import numpy as np
 
@@ -17,7 +18,7 @@ SIZES = (("nan", 256 << 20), ("filled", 1 << 30), ("dataframe", 1 << 30))
 
 
 def measure(tile_pages, name, size):
-    with pydedup.Arena(4 << 30, tile_pages=tile_pages) as arena:
+    with closing(pydedup.Arena(4 << 30, tile_pages=tile_pages)) as arena:
         if name == "nan":
             arrays = [arena.full(size // 8, np.nan)]
             theoretical = (size // workloads.PAGE - 1) * workloads.PAGE

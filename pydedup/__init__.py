@@ -1,22 +1,22 @@
 """pydedup: kernel samepage merging inside one process, for numpy arrays.
 
-    with pydedup.Arena() as arena:
-        m = arena.zeros((20_000, 20_000))
-        ...
-        arena.merge()
+    arena = pydedup.Arena()
+    m = arena.zeros((20_000, 20_000))
+    ...
+    arena.merge()
 
     with pydedup.arena() as arena:       # numpy's own allocations go to the arena
         m = np.zeros((20_000, 20_000))
-        arena.merge()
+    arena.merge()                        # the arena outlives the block; close() ends it
 """
 from pydedup.arena import Arena
 # After the submodule pydedup.arena: the name pydedup.arena is the function.
-from pydedup.allocator import arena, install, installed_arena, uninstall
+from pydedup.allocator import FallbackWarning, arena, install, installed_arena, uninstall
 from pydedup.knobs import KNOBS
 from pydedup.stats import ArenaStats, ArrayStats, MergeReport, UnmergeReport
 
-__all__ = ["Arena", "ArenaStats", "ArrayStats", "KNOBS", "MergeReport", "UnmergeReport", "arena",
-           "features", "install", "installed_arena", "uninstall"]
+__all__ = ["Arena", "ArenaStats", "ArrayStats", "FallbackWarning", "KNOBS", "MergeReport",
+           "UnmergeReport", "arena", "features", "install", "installed_arena", "uninstall"]
 __version__ = "0.1.0"
 
 

@@ -1,12 +1,13 @@
-"""python -m pydedup [demo | bench [options] | stats [PID]]
+"""usage: python -m pydedup [demo | bench [options] | stats [PID] | --help]
 
-demo   the README's example: a mostly-zero matrix and copies of its rows,
-       merged, with the counters before and after (the default)
+demo   a mostly-zero matrix and copies of its rows, merged, with the
+       counters before and after (the default; 256 MiB)
 bench  the benchmark against plain numpy and kernel KSM
        (see `python -m pydedup bench --help`)
 stats  the counters of running processes' arenas (of PID if given)
 """
 import argparse
+import contextlib
 import sys
 import time
 
@@ -16,7 +17,7 @@ import pydedup
 
 
 def demo():
-    with pydedup.Arena() as arena:
+    with contextlib.closing(pydedup.Arena()) as arena:
         m = arena.zeros((4_000, 8_000))                  # 256 MB, float64
         m[:100] = np.random.default_rng(0).random((100, 8_000))
         m[100:] = 0.0                                    # written: it holds memory now
@@ -50,7 +51,7 @@ def stats(argv):
         "pydedup/publish.py): arenas refresh them at stats(), and at merge() and "
         "in the background scanner for a while after this command asks.")
     parser.add_argument("pid", nargs="?", type=int, help="only this process's arenas")
-    parser.add_argument("--wait", type=float, default=1.5,
+    parser.add_argument("--wait", type=_non_negative_seconds, default=1.5,
                         help="seconds to give merging arenas to refresh (default 1.5)")
     parser.add_argument("--uid", type=int, help="another user's arenas (root)")
     args = parser.parse_args(argv)
@@ -67,7 +68,7 @@ def stats(argv):
     if not records:
         who = f"process {args.pid}" if args.pid else "any running process"
         print(f"no arena of {who} has published counters in {publish.directory(args.uid)} "
-              "(an arena publishes at its first stats() call)")
+              "(an arena publishes at its first merge() or stats() call)")
         return 1
     for r in records:
         pss = process_pss(r["pid"])
@@ -81,6 +82,9 @@ def stats(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     command, rest = (argv[0], argv[1:]) if argv else ("demo", [])
+    if command in ("-h", "--help", "help"):
+        print(__doc__)
+        return 0
     if command == "demo":
         demo()
     elif command == "bench":
@@ -89,8 +93,19 @@ def main(argv=None):
     elif command == "stats":
         return stats(rest)
     else:
-        sys.exit(__doc__)
+        print(f"pydedup: unknown command {command!r}\n\n{__doc__}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _non_negative_seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"seconds must be >= 0, not {text}")
+    return value
 
 
 if __name__ == "__main__":

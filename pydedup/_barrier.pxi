@@ -232,3 +232,18 @@ cdef int prepare_barrier(write_barrier *b) noexcept nogil:
         b.data_limited = getrlimit(RLIMIT_DATA, &data) == 0 and data.rlim_cur != RLIM_INFINITY
         return pd_barrier_install()
     return 0
+
+
+cdef bint barrier_may_refill(const write_barrier *b) noexcept nogil:
+    """Whether a write fault under this barrier can fill a punched frame's
+    hole again. The uffd barrier's UFFDIO_WRITEPROTECT changes the page table
+    under the mmap lock taken for reading, and UFFDIO_UNREGISTER clears the
+    protection before it write-locks the mapping, so a write fault can run
+    alongside and, as far as the kernel source tells, meet the entry while
+    the kernel has it cleared (ptep_modify_prot_start). On a BROKEN page the
+    fault then takes the page for missing, reads its file page from the memfd
+    (shmem allocates a punched hole again) and throws its copy away, the
+    entry being back: a page of zeros in a free frame slot
+    (benchmarks/uffd_refill.c shows it without pydedup). The mprotect
+    barrier changes no page table under a fault."""
+    return b.mode == BARRIER_UFFD

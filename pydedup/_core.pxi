@@ -17,6 +17,12 @@ cdef uint32_t check_tile_pages(uint32_t tile_pages) except 0:
     return tile_pages
 
 
+cdef pass_error(int err, str what):
+    """An OSError that says what failed and why: a pass refused memory under
+    RLIMIT_DATA says "Cannot allocate memory", not only its errno."""
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
 cdef class Core:
     """The arena's pages and frames. `npages` pages of virtual memory are
     reserved at once; records and frames only cost memory once used."""
@@ -315,7 +321,7 @@ cdef class Core:
         with nogil:
             err = merge_pass(self, &k, &st)
         if err:
-            raise OSError(err, "merge pass failed")
+            raise pass_error(err, "the merge pass failed")
         self.full_scans += 1
         self.pages_unshared = st.unshared
         self.pages_volatile = st.volatile
@@ -345,7 +351,7 @@ cdef class Core:
             self.pages_volatile = self.scan.stats.volatile
             memset(&self.scan.stats, 0, sizeof(pass_stats))
         if err:
-            raise OSError(err, "background scan failed")
+            raise pass_error(err, "the background scan failed")
         return step, scan_done
 
     cdef check_can_merge(self):
@@ -430,7 +436,7 @@ cdef class Core:
             err = unmerge_range(self, first, n)
         if err:
             refresh_states(self, first, n)   # learn which pages did break
-            raise OSError(err, "unmerge stopped: the kernel could not give every page its own copy")
+            raise pass_error(err, "unmerge stopped: the kernel could not give every page its own copy")
 
     def refresh(self, size_t first, size_t n):
         cdef int err
@@ -496,7 +502,7 @@ cdef class Core:
             unmergeable += it.state != PAGE_FREE and it.flags & PAGE_UNMERGEABLE != 0
             if it.state == PAGE_PRIVATE or it.state == PAGE_BROKEN:
                 private += 1
-                resident += cats[p - first] & (PD_PAGE_IS_PRESENT | PD_PAGE_IS_SWAPPED) != 0
+                resident += holds_own_memory(cats[p - first])   # not the zero page a read mapped
             elif it.state == PAGE_MERGED:
                 merged += 1
                 saved += 1.0 - 1.0 / frame_mapcount(&self.store, it.frame)

@@ -63,5 +63,8 @@ cdef uint32_t tile_next(frame_store *fs, uint32_t g, const char *page, uint32_t 
                         uint16_t node, uint32_t max_page_sharing, uint32_t tile_pages,
                         size_t run_pages, bint *grow) noexcept nogil
 cdef uint32_t tile_grow(frame_store *fs, uint32_t g, const char *content) noexcept nogil
+cdef void punch_refilled(frame_store *fs, uint32_t lo, uint32_t hi) noexcept nogil
+cdef char *frames_top_view(frame_store *fs) noexcept nogil
+cdef uint32_t frames_high(frame_store *fs) noexcept nogil
 cdef size_t frames_metadata_bytes(frame_store *fs) noexcept nogil
 cdef bint merges_across_nodes(frame_store *fs) noexcept nogil

@@ -75,6 +75,16 @@ cdef int frames_memfd(frame_store *fs) noexcept nogil:
     return fs.tiers[fs.ntiers - 1].fd
 
 
+cdef uint32_t frames_high(frame_store *fs) noexcept nogil:
+    """Frame slots [frames_high, nslots) were never used."""
+    return fs.frame_high
+
+
+cdef char *frames_top_view(frame_store *fs) noexcept nogil:
+    """The top tier's read-only view: the mapping that names its memfd."""
+    return fs.tiers[fs.ntiers - 1].view
+
+
 cdef bint tier_starts_at(frame_store *fs, uint32_t f) noexcept nogil:
     """Whether frame f is the first of a tier above the bottom one: frames
     f - 1 and f lie in different memfds, and no mmap can map both."""
@@ -458,6 +468,13 @@ cdef uint32_t tile_grow(frame_store *fs, uint32_t g, const char *content) noexce
 
 # -- reclaim ------------------------------------------------------------------
 
+cdef bint stable_tree_holds(frame_store *fs, uint32_t f) noexcept nogil:
+    cdef uint32_t g = fs.stable[tree_key(fs, fs.frames[f].checksum, fs.frames[f].node) & fs.stable_mask]
+    while g != NO_FRAME and g != f:
+        g = fs.frames[g].next
+    return g == f
+
+
 cdef int compare_frames(const void *a, const void *b) noexcept nogil:
     cdef uint32_t x = (<uint32_t *>a)[0], y = (<uint32_t *>b)[0]
     return (x > y) - (x < y)
@@ -496,6 +513,30 @@ cdef void reclaim_frames(frame_store *fs) noexcept nogil:
     if run_len:
         punch_frames(fs, run_first, run_len)
     fs.norphans = 0
+
+
+cdef void punch_refilled(frame_store *fs, uint32_t lo, uint32_t hi) noexcept nogil:
+    """Punch again the free slots of frames [lo, hi) that hold memory again
+    (a fault under the barrier can fill a punched frame's hole:
+    barrier_may_refill). Free: no page maps it and the stable tree no longer
+    holds it (an orphan still there is reclaim's). SEEK_DATA finds the
+    memory, one call a run of it."""
+    cdef frame_tier *top = &fs.tiers[fs.ntiers - 1]
+    cdef long ps = <long>fs.page_size
+    cdef long offset, data, hole, end
+    cdef uint32_t f
+    lo = max(lo, max(top.first_frame, fs.fork_fence))
+    hi = min(hi, fs.frame_high)
+    offset, end = <long>lo * ps, <long>hi * ps
+    while offset < end:
+        data = lseek(top.fd, offset, SEEK_DATA)
+        if data < 0 or data >= end:
+            return
+        hole = min(max(lseek(top.fd, data, SEEK_HOLE), data + ps), end)
+        for f in range(<uint32_t>(data // ps), <uint32_t>((hole + ps - 1) // ps)):
+            if fs.frames[f].mapcount == 0 and not stable_tree_holds(fs, f):
+                punch_frames(fs, f, 1)
+        offset = hole
 
 
 cdef size_t frames_metadata_bytes(frame_store *fs) noexcept nogil:

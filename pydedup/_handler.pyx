@@ -55,6 +55,7 @@ cdef extern from "numpy/arrayobject.h":
         uint8_t version
         PyDataMemAllocator allocator
     PyObject *PyDataMem_SetHandler(PyObject *handler)   # new reference: the previous one
+    PyObject *PyDataMem_GetHandler()                    # new reference: the current one
     PyObject *PyDataMem_DefaultHandler
     int _import_array() except -1
 
@@ -65,6 +66,7 @@ cdef enum:
     HANDLER_VERSION = 1        # NEP 49's PyDataMem_Handler version
 
 cdef size_t NO_RUN = <size_t>-1
+cdef size_t CACHE_BASE = 16 << 20     # bytes the cache may hold with no array live
 
 
 cdef struct cached_run:
@@ -78,6 +80,8 @@ cdef struct arena_ctx:
     size_t page_size
     size_t threshold          # allocations of at least this many bytes go to the arena
     size_t cache_limit        # most bytes the cache holds; 0: no cache
+    size_t cache_base         # most bytes it holds with no array live (cache_room())
+    bint cache_auto           # alloc_cache 'auto': cache_room() follows the peak, not cache_limit
     size_t cache_bytes        # = sum of cache[i].npages * page_size
     int ncached
     cached_run cache[CACHE_SLOTS]   # oldest first
@@ -91,7 +95,10 @@ cdef struct arena_ctx:
     size_t allocations        # arena allocations made (cache hits included)
     size_t cache_hits
     size_t fell_back          # wanted the arena, got the default handler (full, closed, busy)
+    size_t fell_back_closed   # of those, because the arena was closed
+    size_t fell_back_full     # of those, because take_pages said no (full, or busy: pages.py counts)
     size_t pages_live         # arena pages held by live allocations (cache excluded)
+    size_t pages_peak         # most pages_live since the last trim or flush
 
 
 # -- the page allocator, a PageOwner (GIL held) -------------------------------
@@ -171,14 +178,27 @@ cdef size_t cache_take(arena_ctx *c, size_t npages) noexcept:
     return NO_RUN
 
 
+cdef inline size_t cache_room(arena_ctx *c) noexcept nogil:
+    """What the cache may hold now: alloc_cache bytes, or with alloc_cache
+    'auto', cache_base plus a tenth of the most bytes live arrays held since
+    the last trim, so that code in a block peaks within 10% (+16 MiB) of what
+    it would with plain numpy (which needs that peak too). The end of a block
+    trims (cache_trim): what it holds after the block is within 16 MiB of
+    plain numpy's."""
+    if not c.cache_auto:
+        return c.cache_limit
+    return c.cache_base + c.pages_peak * c.page_size // 10
+
+
 cdef bint cache_put(arena_ctx *c, size_t first, size_t npages) noexcept:
     """Keep a freed run for reuse, evicting the oldest to make room; False
     if it is not kept (no cache, closed, or bigger than the whole cache)."""
     cdef size_t nbytes = npages * c.page_size
+    cdef size_t room = cache_room(c)
     cdef cached_run oldest
-    if c.closed or nbytes > c.cache_limit:
-        return False
-    while c.ncached == CACHE_SLOTS or c.cache_bytes + nbytes > c.cache_limit:
+    if c.closed or nbytes > room:
+        nbytes = 0                      # not kept; what is cached must still fit the room
+    while c.ncached and ((nbytes and c.ncached == CACHE_SLOTS) or c.cache_bytes + nbytes > room):
         # Out of the table before Python runs: give_back may collect garbage,
         # and a collected array comes back here.
         oldest = c.cache[0]
@@ -186,14 +206,30 @@ cdef bint cache_put(arena_ctx *c, size_t first, size_t npages) noexcept:
         c.ncached -= 1
         c.cache_bytes -= oldest.npages * c.page_size
         owner_give_back(c, oldest.first, oldest.npages)
+    if nbytes == 0:
+        return False
     c.cache[c.ncached] = cached_run(first, npages)
     c.ncached += 1
     c.cache_bytes += nbytes
     return True
 
 
+cdef void cache_trim(arena_ctx *c) noexcept:
+    """Forget the peak, and give back the oldest runs until the cache fits
+    the room that leaves."""
+    cdef cached_run oldest
+    c.pages_peak = c.pages_live
+    while c.ncached and c.cache_bytes > cache_room(c):
+        oldest = c.cache[0]
+        memmove(&c.cache[0], &c.cache[1], (c.ncached - 1) * sizeof(cached_run))
+        c.ncached -= 1
+        c.cache_bytes -= oldest.npages * c.page_size
+        owner_give_back(c, oldest.first, oldest.npages)
+
+
 cdef void cache_flush(arena_ctx *c) noexcept:
     cdef cached_run run
+    c.pages_peak = c.pages_live
     while c.ncached:
         c.ncached -= 1
         run = c.cache[c.ncached]
@@ -211,6 +247,8 @@ cdef void *arena_alloc(arena_ctx *c, size_t size, bint zeroed) noexcept:
     cdef size_t first = NO_RUN
     if c.closed or npages > 0xFFFFFFFF:
         c.fell_back += 1
+        c.fell_back_closed += c.closed
+        c.fell_back_full += not c.closed
         return NULL
     if not zeroed:
         first = cache_take(c, npages)
@@ -219,10 +257,13 @@ cdef void *arena_alloc(arena_ctx *c, size_t size, bint zeroed) noexcept:
         first = owner_take_pages(c, npages)
     if first == NO_RUN:
         c.fell_back += 1
+        c.fell_back_full += 1
         return NULL
     c.run_pages[first] = <uint32_t>npages
     c.allocations += 1
     c.pages_live += npages
+    if c.pages_live > c.pages_peak:
+        c.pages_peak = c.pages_live
     return c.lo + first * c.page_size
 
 
@@ -364,6 +405,7 @@ cdef class Allocator:
         c.page_size = page_size
         c.threshold = threshold
         c.cache_limit = cache_limit
+        c.cache_base = CACHE_BASE
         c.fallback = <PyDataMem_Handler *>PyCapsule_GetPointer(
             <object>PyDataMem_DefaultHandler, "mem_handler")
         Py_INCREF(pages)
@@ -389,8 +431,31 @@ cdef class Allocator:
     @cache_limit.setter
     def cache_limit(self, size_t nbytes):
         self.c.cache_limit = nbytes
-        if self.c.cache_bytes > nbytes:
+        if not self.c.cache_auto and self.c.cache_bytes > nbytes:
             cache_flush(self.c)
+
+    @property
+    def cache_base(self):
+        return self.c.cache_base
+
+    @cache_base.setter
+    def cache_base(self, size_t nbytes):
+        self.c.cache_base = nbytes
+
+    @property
+    def cache_auto(self):
+        return self.c.cache_auto
+
+    @cache_auto.setter
+    def cache_auto(self, bint auto):
+        self.c.cache_auto = auto
+        cache_trim(self.c)
+
+    def trim(self):
+        """The end of a block: with cache_auto, keep at most cache_base plus a
+        tenth of what live arrays hold now."""
+        if self.c.cache_auto:
+            cache_trim(self.c)
 
     def flush(self):
         """Give every cached run back to the arena."""
@@ -405,7 +470,8 @@ cdef class Allocator:
     def counters(self):
         c = self.c
         return dict(allocations=c.allocations, cache_hits=c.cache_hits,
-                    fell_back=c.fell_back, bytes_in_use=c.pages_live * c.page_size,
+                    fell_back=c.fell_back, fell_back_closed=c.fell_back_closed,
+                    fell_back_full=c.fell_back_full, bytes_in_use=c.pages_live * c.page_size,
                     cache_bytes=c.cache_bytes, cached_runs=c.ncached)
 
 
@@ -419,6 +485,16 @@ def set_handler(handler):
         raise RuntimeError("numpy refused the memory handler")
     result = <object>previous
     Py_XDECREF(previous)
+    return result
+
+
+def current_handler():
+    """The handler numpy uses in the current context."""
+    cdef PyObject *handler = PyDataMem_GetHandler()
+    if handler == NULL:
+        raise RuntimeError("numpy has no current memory handler")
+    result = <object>handler
+    Py_XDECREF(handler)
     return result
 
 

@@ -12,6 +12,7 @@ cdef extern from "_os.h" nogil:
     int MADV_MERGEABLE, MADV_UNMERGEABLE
     int FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
     int O_RDONLY, O_CLOEXEC
+    int SEEK_DATA, SEEK_HOLE
 
     void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
     int munmap(void *addr, size_t length)
@@ -23,6 +24,7 @@ cdef extern from "_os.h" nogil:
     int ftruncate(int fd, long length)
     long pread(int fd, void *buf, size_t count, long offset)
     long pwrite(int fd, const void *buf, size_t count, long offset)
+    long lseek(int fd, long offset, int whence)
     long sysconf(int name)
     int _SC_PAGESIZE
     int getpid()

@@ -176,3 +176,11 @@ cdef void probe_page_tables(page_tables *pt) noexcept nogil:
     if pagemap_entry(pt, pt.base, &entry) == 0:
         pt.zero_pfn = entry & PM_PFN if entry & PM_PRESENT else 0
     madvise(pt.base, pt.page_size, MADV_DONTNEED)
+
+
+cdef bint holds_own_memory(uint8_t cats) noexcept nogil:
+    """Whether a page of these PAGE_IS_* categories holds memory of its own.
+    Pages never written hold none, nor do those a read mapped to the zero
+    page: nothing to merge or count, and reading them would only fault them
+    in."""
+    return cats & (PD_PAGE_IS_PRESENT | PD_PAGE_IS_SWAPPED) and not cats & PD_PAGE_IS_PFNZERO

@@ -97,6 +97,7 @@ cdef void merge_run(Core c, size_t first, size_t n, run_kind kind, pass_stats *s
     cdef size_t i = 0, j
     cdef held_run held
     cdef remap_cost cost
+    cdef uint32_t refill_lo = 0, refill_hi = 0
     cdef bint measured = worst_remap_cost(kind) > st.mappings_left
     if measured and not (predict_remap_cost(c, first, n, kind, &cost)
                          and cost.predicted <= st.mappings_left):
@@ -104,6 +105,8 @@ cdef void merge_run(Core c, size_t first, size_t n, run_kind kind, pass_stats *s
         st.skipped_budget += n
         return
     held.first, held.n = first, n
+    if barrier_may_refill(&c.wb):
+        frames_under_broken_pages(c, first, n, &refill_lo, &refill_hi)
     if protect_run(&c.wb, &c.tables, &c.res, &held) != 0:
         drop_targets(c, first, n)       # the kernel could not split the mapping, or hold room
         st.skipped_no_memory += n
@@ -122,8 +125,43 @@ cdef void merge_run(Core c, size_t first, size_t n, run_kind kind, pass_stats *s
             st.skipped_changed += 1
         i = j + 1
     unprotect_run(&c.wb, &c.tables, &c.res, &held, kind == RUN_ZERO_ANON, st)
+    # UFFDIO_UNREGISTER has write-locked the run's mappings, or mmap has
+    # replaced them: no fault in them is left to fill a hole again.
+    punch_refilled(&c.store, refill_lo, refill_hi)
     if measured:
         st.mappings_left -= measured_remap_cost(c, &cost)
+
+
+cdef void frames_under_broken_pages(Core c, size_t first, size_t n,
+                                    uint32_t *lo, uint32_t *hi) noexcept nogil:
+    """[lo, hi): the top tier's frames that the run's BROKEN pages map, whose
+    punched holes the barrier may fill again (barrier_may_refill); empty if
+    it has none. Noted before the remap, which takes their mappings away.
+    Without PROCMAP_QUERY (before Linux 6.11): every frame slot."""
+    cdef uint64_t a = <uint64_t>page_address(&c.res, first), b = a + n * c.res.page_size
+    cdef uint64_t s, e, f0
+    cdef uint32_t high = frames_high(&c.store)
+    cdef mapping view, m
+    cdef size_t p
+    lo[0] = hi[0] = 0
+    for p in range(first, first + n):
+        if c.res.rmap[p].state == PAGE_BROKEN:
+            break
+    else:
+        return
+    if find_mapping(&c.tables, <uint64_t>frames_top_view(&c.store), &view) != 0:
+        hi[0] = high
+        return
+    lo[0] = high
+    while a < b and find_mapping(&c.tables, a, &m) == 0 and m.start < b:
+        s, e = max(a, m.start), min(b, m.end)
+        if m.inode == view.inode and m.dev_major == view.dev_major and m.dev_minor == view.dev_minor:
+            f0 = (m.offset + (s - m.start)) // c.res.page_size
+            lo[0] = min(lo[0], <uint32_t>min(f0, <uint64_t>high))
+            hi[0] = max(hi[0], <uint32_t>min(f0 + (e - s) // c.res.page_size, <uint64_t>high))
+        a = e
+    if lo[0] >= hi[0]:
+        lo[0] = hi[0] = 0
 
 
 cdef inline bint continues_run(Core c, size_t first, size_t n, uint32_t f) noexcept nogil:

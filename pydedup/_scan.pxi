@@ -52,13 +52,6 @@ cdef bint mergeable(const rmap_item *it) noexcept nogil:
     return (it.state == PAGE_PRIVATE or it.state == PAGE_BROKEN) and not it.flags & PAGE_UNMERGEABLE
 
 
-cdef inline bint holds_own_memory(uint8_t cats) noexcept nogil:
-    """Pages never written hold no memory (or map the zero page by the
-    kernel's own doing): nothing to merge, and reading them would only fault
-    them in."""
-    return cats & (PD_PAGE_IS_PRESENT | PD_PAGE_IS_SWAPPED) and not cats & PD_PAGE_IS_PFNZERO
-
-
 # -- the unstable tree: one per scan, chained through the rmap items ---------
 
 cdef int begin_scan(Core c) noexcept nogil:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Generic, SupportsIndex, TypeVar, Union, cast, overload
@@ -76,6 +77,9 @@ class Arena:
         self._scanner: Scanner | None = None
         self._ksm_marked = False         # the arena is marked for kernel KSM (kernel_ksm)
         self._allocator: Any = None      # numpy's memory handler for this arena, once asked for
+        self._scopes: list[Any] = []     # `with arena:` blocks active (pydedup.allocator._Scope)
+        self._warned: set[str] = set()   # fallback reasons a FallbackWarning has named
+        self._merged_once = False        # the first merge() publishes (publish.py)
         self._pages: Pages | None = _reserve(size)
         core = self._live().core
         _choose_barrier(core, self.barrier)
@@ -89,6 +93,14 @@ class Arena:
         self._publisher = publish.Publisher(self, self._knobs)     # for `python -m pydedup stats`
         self._set_knob("run", self.run)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A misspelt knob (max_pages_to_scan) must not become a new attribute
+        # that does nothing: only knobs and the arena's own (_private) ones.
+        if not name.startswith("_") and not hasattr(type(self), name):
+            raise AttributeError(f"pydedup.Arena has no knob {name!r}; "
+                                 f"knobs are: {', '.join(knobs.KNOBS)}")
+        object.__setattr__(self, name, value)
+
     def _set_knob(self, name: str, value: Any) -> None:
         if name == "run":
             self._run_scanner(value)
@@ -98,8 +110,7 @@ class Arena:
                 raise ValueError("the arena is closed")
             self._knobs[name] = value
             if self._allocator is not None:
-                self._allocator.threshold = self.alloc_threshold
-                self._allocator.cache_limit = self.alloc_cache
+                self._tune_allocator()
             return
         with self._locked() as core:
             if name == "barrier":
@@ -128,10 +139,17 @@ class Arena:
         return self._pages is None
 
     def __enter__(self: A) -> A:
+        """Like pydedup.arena(self): numpy's allocations in the block (and in
+        threads started in it) go to this arena. The block's end does not
+        close the arena: it lives while you or its arrays hold it; close()
+        ends it."""
+        from pydedup.allocator import _Scope
+        scope = _Scope(self)
+        self._scopes.append(scope)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._scopes.pop().end(stacklevel=3)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self._hi - self._lo:,} bytes reserved"
@@ -243,19 +261,61 @@ class Arena:
             from pydedup._handler import Allocator
             core = self._pages.core
             self._allocator = Allocator(self._pages, self._lo, core.npages, PAGE_SIZE,
-                                        self.alloc_threshold, self.alloc_cache)
+                                        self.alloc_threshold, 0)
+            self._tune_allocator()
+            self._allocator_pages = self._pages     # outlives close(), for allocator_stats()
         return self._allocator.capsule
+
+    def _tune_allocator(self) -> None:
+        auto = self.alloc_cache == "auto"
+        self._allocator.threshold = self.alloc_threshold
+        self._allocator.cache_auto = auto
+        self._allocator.cache_limit = 0 if auto else self.alloc_cache
 
     def allocator_stats(self) -> dict[str, int]:
         """numpy's allocator in this arena: `allocations` it made in arena
         pages (`cache_hits` of them reused a freed run), `fell_back` (sent
-        to numpy's default allocator: arena full, closed, or allocating
-        inside an arena operation), `bytes_in_use` by live arrays,
-        `cache_bytes` and `cached_runs` held for reuse."""
+        to numpy's default allocator), of which `fell_back_full` (no free
+        run that long: bigger than the arena's largest free run),
+        `fell_back_closed` (the arena was closed) and `fell_back_busy`
+        (allocated by pydedup itself, or a __del__, inside an arena
+        operation of the same thread); `bytes_in_use` by live arrays,
+        `cache_bytes` and `cached_runs` held for reuse. Works on a closed
+        arena too."""
         if self._allocator is None:
-            return dict(allocations=0, cache_hits=0, fell_back=0, bytes_in_use=0,
+            return dict(allocations=0, cache_hits=0, fell_back=0, fell_back_full=0,
+                        fell_back_closed=0, fell_back_busy=0, bytes_in_use=0,
                         cache_bytes=0, cached_runs=0)
-        return self._allocator.counters()
+        counters = self._allocator.counters()
+        busy = self._allocator_pages.busy_refusals
+        counters["fell_back_full"] -= busy
+        counters["fell_back_busy"] = busy
+        return counters
+
+    _FALLBACK_REASONS = {
+        "fell_back_full": "bigger than the arena's largest free run (make a larger Arena(size=...))",
+        "fell_back_closed": "the arena was closed",
+        "fell_back_busy": "made inside an arena operation of the same thread",
+    }
+
+    def _warn_fallbacks(self, before: dict[str, int], stacklevel: int = 2) -> None:
+        """A FallbackWarning for each reason that sent allocations to numpy's
+        default allocator since `before` (allocator_stats() then), once per
+        arena and reason: never silently, never a flood."""
+        from pydedup.allocator import FallbackWarning
+        now = self.allocator_stats()
+        for reason, why in self._FALLBACK_REASONS.items():
+            n = now[reason] - before.get(reason, 0)
+            if n > 0 and reason not in self._warned:
+                self._warned.add(reason)
+                warnings.warn(f"pydedup: {n} numpy allocation(s) went to numpy's default "
+                              f"allocator instead of the arena: {why}; "
+                              f"see Arena.allocator_stats()", FallbackWarning, stacklevel=stacklevel)
+
+    def _trim_allocator_cache(self) -> None:
+        """The end of a block: the cache back to what holds after it."""
+        if self._allocator is not None and not self.closed:
+            self._allocator.trim()
 
     def _flush_allocator_cache(self) -> None:
         """Cached runs are free memory to the user: they must not be merged
@@ -290,7 +350,7 @@ class Arena:
             self._advise_kernel_ksm(core)
             self._live().keep_placements()
         report = MergeReport.made_from(dict(st, seconds=time.perf_counter() - start))
-        self._publish_if_due()
+        self._publish_first_or_if_due()
         return report
 
     def _advise_kernel_ksm(self, core: Core) -> None:
@@ -360,7 +420,10 @@ class Arena:
                 self._advise_kernel_ksm(core)
             if step["merged"] or step["zeroed"]:
                 self._live().keep_placements()
-        self._publish_if_due()
+        if step["merged"] or step["zeroed"]:
+            self._publish_first_or_if_due()
+        else:
+            self._publish_if_due()
         return step["merged"] + step["zeroed"], self.sleep_millisecs / 1000
 
     @property
@@ -416,17 +479,19 @@ class Arena:
         with self._locked() as core:
             core.refresh(0, core.high_water)
             c = core.counts(0, core.high_water)
+            store = os.fstat(core.memfd)
             readings = dict(
                 c, frames=core.frames_in_use, metadata=core.metadata_bytes(),
                 full_scans=core.full_scans, unshared=core.pages_unshared,
                 volatile=core.pages_volatile, barrier=core.barrier_name,
-                frame_store_bytes=os.fstat(core.memfd).st_blocks * 512,
+                frame_store_bytes=store.st_blocks * 512,
+                window_pss=procfs.frame_store_pss(self._lo, self._hi, store.st_ino),
                 frames_by_node=core.frames_by_node(), **core.tile_counts(),
                 ksm_stat=procfs.ksm_stat(),
                 mappings=procfs.count_mappings(self._lo, self._hi)[1],
                 reserved=self._hi - self._lo, page_size=PAGE_SIZE)
-            pss = procfs.smaps_fields(self._lo, self._hi)
-        stats = ArenaStats.made_from(dict(readings, pss=pss["pss"], pss_anon=pss["pss_anon"]))
+            pss = procfs.smaps_fields(self._lo, self._hi, (b"Pss",))["pss"]
+        stats = ArenaStats.made_from(dict(readings, pss=pss))
         self._publisher.publish(stats, self._scanner)
         return stats
 
@@ -434,10 +499,22 @@ class Arena:
         # While `pydedup stats` watches, at most a stats() a second: merge()
         # and the scanner keep the published counters fresh (see publish.py).
         if self._publisher.due():
-            try:
-                self.stats()
-            except (OSError, ValueError):   # best effort: never fail a merge or stop the scanner
-                pass
+            self._publish()
+
+    def _publish_first_or_if_due(self) -> None:
+        """After a merge: the first one publishes at once, so that
+        `pydedup stats` lists the arena from its first merge on."""
+        if self._merged_once:
+            self._publish_if_due()
+        else:
+            self._merged_once = True
+            self._publish()
+
+    def _publish(self) -> None:
+        try:
+            self.stats()
+        except (OSError, ValueError):   # best effort: never fail a merge or stop the scanner
+            pass
 
     def _page_range(self, array: npt.NDArray[Any]) -> tuple[int, int]:
         """(first page, page count) that `array`'s bytes span."""
@@ -458,7 +535,11 @@ def _reserve(size: int | None) -> Pages:
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
             raise ValueError(f"size must be a positive number of bytes, not {size!r}")
-        return Pages(-(-size // PAGE_SIZE))
+        if size % PAGE_SIZE:
+            whole = -(-size // PAGE_SIZE) * PAGE_SIZE
+            raise ValueError(f"size must be a whole number of pages ({PAGE_SIZE} bytes), not "
+                             f"{size}; {whole} is the next one up")
+        return Pages(size // PAGE_SIZE)
     size = min(4 * procfs.physical_memory(), MAX_DEFAULT_RESERVATION)
     while True:
         try:

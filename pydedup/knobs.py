@@ -35,6 +35,7 @@ def _integer_at_least(low, high=None):
 
 
 UINT32_MAX = 2**32 - 1          # the core's page, frame and mapcount numbers are 32-bit
+SIZE_MAX = 2**63 - 1            # numpy's allocator keeps byte counts in a size_t
 
 
 def _one_of_integers(*choices):
@@ -42,6 +43,12 @@ def _one_of_integers(*choices):
         if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value in choices:
             return int(value)
         raise ValueError
+    return parse
+
+
+def _auto_or(parse_number):
+    def parse(value):
+        return value if isinstance(value, str) and value == "auto" else parse_number(value)
     return parse
 
 
@@ -109,17 +116,21 @@ KNOBS = {knob.name: knob for knob in (
          "CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1; 'mprotect' (a SIGSEGV "
          "handler makes writers wait; a kernel write into such a page fails with "
          "EFAULT) works everywhere; 'auto' takes uffd where allowed."),
-    Knob("alloc_threshold", lambda: 4 * procfs.PAGE_SIZE, _integer_at_least(1),
-         "a number of bytes >= 1", "",
+    Knob("alloc_threshold", lambda: 4 * procfs.PAGE_SIZE, _integer_at_least(1, SIZE_MAX),
+         f"a number of bytes from 1 to {SIZE_MAX}", "",
          "Inside pydedup.arena() or after pydedup.install(), numpy allocations "
          "of at least this many bytes take whole arena pages; smaller ones go "
          "to numpy's default allocator. Default: four pages."),
-    Knob("alloc_cache", lambda: 256 << 20, _integer_at_least(0), "a number of bytes >= 0", "",
+    Knob("alloc_cache", lambda: "auto", _auto_or(_integer_at_least(0, SIZE_MAX)),
+         f"'auto' or a number of bytes from 0 to {SIZE_MAX}", "",
          "Most bytes of arena pages that numpy's allocator keeps after a free, "
          "to reuse for the next allocation of the same page count (fresh pages "
          "fault in on first touch); merge(), stats() and close() hand them "
-         "back. "
-         "0: no cache."),
+         "back. 'auto': 16 MiB plus a tenth of the most bytes live arrays held "
+         "since the block began, trimmed at the block's end, so that code in a "
+         "block holds and peaks within 10% (+16 MiB) of plain numpy. A number: "
+         "that many bytes, kept across blocks (faster for big temporaries, "
+         "more memory). 0: no cache."),
 )}
 
 
@@ -135,7 +146,8 @@ def parse(name: str, value):
 
 def from_environment(name: str):
     """The knob's default, or the value of PYDEDUP_<NAME> if set."""
-    text = os.environ.get(f"PYDEDUP_{name.upper()}")
+    variable = f"PYDEDUP_{name.upper()}"
+    text = os.environ.get(variable)
     if text is None:
         return KNOBS[name].default()
     value: Any
@@ -143,7 +155,11 @@ def from_environment(name: str):
         value = int(text)
     except ValueError:
         value = {"true": 1, "false": 0}.get(text.strip().lower(), text)
-    return parse(name, value)
+    try:
+        return parse(name, value)
+    except ValueError:
+        raise ValueError(f"environment variable {variable}={text!r}: knob {name} accepts "
+                         f"{KNOBS[name].accepts}") from None
 
 
 def initial(overrides: dict) -> dict:

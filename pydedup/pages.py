@@ -36,6 +36,7 @@ class Pages(PageOwner):
         self._given_back: collections.deque[tuple[int, int]] = collections.deque()
         # first page -> (npages, nodes) of placed blocks
         self._placed: dict[int, tuple[int, tuple[int, ...]]] = {}
+        self.busy_refusals = 0          # take_pages() refused: this thread held the lock
         self.debug_checks = DEBUG_CHECKS   # check every invariant after each operation
         _LIVE.add(self)
 
@@ -107,6 +108,7 @@ class Pages(PageOwner):
         operation (a garbage collection running a __del__) must not wait for
         itself. Other threads wait for the operation in progress."""
         if self._holder == threading.get_ident():
+            self.busy_refusals += 1
             return None
         with self.locked() as core:
             first = self.extents.take(npages)

@@ -4,12 +4,14 @@ them from another process (which cannot read this one's Python objects).
 Each arena writes one small JSON file, <pid>-<arena id>.json, in a directory
 of its user's: $XDG_RUNTIME_DIR/pydedup if set, else /dev/shm/pydedup-<uid>
 (memory, gone at reboot). stats() writes it every time (the counters are
-computed anyway). merge() and the background scanner refresh it only while
-someone is reading: `pydedup stats` touches a request file in the directory,
-and for the next WATCH seconds they call stats() at most once every INTERVAL
-seconds. A stats() costs 10 ms for a 1 GiB arena of few mappings and much
-more for one cut into tens of thousands (it reads /proc/self/smaps), so
-nobody pays for it while nobody looks. close() and garbage collection remove
+computed anyway), and so does an arena's first merge (by merge() or the
+scanner), so that every arena that merged is listed. After that, merge()
+and the background scanner refresh it only while someone is reading:
+`pydedup stats` touches a request file in the directory, and for the next
+WATCH seconds they call stats() at most once every INTERVAL seconds. A
+stats() costs 10 ms for a 1 GiB arena of few mappings and much more for one
+cut into tens of thousands (it reads /proc/self/smaps), so nobody pays for
+it while nobody looks. close() and garbage collection remove
 the file; readers skip files of processes that are gone. Publishing is best
 effort: a directory that cannot be written only means nothing is shown.
 """

@@ -24,6 +24,7 @@ class Scanner:
         self.last_merge = None        # time.monotonic() of the last step that merged
         self.last_merge_cpu = 0.0     # cpu_seconds then
         self._thread = threading.Thread(target=self._run, name="pydedup-scanner", daemon=True)
+        self._thread._pydedup_exempt = True  # type: ignore[attr-defined]  # not numpy's allocations in the arena it scans
         _RUNNING.add(self)
         self._thread.start()
 

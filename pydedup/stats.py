@@ -199,14 +199,18 @@ class ArenaStats(_Readable):
         "`vm_area_struct` (about 160 bytes of its slab), maple tree nodes and the rest",
         value=_mapping_bytes))
     pss_bytes: int = field(metadata=counter(
-        "PSS of the arena's mappings (frames count only where mapped)", value=_reading("pss")))
+        "PSS of the arena's mappings, from `/proc/self/smaps` (a frame counts in each mapping "
+        "that maps it, by its share)", value=_reading("pss")))
     bytes_saved: int = field(metadata=counter(
         "`(pages_sharing + zero_pages) * page_size`", value=_saved))
     pss_bytes_saved: int = field(metadata=counter(
-        "measured: resident private, merged and zero pages times the page size, less the "
-        "arena's anonymous PSS and `frame_store_bytes`",
+        "measured: resident private, merged and zero pages times the page size (what they would "
+        "hold unmerged), less `pss_bytes`, less the PSS share of the frames held by the core's "
+        "window onto the frame store, less frames no page maps; agrees with the drop of the "
+        "process's `smaps_rollup` PSS that merging causes (`tests/test_accounting.py`)",
         value=lambda r: ((r["private_resident"] + r["merged"] + r["zero"]) * r["page_size"]
-                         - r["pss_anon"] - r["frame_store_bytes"])))
+                         - r["pss"] - r["window_pss"]
+                         - max(0, r["frame_store_bytes"] - r["frames"] * r["page_size"]))))
     barrier: str = field(metadata=counter(
         "the write barrier in use, `\"uffd\"` or `\"mprotect\"`"))
     frames_by_node: dict[int, int] = field(metadata=counter(

@@ -106,10 +106,23 @@ def touch(*arrays):
 
 
 def process_pss() -> int:
+    """PSS of the memory the process holds itself: Pss_Anon + Pss_Shmem of
+    /proc/self/smaps_rollup (the frame store is shmem, a memfd), without
+    Pss_File. Merging never changes the file-backed part (the Python binary,
+    shared libraries), but its share moves whenever another process maps or
+    unmaps the same files: with the system Python, shared by every process
+    running it, one such process exiting between two readings made the PSS
+    drop 1.1 MB less than merging saved. Pss where the kernel lacks the split."""
+    fields = {}
     with open("/proc/self/smaps_rollup") as f:
         for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
+            name, _, rest = line.partition(":")
+            if name in ("Pss", "Pss_Anon", "Pss_Shmem"):
+                fields[name] = int(rest.split()[0]) * 1024
+    if "Pss_Anon" in fields and "Pss_Shmem" in fields:
+        return fields["Pss_Anon"] + fields["Pss_Shmem"]
+    if "Pss" in fields:
+        return fields["Pss"]
     raise AssertionError("no Pss in smaps_rollup")
 
 

@@ -4,6 +4,7 @@ import gc
 import pickle
 import threading
 import tracemalloc
+import warnings
 import weakref
 
 import numpy as np
@@ -23,8 +24,9 @@ BIG = 1 << 20                                 # bytes: well above alloc_threshol
 
 @pytest.fixture
 def ar():
-    with pydedup.Arena(size=1 << 30) as a:
-        yield a
+    a = pydedup.Arena(size=1 << 30)      # not `with`: that would put the whole test in the arena
+    yield a
+    a.close()
     gc.collect()
 
 
@@ -71,15 +73,25 @@ def test_threshold_knob_moves_the_boundary(ar):
     assert not ar.owns(x) and ar.owns(y)
 
 
-def test_new_arena_is_closed_at_block_end_and_arrays_outlive_it():
+def test_the_arena_outlives_its_block_and_close_ends_it():
     with pydedup.arena(size=1 << 28) as ar:
         x = np.arange(BIG // 8, dtype=np.float64)
+        z = np.zeros(BIG // 8)
+        z[:] = 0.0
         assert ar.owns(x)
         pages = weakref.ref(testing.pages(ar))
-    assert ar.closed
+    assert not ar.closed                      # the block scoped allocations, nothing more
     y = np.empty(BIG // 8)                    # the block is over: numpy's own allocator
-    assert get_handler_name(y) != "pydedup"
-    del ar
+    assert get_handler_name(y) != "pydedup" and not ar.owns(y)
+    assert ar.owns(x) and ar.owns(z)
+    assert ar.merge().pages_zeroed == BIG // PAGE_SIZE
+    assert ar.stats().zero_pages == BIG // PAGE_SIZE
+    assert ar.allocator_stats()["allocations"] == 2
+    ar.close()
+    assert ar.closed and not ar.owns(x)
+    with pytest.raises(ValueError, match="closed"):
+        ar.merge()
+    del ar, z
     gc.collect()
     assert pages() is not None                # x keeps the arena's memory
     x += 1                                    # and it still works
@@ -90,7 +102,7 @@ def test_new_arena_is_closed_at_block_end_and_arrays_outlive_it():
 
 
 def test_closing_an_existing_arena_inside_the_block(ar):
-    with pydedup.arena(ar):
+    with pytest.warns(pydedup.FallbackWarning, match="closed"), pydedup.arena(ar):
         x = np.full(BIG // 8, 3.0)
         ar.close()
         y = np.full(BIG // 8, 4.0)            # the arena is closed: numpy's own allocator
@@ -302,15 +314,32 @@ def test_merge_inside_the_block_saves_memory(ar):
 # -- nesting, threads, tasks ---------------------------------------------------------
 
 def test_blocks_nest_and_restore(ar):
-    with pydedup.Arena(size=1 << 28) as inner:
+    with pydedup.Arena(size=1 << 28) as inner:      # `with` an Arena is a block too
+        v = np.ones(BIG // 8)
         with pydedup.arena(ar):
             x = np.ones(BIG // 8)
             with pydedup.arena(inner):
                 y = np.ones(BIG // 8)
             z = np.ones(BIG // 8)
-        w = np.ones(BIG // 8)
-        assert ar.owns(x) and inner.owns(y) and ar.owns(z)
-        assert not ar.owns(w) and not inner.owns(w) and get_handler_name(w) != "pydedup"
+    w = np.ones(BIG // 8)
+    assert inner.owns(v) and ar.owns(x) and inner.owns(y) and ar.owns(z)
+    assert not ar.owns(w) and not inner.owns(w) and get_handler_name(w) != "pydedup"
+    assert not inner.closed
+    inner.close()
+
+
+def test_the_block_end_merges_when_asked(ar):
+    with pydedup.arena(ar, merge=True):
+        z = np.zeros(BIG // 8)
+        z[:] = 0.0
+        assert ar.stats().zero_pages == 0
+    assert ar.stats().zero_pages == BIG // PAGE_SIZE
+    with pytest.raises(KeyError):              # a block that raised does not merge
+        with pydedup.arena(ar, merge=True):
+            z2 = np.zeros(BIG // 8)
+            z2[:] = 0.0
+            raise KeyError
+    assert ar.stats().zero_pages == BIG // PAGE_SIZE
 
 
 def test_the_block_is_restored_after_an_exception(ar):
@@ -342,11 +371,34 @@ def allocate_in_thread():
     return result
 
 
-def test_threads_started_inside_a_block_use_the_default_allocator(ar):
+def test_threads_started_inside_a_block_allocate_in_the_arena(ar):
+    import concurrent.futures
+    before = allocate_in_thread()
+    with concurrent.futures.ThreadPoolExecutor(2) as early:   # its threads start...
+        early.submit(int).result()                            # ...before the block
+        with pydedup.arena(ar):
+            result = allocate_in_thread()
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                arrays = list(pool.map(lambda i: np.full(BIG // 8, float(i)), range(8)))
+            from_early = early.submit(np.ones, BIG // 8).result()
     with pydedup.arena(ar):
-        result = allocate_in_thread()
-    assert result["handler"] != "pydedup"
-    assert not ar.owns(result["array"])
+        from multiprocessing.pool import ThreadPool  # joblib's threading backend's pool
+        with ThreadPool(2) as tpool:
+            pooled = tpool.map(lambda i: np.full(BIG // 8, float(i)), range(4))
+    assert not ar.owns(before["array"])
+    assert result["handler"] == "pydedup" and ar.owns(result["array"])
+    assert all(ar.owns(a) for a in arrays) and [a[0] for a in arrays] == list(range(8))
+    assert all(ar.owns(a) for a in pooled)
+    assert not ar.owns(from_early)            # threads started before the block: not covered
+    assert not ar.owns(allocate_in_thread()["array"])         # the block is over
+    assert threading.Thread.start is pydedup.allocator._thread_start   # and so is the hook
+
+
+def test_a_scanner_started_in_a_block_does_not_allocate_in_its_arena():
+    with pydedup.Arena(size=1 << 28, sleep_millisecs=0) as scanned:
+        scanned.run = 1
+        assert not getattr(scanned.scanner._thread, "_pydedup_handler", None)
+    scanned.close()
 
 
 def test_install_covers_new_threads(ar):
@@ -416,7 +468,7 @@ def test_bad_arguments(ar):
         ar.alloc_cache = -1
     with pytest.raises(ValueError, match="alloc_threshold"):
         ar.alloc_threshold = "4KiB"
-    assert ar.alloc_threshold == 4 * PAGE_SIZE and ar.alloc_cache == 256 << 20
+    assert ar.alloc_threshold == 4 * PAGE_SIZE and ar.alloc_cache == "auto"
     with pytest.raises(RuntimeError, match="not installed"):
         pydedup.uninstall()
     pydedup.install(ar)
@@ -435,10 +487,61 @@ def test_bad_arguments(ar):
     assert pydedup.installed_arena() is None and get_handler_name() != "pydedup"
 
 
-def test_arena_too_small_falls_back_to_the_default_allocator():
-    with pydedup.arena(size=1 << 20) as ar:
-        x = np.ones((1 << 21) // 8)            # does not fit: numpy's own allocator
-        y = np.ones((1 << 19) // 8)
-    assert not in_reservation(ar, x) and in_reservation(ar, y)
-    assert ar.allocator_stats()["fell_back"] == 1
+def test_arena_too_small_falls_back_to_the_default_allocator_and_says_so():
+    with pytest.warns(pydedup.FallbackWarning, match=r"2 numpy allocation\(s\).*largest free run"):
+        with pydedup.arena(size=1 << 20) as ar:
+            x = np.ones((1 << 21) // 8)            # does not fit: numpy's own allocator
+            x2 = np.ones((1 << 21) // 8)
+            y = np.ones((1 << 19) // 8)
+    assert not in_reservation(ar, x) and not in_reservation(ar, x2) and in_reservation(ar, y)
+    counters = ar.allocator_stats()
+    assert counters["fell_back"] == counters["fell_back_full"] == 2
+    assert counters["fell_back_closed"] == counters["fell_back_busy"] == 0
     assert x.sum() == (1 << 21) // 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                # said once per arena and reason
+        with pydedup.arena(ar):
+            np.ones((1 << 21) // 8)
+    assert ar.allocator_stats()["fell_back_full"] == 3
+    ar.close()
+
+
+def test_a_closed_arena_in_a_block_says_so():
+    ar = pydedup.Arena(size=1 << 28)
+    with pytest.warns(pydedup.FallbackWarning, match="1 numpy allocation.*closed"):
+        with ar:
+            ar.close()
+            y = np.ones(BIG // 8)
+    assert ar.allocator_stats()["fell_back_closed"] == 1 and get_handler_name(y) == "pydedup"
+
+
+def test_the_cache_holds_little_after_the_block(ar):
+    """Freed temporaries stay cached for reuse inside the block, within a
+    tenth of the peak live bytes plus 16 MiB, and the block's end trims the
+    cache to a tenth of what is live plus 16 MiB (issue 18: it held 256 MiB)."""
+    with pydedup.arena(ar):
+        keep = np.ones((64 << 20) // 8)
+        for i in range(40):
+            t = np.full((4 << 20) // 8 + i * 512, float(i))   # 40 sizes, 4 MiB each
+            del t
+        inside = ar.allocator_stats()
+        assert 0 < inside["cache_bytes"] <= (16 << 20) + (68 << 20) // 10
+    after = ar.allocator_stats()
+    assert after["cache_bytes"] <= (16 << 20) + keep.nbytes // 10
+    del keep
+    with pydedup.arena(ar):
+        pass
+    assert ar.allocator_stats()["cache_bytes"] <= 16 << 20
+
+
+def test_a_fixed_cache_is_kept_across_blocks(ar):
+    ar.alloc_cache = 64 << 20                 # bytes, not "auto": the old, faster trade
+    with pydedup.arena(ar):
+        for i in range(8):
+            t = np.full((4 << 20) // 8 + i * 512, float(i))
+            del t
+    assert ar.allocator_stats()["cache_bytes"] > 16 << 20
+    ar.alloc_cache = "auto"
+    assert ar.allocator_stats()["cache_bytes"] <= 16 << 20
+    with pytest.raises(ValueError, match="'auto' or a number of bytes"):
+        ar.alloc_cache = "big"

@@ -171,3 +171,24 @@ def test_features_are_reported():
     features = pydedup.features()
     assert features["page_size"] == PAGE
     assert isinstance(features["pagemap_scan"], bool)
+
+
+def test_a_misspelt_knob_raises_naming_the_knobs(arena):
+    with pytest.raises(AttributeError, match="max_pages_to_scan.*knobs are:.*pages_to_scan"):
+        arena.max_pages_to_scan = 1
+    assert not hasattr(arena, "max_pages_to_scan")
+    arena.pages_to_scan = 7                      # the real knob still sets
+    assert arena.pages_to_scan == 7
+
+
+def test_a_bad_environment_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv("PYDEDUP_PAGES_TO_SCAN", "many")
+    with pytest.raises(ValueError, match="PYDEDUP_PAGES_TO_SCAN='many'.*knob pages_to_scan accepts"):
+        pydedup.Arena(size=1 << 20)
+
+
+@pytest.mark.parametrize("size", [100, PAGE + 1, 10**9])
+def test_a_size_that_is_not_whole_pages_is_refused_not_rounded(size):
+    whole = -(-size // PAGE) * PAGE
+    with pytest.raises(ValueError, match=f"whole number of pages.*{whole} is the next one up"):
+        pydedup.Arena(size=size)

@@ -1,5 +1,6 @@
 """python -m pydedup: demo runs the README's example; stats shows the
 counters running arenas publish, and only theirs."""
+import contextlib
 import json
 import os
 import subprocess
@@ -68,7 +69,7 @@ def test_the_published_counters_are_the_table_of_counters(arena):
 
 
 def test_a_scanning_arena_refreshes_when_stats_asks(capsys):
-    with pydedup.Arena(size=1 << 30, run=1, sleep_millisecs=1) as arena:
+    with contextlib.closing(pydedup.Arena(size=1 << 30, run=1, sleep_millisecs=1)) as arena:
         a = arena.zeros(100_000)
         a[:] = 0.0                           # never a stats() call: the scanner must publish
         assert main(["stats", "--wait", "5"]) == 0
@@ -76,9 +77,17 @@ def test_a_scanning_arena_refreshes_when_stats_asks(capsys):
         assert f"pid {os.getpid()}" in out and "run=1" in out
 
 
-def test_merge_does_not_publish_while_nobody_watches(arena, own_directory):
+def test_the_first_merge_publishes_and_later_ones_only_while_watched(arena, own_directory, capsys):
+    a = arena.zeros(100_000)
+    a[:] = 0.0
+    arena.merge()                            # never a stats() call: listed all the same
+    [name] = os.listdir(own_directory)
+    published = os.stat(own_directory / name).st_mtime_ns
+    assert main(["stats", str(os.getpid()), "--wait", "0"]) == 0
+    assert "zero_pages         196" in capsys.readouterr().out
+    os.unlink(own_directory / "request")     # nobody watches
     arena.merge()
-    assert not own_directory.exists() or not os.listdir(own_directory)
+    assert os.stat(own_directory / name).st_mtime_ns == published
 
 
 def test_a_forked_child_leaves_the_parent_file(arena, own_directory):
@@ -108,7 +117,32 @@ def test_files_of_dead_processes_are_ignored_and_removed(own_directory):
     assert not stale.exists()
 
 
-def test_unknown_command_prints_usage():
-    with pytest.raises(SystemExit) as e:
-        main(["nope"])
-    assert "demo" in str(e.value) and "stats" in str(e.value)
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "pydedup", *args], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+
+
+def test_help_goes_to_stdout_and_succeeds():
+    done = run_cli("--help")
+    assert done.returncode == 0 and done.stderr == ""
+    assert "usage" in done.stdout and "demo" in done.stdout and "stats" in done.stdout
+
+
+def test_unknown_command_says_so_and_prints_usage(capsys):
+    assert main(["nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'nope'" in err and "demo" in err and "stats" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bench", "--size", "abc"], "not a size: 'abc'"),
+    (["bench", "--size", "-5"], "must be positive"),
+    (["bench", "--size", "0"], "must be positive"),
+    (["stats", "--wait", "-1"], "seconds must be >= 0"),
+    (["stats", "--wait", "nan"], "seconds must be >= 0"),
+    (["stats", "--wait", "soon"], "not a number of seconds"),
+])
+def test_bad_options_are_one_clear_line_not_a_traceback(args, message):
+    done = run_cli(*args)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr

@@ -105,3 +105,54 @@ def test_every_knob_and_ksm_counter_names_its_ksm_counterpart():
         row = next(line for line in text.splitlines() if line.startswith(f"| `{name}` |"))
         if knob.ksm:
             assert f"`{knob.ksm}`" in row.split("|")[4], row
+
+
+# -- code that runs ------------------------------------------------------------
+
+def python_blocks():
+    """(file, line, code) of every ```python block of the README and docs/."""
+    files = [os.path.join(ROOT, "README.md")] + sorted(
+        os.path.join(ROOT, "docs", name) for name in os.listdir(os.path.join(ROOT, "docs"))
+        if name.endswith(".md"))
+    blocks = []
+    for path in files:
+        with open(path) as f:
+            text = f.read()
+        for match in re.finditer(r"^```python\n(.*?)^```", text, re.S | re.M):
+            line = text[: match.start()].count("\n") + 1
+            blocks.append((os.path.relpath(path, ROOT), line, match.group(1)))
+    return blocks
+
+
+@pytest.mark.parametrize("path, line, code", python_blocks(),
+                         ids=[f"{p}:{n}" for p, n, _ in python_blocks()])
+def test_every_python_block_of_the_docs_runs_self_contained(tmp_path, path, line, code):
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, XDG_RUNTIME_DIR=str(tmp_path)))
+    assert done.returncode == 0, f"{path}:{line}\n{done.stderr}"
+
+
+def test_the_docs_have_python_blocks_to_run():
+    assert len(python_blocks()) >= 5
+
+
+EXAMPLES = {"sparse_densified.py": "scipy", "pandas_frame.py": "pandas",
+            "xarray_landmask.py": "xarray", "image_background.py": "skimage"}
+
+
+def test_every_example_is_tested():
+    names = {n for n in os.listdir(os.path.join(ROOT, "examples")) if not n.startswith("_")}
+    assert names == set(EXAMPLES)
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_examples_run_and_save_memory(tmp_path, name):
+    pytest.importorskip(EXAMPLES[name], reason=f"examples/{name} needs {EXAMPLES[name]} "
+                        "(pip install -e '.[examples]')")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", name), "--mib", "16"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, XDG_RUNTIME_DIR=str(tmp_path)))
+    assert done.returncode == 0, done.stderr
+    saved = float(re.search(r"([\d,.]+) MiB saved", done.stdout).group(1).replace(",", ""))
+    assert saved > 4, done.stdout                 # of about 16 MiB, most of it repeats
+    assert "plain numpy" in done.stdout

@@ -53,12 +53,6 @@ def test_faulthandler_enabled_before_the_import(barrier, how):
 
 # -- signals during merges ------------------------------------------------------
 
-@pytest.mark.xfail(strict=False, reason=(
-    "found here, not explained: a frame no page maps sometimes holds a page of zeros again "
-    "after it was punched (a leaked frame; docs/testing.md). The signals play no part: one "
-    "thread writing pages that merges keep merging, breaking and refusing is enough, with the "
-    "uffd barrier only (not with mprotect, nor if the barrier registers without "
-    "write-protecting); no page loses data. Not every run"))
 def test_signals_during_merges_interrupt_nothing(rng):
     """A SIGALRM every 200 us from an interval timer (to the whole process,
     so any thread, the core's system calls included) and SIGUSR1 sent from

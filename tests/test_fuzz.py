@@ -238,7 +238,8 @@ def test_features_and_the_command_line_do_not_crash():
     result = subprocess.run([sys.executable, "-m", "pydedup", "--no-such-option"],
                             capture_output=True, text=True, timeout=60,
                             cwd=os.path.dirname(os.path.dirname(pydedup.__file__)))
-    assert result.returncode == 1 and "python -m pydedup [demo | bench" in result.stderr
+    assert result.returncode == 2 and "python -m pydedup [demo | bench" in result.stderr
+    assert "unknown command '--no-such-option'" in result.stderr
 
 
 def test_an_arena_freed_in_another_thread_mid_merge_stays_consistent(rng):

@@ -3,6 +3,7 @@ of the process, and a frame store that cannot grow. Judged by what the kernel
 maps (/proc/self/maps, PAGEMAP_SCAN) and by the arrays' bytes, compared with
 copies kept outside the arena. What would hurt the test process (a process
 full of mappings, a file size limit) runs in a child process."""
+import contextlib
 import ctypes
 import json
 import mmap
@@ -82,7 +83,7 @@ def same_bytes(a, expected):
 
 @pytest.mark.parametrize("max_mappings", [0, 200])
 def test_scattered_merges_stop_at_the_mapping_budget(barrier, rng, max_mappings):
-    with pydedup.Arena(size=1 << 30, barrier=barrier, max_mappings=max_mappings) as arena:
+    with contextlib.closing(pydedup.Arena(size=1 << 30, barrier=barrier, max_mappings=max_mappings)) as arena:
         a, twin_rows, zero_rows = scattered_workload(arena, rng, pairs=3000, zeros=500)
         lo, hi = reservation(arena, a)
         expected = a.copy()
@@ -115,7 +116,7 @@ def test_scattered_merges_stop_at_the_mapping_budget(barrier, rng, max_mappings)
 @pytest.mark.parametrize("max_mappings", [200, None], ids=["budget-spent", "budget-ample"])
 def test_a_second_merge_over_the_same_data_adds_no_mapping(barrier, rng, max_mappings):
     knobs = {} if max_mappings is None else {"max_mappings": max_mappings}
-    with pydedup.Arena(size=1 << 30, barrier=barrier, **knobs) as arena:
+    with contextlib.closing(pydedup.Arena(size=1 << 30, barrier=barrier, **knobs)) as arena:
         a, twin_rows, zero_rows = scattered_workload(arena, rng, pairs=1000, zeros=200)
         lo, hi = reservation(arena, a)
         expected = a.copy()
@@ -134,7 +135,7 @@ def test_a_second_merge_over_the_same_data_adds_no_mapping(barrier, rng, max_map
 
 
 def test_raising_the_budget_lets_merging_go_on(rng):
-    with pydedup.Arena(size=1 << 30, max_mappings=200) as arena:
+    with contextlib.closing(pydedup.Arena(size=1 << 30, max_mappings=200)) as arena:
         a, twin_rows, zero_rows = scattered_workload(arena, rng, pairs=1000, zeros=200)
         lo, hi = reservation(arena, a)
         expected = a.copy()

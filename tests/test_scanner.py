@@ -1,5 +1,6 @@
 """The background scanner (run, pages_to_scan, sleep_millisecs) and the
 written-page tracking that lets a scan skip pages nobody wrote."""
+import contextlib
 import gc
 import threading
 import time
@@ -126,7 +127,7 @@ def test_writes_by_the_kernel_are_seen_too(tracked, rng, tmp_path):
 
 
 def test_without_tracking_every_page_is_read(rng):
-    with pydedup.Arena(size=1 << 26, track_writes=False) as arena:
+    with contextlib.closing(pydedup.Arena(size=1 << 26, track_writes=False)) as arena:
         unique = arena.array(rng.random(16 * PAGE_FLOATS))
         arena.merge()
         assert arena.merge().pages_hashed == 16

@@ -70,10 +70,22 @@ def run(size, workload_names, method_names, seed=0, progress=None) -> dict:
     return results
 
 
+def _workload_size(text):
+    """--size: a positive number of bytes, rounded up to whole pages."""
+    try:
+        size = parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (say 64MiB, 1GiB or bytes)") from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"the size must be positive, not {text}")
+    page = os.sysconf("SC_PAGESIZE")
+    return -(-size // page) * page
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="pydedup bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="1GiB",
+    parser.add_argument("--size", default="1GiB", type=_workload_size,
                         help="bytes of each workload, e.g. 64MiB, 1GiB (default 1GiB)")
     parser.add_argument("--workload", choices=[*workloads.WORKLOADS, "all"], default="all",
                         help="structured, scattered, filled, dataframe or all (default)")
@@ -96,7 +108,7 @@ def main(argv=None):
                             help=f"make sure {name} is among the methods")
     args = parser.parse_args(argv)
 
-    size = parse_size(args.size)
+    size = args.size
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     names += [m for m in args.add or () if m not in names]
     unknown = [m for m in names if m not in methods.METHODS]

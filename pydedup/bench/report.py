@@ -38,6 +38,19 @@ def _num(value, fmt):
     return format("-", f">{int(float(fmt[:-1]))}") if value is None else format(value, fmt)
 
 
+LEGEND = """\
+  s, CPU s      wall time to the full merge, and CPU time of whoever merged
+                (the caller, the scanner thread, ksmd); numpy merges nothing
+  PSS before    the process's PSS (smaps_rollup, never RSS), MiB, every page
+  after MiB     of the workload mapped, before and after merging
+  saved/theor   (before - after) over the most merging could save
+  B/page        bookkeeping bytes per workload page
+  read GiB/s    reading every byte after merging, best of 3
+  1st write us  the first write into a merged page (copy-on-write fault)
+  ratios        a row's figure over plain numpy's (memory, read, first
+                write) or kernel KSM's (time, CPU); docs/benchmarks.md"""
+
+
 def table(workload: str, result: dict) -> str:
     rows = result["rows"]
     lines = [f"{workload}: {result['bytes'] / 2**30:.2f} GiB, at most "
@@ -61,6 +74,7 @@ def table(workload: str, result: dict) -> str:
             if "ratios" in row:
                 lines.append(f"  {name:<12}" + "".join(
                     f"{_num(row['ratios'].get(k), '20.3f')}" for k in keys))
+    lines.append(LEGEND)
     return "\n".join(lines)
 
 

@@ -1,5 +1,7 @@
 """Read throughput of a large all-zero array in four states (seed 000:
 merging zero pages into one shared page slowed every later read)."""
+import contextlib
+
 import pydedup
 from pydedup.bench.workloads import best_of, read_pass
 
@@ -15,7 +17,7 @@ def zero_read(size: int, progress=print) -> dict:
                                               ("c zero page", True, True, True),
                                               ("d zero frames", True, True, False)):
         progress(f"zero read: {name}")
-        with pydedup.Arena(size=size + (64 << 20), use_zero_pages=zero_pages) as arena:
+        with contextlib.closing(pydedup.Arena(size=size + (64 << 20), use_zero_pages=zero_pages)) as arena:
             z = arena.zeros(size // 8)
             if written:
                 z[:] = 0.0
