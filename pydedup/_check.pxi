@@ -121,11 +121,23 @@ cdef check_frames(Core c, bytes counts):
             fail("a frame's mapcount is the number of MERGED pages on it",
                  f"frame {f}: mapcount {fs.frames[f].mapcount}, {counted[f]} MERGED pages")
         in_use += fs.frames[f].mapcount != 0
+        if fs.frames[f].mapcount and fs.frames[f].tile_index:
+            check_tile_frame(fs, f)
     if in_use != fs.frames_in_use:
         fail("frames_in_use counts the frames with a mapcount",
              f"frames_in_use {fs.frames_in_use}, {in_use} frames mapped")
     check_records_above(fs.page_size, <const char *>fs.frames, fs.frame_high, fs.nslots,
                         sizeof(frame_item), "frame slot")
+
+
+cdef check_tile_frame(frame_store *fs, uint32_t f):
+    """A frame of a tile lies in its tile's memfd, after its first frame: a
+    tile grows a slot at a time, never across a tier's start or below the
+    fork fence it grew above."""
+    cdef uint32_t k = fs.frames[f].tile_index
+    if k > f or tier_of(fs, f - k) != tier_of(fs, f):
+        fail("a tile's frames lie in one memfd, after its first",
+             f"frame {f}: tile_index {k}")
 
 
 cdef check_stable_tree(Core c):

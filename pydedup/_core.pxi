@@ -11,6 +11,12 @@ cdef uint32_t zero_page_checksum(pd_xxh3_fn xxh3, size_t page_size) except? 0:
     return checksum
 
 
+cdef uint32_t check_tile_pages(uint32_t tile_pages) except 0:
+    if not 1 <= tile_pages <= MAX_TILE_PAGES:
+        raise ValueError(f"tile_pages is 1 to {MAX_TILE_PAGES}, not {tile_pages}")
+    return tile_pages
+
+
 cdef pass_error(int err, str what):
     """An OSError that says what failed and why: a pass refused memory under
     RLIMIT_DATA says "Cannot allocate memory", not only its errno."""
@@ -206,6 +212,21 @@ cdef class Core:
                           mask if nodes else NULL) != 0:
             raise OSError(errno, f"cannot place pages on NUMA nodes {list(nodes)} (mbind)")
 
+    def tile_counts(self):
+        """Frames in use by tile: `tiles`, those with a frame after their
+        first; `tile_frames`, the frames of those tiles."""
+        cdef uint32_t f, tiles = 0, tile_frames = 0
+        for f in range(self.store.frame_high):
+            if frame_mapcount(&self.store, f) == 0:
+                continue
+            if frame_tile_index(&self.store, f) > 0:
+                tile_frames += 1
+            elif (f + 1 < self.store.frame_high and frame_mapcount(&self.store, f + 1)
+                    and frame_tile_index(&self.store, f + 1) == 1):
+                tiles += 1
+                tile_frames += 1
+        return dict(tiles=tiles, tile_frames=tile_frames)
+
     def frames_by_node(self):
         """{node: frames in use written for it}."""
         counts = {}
@@ -286,10 +307,13 @@ cdef class Core:
                 self.res.remapped = False
                 track_range(&self.tables, self.res.base, length)
 
-    def merge(self, bint use_zero_pages, uint32_t max_page_sharing, long mappings_left):
-        """One whole scan, now; returns what it did as a dict of pass_stats."""
+    def merge(self, bint use_zero_pages, uint32_t max_page_sharing, long mappings_left,
+              uint32_t tile_pages=1):
+        """One whole scan, now; returns what it did as a dict of pass_stats.
+        Runs of one content map onto tiles of up to tile_pages frames."""
         cdef pass_stats st
-        cdef scan_knobs k = scan_knobs(use_zero_pages, max_page_sharing, True)
+        cdef scan_knobs k = scan_knobs(use_zero_pages, max_page_sharing, True,
+                                       check_tile_pages(tile_pages))
         cdef int err
         self.check_can_merge()
         memset(&st, 0, sizeof(st))
@@ -304,13 +328,14 @@ cdef class Core:
         return st
 
     def scan_batch(self, size_t npages, bint use_zero_pages, uint32_t max_page_sharing,
-                   long mappings_left):
+                   long mappings_left, uint32_t tile_pages=1):
         """The background scanner's step: the next npages of the scan in
         progress. mappings_left is the mapping budget of a scan, taken when
         one begins (at scan_cursor 0). Returns (this step's pass_stats,
         whether a scan ended)."""
         cdef pass_stats before = self.scan.stats
-        cdef scan_knobs k = scan_knobs(use_zero_pages, max_page_sharing, False)
+        cdef scan_knobs k = scan_knobs(use_zero_pages, max_page_sharing, False,
+                                       check_tile_pages(tile_pages))
         cdef bint scan_done = False
         cdef int err
         self.check_can_merge()
@@ -420,6 +445,35 @@ cdef class Core:
             err = refresh_states(self, first, n)
         if err:
             raise OSError(err, "cannot read the page tables")
+
+    def advise_kernel_ksm(self, bint on):
+        """Kernel KSM for what merging left private: with `on`, the whole
+        reservation MADV_MERGEABLE (one flag over every mapping: no mapping
+        is cut), then the pages the user made unmergeable MADV_UNMERGEABLE
+        again, a run at a time; else the whole reservation MADV_UNMERGEABLE,
+        which gives every page KSM merged its own copy. Kernel KSM ignores
+        pages on frames (file pages) and on the zero page."""
+        cdef size_t p, first = 0, n = 0, hw = self.res.high_water
+        cdef int err = 0
+        cdef bint excluded
+        with nogil:
+            if madvise(self.res.base, self.res.npages * self.res.page_size,
+                       MADV_MERGEABLE if on else MADV_UNMERGEABLE) != 0:
+                err = errno
+            for p in range(hw + 1 if on and err == 0 else 0):
+                excluded = (p < hw and self.res.rmap[p].state != PAGE_FREE
+                            and self.res.rmap[p].flags & PAGE_UNMERGEABLE != 0)
+                if excluded:
+                    first = p if n == 0 else first
+                    n += 1
+                    continue
+                if n and madvise(page_address(&self.res, first), n * self.res.page_size,
+                                 MADV_UNMERGEABLE) != 0:
+                    err = errno
+                    break
+                n = 0
+        if err:
+            raise OSError(err, f"cannot mark the arena {'' if on else 'un'}mergeable for kernel KSM")
 
     def set_unmergeable(self, size_t first, size_t n, bint unmergeable):
         self.check_range(first, n)

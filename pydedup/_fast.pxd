@@ -34,6 +34,12 @@
 # pass          One walk over every arena page in use (KSM's full scan).
 # run           Consecutive arena pages changed by one system call: mapped onto
 #               consecutive frames, or sent to the zero page together.
+# tile          Consecutive frames that each hold one content (frame_item.tile_index
+#               0, 1, 2, ...: its place in the tile). A run of arena pages of that
+#               content maps onto the tile page by page, starting again at its
+#               first frame every tile_pages pages: L pages cost about
+#               L / tile_pages mappings instead of L. A tile grows a frame at a
+#               time, as runs reach its end; its frames are frames like any other.
 #
 # Page states (rmap_item.state), the only transitions being the arrows:
 #
@@ -112,12 +118,14 @@ cdef struct frame_item:            # 16 bytes, one per frame slot
     uint32_t mapcount              # arena pages mapping it (pass: or to map it)
     uint32_t next                  # next frame of the same stable-tree bucket
     uint16_t node                  # the NUMA node (pool) it was written for
-    uint16_t spare                 # room to grow
+    uint16_t tile_index            # its place in its tile: frame f - tile_index is
+                                   # the tile's first; 0 for a frame of no tile
 
 cdef struct scan_knobs:            # what a scan is asked to do
     bint use_zero_pages
     uint32_t max_page_sharing
     bint merge_volatile            # merge pages that changed since the last scan too
+    uint32_t tile_pages            # the longest tile (1: no tiles)
 
 cdef struct pass_stats:            # what one merge pass did
     uint64_t scanned               # pages looked at
@@ -125,6 +133,7 @@ cdef struct pass_stats:            # what one merge pass did
     uint64_t merged                # pages newly mapped onto frames
     uint64_t zeroed                # pages newly sent to the zero page
     uint64_t frames_new            # frames written this pass
+    uint64_t tile_frames_new       # of those, frames that grew a tile
     uint64_t unshared              # unique pages left in the unstable tree
     uint64_t volatile              # pages whose checksum changed since the last pass
     uint64_t skipped_unmergeable   # pages the user excluded

@@ -6,6 +6,7 @@
 
 cdef enum:
     MAX_TIERS = 8                  # memfds of a frame store: one, plus one a fork level
+    MAX_TILE_PAGES = 65536         # frame_item.tile_index is 16 bits
 
 cdef struct frame_tier:            # one memfd of the frame store
     uint32_t first_frame           # frames [first_frame, next tier's first_frame) live here
@@ -56,6 +57,12 @@ cdef uint32_t stable_tree_search(frame_store *fs, const char *page, uint32_t che
 cdef uint32_t stable_tree_add(frame_store *fs, const char *content, uint32_t checksum,
                               uint16_t node, uint32_t hint) noexcept nogil
 cdef void reclaim_frames(frame_store *fs) noexcept nogil
+cdef uint32_t frame_tile_index(frame_store *fs, uint32_t f) noexcept nogil
+cdef uint32_t tile_start(frame_store *fs, uint32_t f, uint32_t max_page_sharing) noexcept nogil
+cdef uint32_t tile_next(frame_store *fs, uint32_t g, const char *page, uint32_t checksum,
+                        uint16_t node, uint32_t max_page_sharing, uint32_t tile_pages,
+                        size_t run_pages, bint *grow) noexcept nogil
+cdef uint32_t tile_grow(frame_store *fs, uint32_t g, const char *content) noexcept nogil
 cdef void punch_refilled(frame_store *fs, uint32_t lo, uint32_t hi) noexcept nogil
 cdef char *frames_top_view(frame_store *fs) noexcept nogil
 cdef uint32_t frames_high(frame_store *fs) noexcept nogil

@@ -289,6 +289,7 @@ cdef uint32_t stable_tree_add(frame_store *fs, const char *content, uint32_t che
         return NO_FRAME
     fs.frames[f].checksum = checksum
     fs.frames[f].mapcount = 0
+    fs.frames[f].tile_index = 0
     fs.frames_in_use += 1
     stable_tree_insert(fs, f)
     return f
@@ -335,6 +336,134 @@ cdef bint stable_tree_erase(frame_store *fs, uint32_t f) noexcept nogil:
             return True
         link = &fs.frames[link[0]].next
     return False
+
+
+# -- tiles: consecutive frames of one content ---------------------------------
+#
+# A run of arena pages holding one content (NaN, ones, a fill value) would
+# map one frame page after page, and no two of those pages could share a
+# mapping: a run of L pages would cost L mappings. Mapped onto a tile
+# instead, page i of the run onto frame i % tile_pages of the tile, it costs
+# L / tile_pages mappings, for tile_pages frames a content. A tile's frames
+# are ordinary frames, each with its own mapcount, node, stable-tree entry
+# and reclaim; only tile_index ties them together, and it is a hint checked
+# every time it is used (the frame it points at may have been reclaimed and
+# reused for other content since).
+
+cdef uint32_t frame_tile_index(frame_store *fs, uint32_t f) noexcept nogil:
+    PD_ASSERT(f < fs.frame_high, "frame_tile_index: a frame below frame_high")
+    return fs.frames[f].tile_index
+
+
+cdef inline bint takes_one_more(frame_store *fs, uint32_t f, uint32_t checksum, uint16_t node,
+                                uint32_t max_page_sharing) noexcept nogil:
+    """Whether frame f is in use, in the tree of `node`, by its checksum
+    holds the content, and may take one more page."""
+    return (f < fs.frame_high and fs.frames[f].mapcount != 0
+            and fs.frames[f].mapcount < max_page_sharing
+            and fs.frames[f].checksum == checksum and same_tree(fs, fs.frames[f].node, node))
+
+
+cdef uint32_t tile_start(frame_store *fs, uint32_t f, uint32_t max_page_sharing) noexcept nogil:
+    """The first frame of f's tile, if it still holds f's content and may
+    take one more page: a run that starts there maps the tile in as few
+    pieces as it can. Else f."""
+    cdef uint32_t k = fs.frames[f].tile_index, h
+    PD_ASSERT(f < fs.frame_high, "tile_start: a frame below frame_high")
+    if k == 0 or k > f:
+        return f
+    h = f - k
+    if (fs.frames[h].tile_index == 0 and tier_of(fs, h) == tier_of(fs, f)
+            and takes_one_more(fs, h, fs.frames[f].checksum, fs.frames[f].node, max_page_sharing)
+            and memcmp(frame_address(fs, h), frame_address(fs, f), fs.page_size) == 0):
+        return h
+    return f
+
+
+cdef bint slot_free_after(frame_store *fs, uint32_t g) noexcept nogil:
+    """Whether slot g + 1 may become a new frame in g's memfd, right after
+    it: never used or reclaimed (not an orphan waiting for reclaim), above
+    the fork fence, not the first of another tier."""
+    cdef uint32_t h = g + 1
+    cdef size_t i
+    if h >= fs.nslots or h < fs.fork_fence or tier_starts_at(fs, h):
+        return False
+    if h >= fs.frame_high:
+        return True
+    if fs.frames[h].mapcount != 0:
+        return False
+    for i in range(fs.norphans):         # still in the stable tree
+        if fs.orphans[i] == h:
+            return False
+    return True
+
+
+cdef uint32_t tile_next(frame_store *fs, uint32_t g, const char *page, uint32_t checksum,
+                        uint16_t node, uint32_t max_page_sharing, uint32_t tile_pages,
+                        size_t run_pages, bint *grow) noexcept nogil:
+    """The frame for a page holding `page` whose previous page maps (or is
+    to map) frame g, when g holds the same content and ends a run of
+    `run_pages` pages of it: the next frame of g's tile if it exists, else
+    the tile's first frame again (a new mapping). NO_FRAME if neither can
+    take the page. `grow` is set instead when the tile may grow into the
+    next slot (tile_grow): it is free, and the tile would still be no longer
+    than the square root of the run so far. A run of L pages on a tile of T
+    frames costs T frames and L / T mappings, least in sum at T = sqrt(L);
+    so a short run costs few frames, and a long one few mappings."""
+    cdef uint32_t k, h
+    cdef bint can_grow
+    grow[0] = False
+    PD_ASSERT(g < fs.frame_high and tile_pages >= 1, "tile_next: a frame below frame_high")
+    if (tile_pages < 2 or fs.frames[g].checksum != checksum or fs.frames[g].mapcount == 0
+            or not same_tree(fs, fs.frames[g].node, node)):
+        return NO_FRAME
+    k = fs.frames[g].tile_index
+    can_grow = False
+    if k + 1 < tile_pages:
+        h = g + 1
+        if (h < fs.frame_high and takes_one_more(fs, h, checksum, node, max_page_sharing)
+                and fs.frames[h].tile_index == k + 1
+                and memcmp(page, frame_address(fs, h), fs.page_size) == 0):
+            return h
+        can_grow = slot_free_after(fs, g) and memcmp(page, frame_address(fs, g), fs.page_size) == 0
+    grow[0] = can_grow and <size_t>(k + 1) * (k + 1) <= run_pages
+    if grow[0] or k > g:
+        return NO_FRAME
+    h = g - k
+    if tier_of(fs, h) != tier_of(fs, g) or fs.frames[h].tile_index != 0:
+        return NO_FRAME
+    if takes_one_more(fs, h, checksum, node, max_page_sharing):
+        return h if memcmp(page, frame_address(fs, h), fs.page_size) == 0 else NO_FRAME
+    grow[0] = can_grow                  # the first frame is full (max_page_sharing)
+    if can_grow:
+        return NO_FRAME
+    # The tile is as long as it may be and its first frames are full (they
+    # take a page at every wrap, and took more while the tile was short):
+    # start again at its first frame with room, the frames after it being
+    # fuller rarely.
+    while h < g:
+        h += 1
+        if fs.frames[h].tile_index != h - (g - k):
+            return NO_FRAME
+        if takes_one_more(fs, h, checksum, node, max_page_sharing):
+            return h if memcmp(page, frame_address(fs, h), fs.page_size) == 0 else NO_FRAME
+    return NO_FRAME
+
+
+cdef uint32_t tile_grow(frame_store *fs, uint32_t g, const char *content) noexcept nogil:
+    """Frame g + 1, written with `content` (g's), the next frame of g's
+    tile; NO_FRAME if it cannot be written. The caller checked with
+    tile_next() that the slot is free, and set the memory policy for g's
+    node. Its mapcount is 0 until frame_get()."""
+    cdef uint32_t h
+    PD_ASSERT(g < fs.frame_high and fs.frames[g].tile_index + 1 < MAX_TILE_PAGES,
+              "tile_grow: a frame whose tile may grow")
+    h = stable_tree_add(fs, content, fs.frames[g].checksum, fs.frames[g].node, g + 1)
+    if h == NO_FRAME:
+        return NO_FRAME
+    PD_ASSERT(h == g + 1, "tile_grow: the slot after g")
+    fs.frames[h].tile_index = fs.frames[g].tile_index + 1
+    return h
 
 
 # -- reclaim ------------------------------------------------------------------

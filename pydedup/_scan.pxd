@@ -9,6 +9,8 @@ cdef struct scan_state:            # Core.scan: the scan in progress
     uint32_t unstable_mask
     size_t cursor                  # the next page the background scan looks at
     uint32_t last_new_frame        # the frame a scan wrote last
+    size_t run_last                # the last page of the run of one content going on
+    size_t run_pages               # its pages: how long its tile may grow (_frames.pxi tile_next)
     pass_stats stats               # what the background scan in progress did
 
 cdef bint mergeable(const rmap_item *it) noexcept nogil

@@ -71,6 +71,7 @@ cdef int begin_scan(Core c) noexcept nogil:
     c.scan.unstable_mask = mask
     c.scan.cursor = 0
     c.scan.last_new_frame = NO_FRAME
+    c.scan.run_last = NO_PAGE
     return 0
 
 
@@ -175,7 +176,13 @@ cdef void cmp_and_merge_page(Core c, size_t p, bint written, scan_knobs *k,
     if zero and k.use_zero_pages:
         it.flags |= PAGE_TARGET_ZERO
         return
-    f = stable_tree_search(&c.store, page, checksum, it.node, k.max_page_sharing)
+    f = tile_continuation(c, p, page, checksum, k, st)
+    if f == NO_FRAME and k.tile_pages > 1:
+        f = tile_restart(c, p, page, checksum, st)
+    if f == NO_FRAME:
+        f = stable_tree_search(&c.store, page, checksum, it.node, k.max_page_sharing)
+        if f != NO_FRAME:
+            f = tile_start(&c.store, f, k.max_page_sharing)
     if f == NO_FRAME:
         q = unstable_tree_search_insert(c, p)
         if q == NO_PAGE:
@@ -189,7 +196,70 @@ cdef void cmp_and_merge_page(Core c, size_t p, bint written, scan_knobs *k,
             return
         c.scan.last_new_frame = f
         set_target(c, q, f)
+        if q + 1 == p:                  # a run of one content begins: p starts a tile
+            f = tile_continuation(c, p, page, checksum, k, st)
+            if f == NO_FRAME:
+                f = c.scan.last_new_frame
     set_target(c, p, f)
+
+
+cdef uint32_t tile_restart(Core c, size_t p, const char *page, uint32_t checksum,
+                           pass_stats *st) noexcept nogil:
+    """A run of one content that its tile cannot take on (its first frame
+    is full, max_page_sharing, or was reclaimed): page p, holding what page
+    p - 1 maps, begins a new tile on a new frame, which the pages after it
+    grow. The frames of the old tile with room left are found by runs that
+    begin on them (stable_tree_search); taking them here would cost a
+    mapping a page, since their neighbours are full. NO_FRAME if page p - 1
+    maps no frame of p's content."""
+    cdef rmap_item *prev = &c.res.rmap[p - 1] if p > 0 else NULL
+    cdef uint32_t f
+    if prev == NULL or not (prev.flags & PAGE_TARGET or (prev.state == PAGE_MERGED
+                                                         and not prev.flags & PAGE_TARGET)):
+        return NO_FRAME
+    if (frame_mapcount(&c.store, prev.frame) == 0
+            or memcmp(page, frame_address(&c.store, prev.frame), c.res.page_size) != 0
+            or not same_tree(&c.store, frame_node(&c.store, prev.frame), c.res.rmap[p].node)):
+        return NO_FRAME
+    f = new_stable_frame(c, page, checksum, frame_node(&c.store, prev.frame),
+                         c.scan.last_new_frame + 1, st)
+    if f != NO_FRAME:
+        c.scan.last_new_frame = f
+        c.scan.run_last = p
+        c.scan.run_pages += 1
+    return f
+
+
+cdef uint32_t tile_continuation(Core c, size_t p, const char *page, uint32_t checksum,
+                                scan_knobs *k, pass_stats *st) noexcept nogil:
+    """If page p - 1 maps, or is to map, a frame of p's content: the next
+    frame of that frame's tile, grown if need be (_frames.pxi), so that a run
+    of one content maps onto consecutive frames. NO_FRAME otherwise."""
+    cdef rmap_item *prev
+    cdef uint32_t g, f
+    cdef bint grow
+    if p == 0 or k.tile_pages < 2:
+        return NO_FRAME
+    prev = &c.res.rmap[p - 1]
+    if not (prev.flags & PAGE_TARGET or (prev.state == PAGE_MERGED
+                                         and not prev.flags & (PAGE_TARGET | PAGE_UNSTABLE))):
+        return NO_FRAME
+    if c.scan.run_last + 1 != p:
+        c.scan.run_pages = 1            # page p - 1 begins a run
+    g = prev.frame
+    f = tile_next(&c.store, g, page, checksum, c.res.rmap[p].node, k.max_page_sharing,
+                  k.tile_pages, c.scan.run_pages, &grow)
+    if grow:
+        prefer_node(&c.nodes, frame_node(&c.store, g))
+        f = tile_grow(&c.store, g, page)
+        if f != NO_FRAME:
+            st.frames_new += 1
+            st.tile_frames_new += 1
+            c.scan.last_new_frame = f
+    if f != NO_FRAME:
+        c.scan.run_last = p
+        c.scan.run_pages += 1
+    return f
 
 
 cdef int scan_range(Core c, size_t first, size_t end, scan_knobs *k,

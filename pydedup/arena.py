@@ -62,6 +62,8 @@ class Arena:
     max_page_sharing = _Knob[int]()
     merge_across_nodes = _Knob[bool]()
     max_mappings = _Knob[int]()
+    tile_pages = _Knob[int]()
+    kernel_ksm = _Knob[bool]()
     run = _Knob[int]()
     pages_to_scan = _Knob[int]()
     sleep_millisecs = _Knob[int]()
@@ -73,6 +75,7 @@ class Arena:
     def __init__(self, size: int | None = None, **knob_values: Any) -> None:
         self._knobs = knobs.initial(knob_values)
         self._scanner: Scanner | None = None
+        self._ksm_marked = False         # the arena is marked for kernel KSM (kernel_ksm)
         self._allocator: Any = None      # numpy's memory handler for this arena, once asked for
         self._scopes: list[Any] = []     # `with arena:` blocks active (pydedup.allocator._Scope)
         self._warned: set[str] = set()   # fallback reasons a FallbackWarning has named
@@ -342,17 +345,32 @@ class Arena:
         start = time.perf_counter()
         self._flush_allocator_cache()
         with self._locked() as core:
-            st = core.merge(self.use_zero_pages, self.max_page_sharing, self._mapping_budget())
+            st = core.merge(self.use_zero_pages, self.max_page_sharing, self._mapping_budget(),
+                            self.tile_pages)
+            self._advise_kernel_ksm(core)
             self._live().keep_placements()
         report = MergeReport.made_from(dict(st, seconds=time.perf_counter() - start))
         self._publish_first_or_if_due()
         return report
+
+    def _advise_kernel_ksm(self, core: Core) -> None:
+        """kernel_ksm: the arena marked for the kernel's KSM after a pass,
+        again (remaps lay new mappings without the mark); once off, unmarked."""
+        if self.kernel_ksm and procfs.ksm_running():
+            core.advise_kernel_ksm(True)
+            self._ksm_marked = True
+        elif self._ksm_marked and not self.kernel_ksm:
+            core.advise_kernel_ksm(False)
+            self._ksm_marked = False
 
     def unmerge(self) -> UnmergeReport:
         """Every merged and zero page gets its own copy; contents unchanged."""
         start = time.perf_counter()
         with self._locked() as core:
             unmerged = self._unmerge(core, 0, core.high_water)
+            if self._ksm_marked:        # and what kernel KSM merged
+                core.advise_kernel_ksm(False)
+                self._ksm_marked = False
         return UnmergeReport.made_from(dict(pages_unmerged=unmerged,
                                             seconds=time.perf_counter() - start))
 
@@ -363,6 +381,8 @@ class Arena:
         with self._locked() as core:
             core.set_unmergeable(first, n, True)
             self._unmerge(core, first, n)
+            if self._ksm_marked:        # out of kernel KSM too
+                core.advise_kernel_ksm(True)
 
     def mergeable(self, array: npt.NDArray[Any]) -> None:
         """Like MADV_MERGEABLE: undo unmergeable()."""
@@ -394,8 +414,10 @@ class Arena:
         with self._locked() as core:
             # The budget is read once a scan: /proc/self/maps is not free.
             budget = self._mapping_budget() if core.scan_cursor == 0 else 0
-            step, _ = core.scan_batch(self.pages_to_scan, self.use_zero_pages,
-                                      self.max_page_sharing, budget)
+            step, scan_done = core.scan_batch(self.pages_to_scan, self.use_zero_pages,
+                                              self.max_page_sharing, budget, self.tile_pages)
+            if scan_done:
+                self._advise_kernel_ksm(core)
             if step["merged"] or step["zeroed"]:
                 self._live().keep_placements()
         if step["merged"] or step["zeroed"]:
@@ -464,7 +486,8 @@ class Arena:
                 volatile=core.pages_volatile, barrier=core.barrier_name,
                 frame_store_bytes=store.st_blocks * 512,
                 window_pss=procfs.frame_store_pss(self._lo, self._hi, store.st_ino),
-                frames_by_node=core.frames_by_node(),
+                frames_by_node=core.frames_by_node(), **core.tile_counts(),
+                ksm_stat=procfs.ksm_stat(),
                 mappings=procfs.count_mappings(self._lo, self._hi)[1],
                 reserved=self._hi - self._lo, page_size=PAGE_SIZE)
             pss = procfs.smaps_fields(self._lo, self._hi, (b"Pss",))["pss"]

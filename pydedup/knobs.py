@@ -81,6 +81,20 @@ KNOBS = {knob.name: knob for knob in (
          "an integer >= 0", "",
          "Most mappings the arena may hold (vm.max_map_count counts them per "
          "process); merges that would need more are left undone and counted."),
+    Knob("tile_pages", lambda: 256, _integer_at_least(1, 65536), "an integer from 1 to 65536",
+         "",
+         "Longest tile: a run of consecutive pages of one content (NaN, ones, "
+         "a fill value) maps onto up to this many consecutive frames of that "
+         "content, reused every tile_pages pages, so a run of L pages costs "
+         "about L / tile_pages mappings and a content at most tile_pages "
+         "frames. Tiles grow a frame at a time, as runs reach their end. "
+         "1: no tiles (every page of such a run is a mapping of its own)."),
+    Knob("kernel_ksm", lambda: False, _boolean, "True or False (or 1, 0)", "",
+         "Where the kernel's KSM runs (/sys/kernel/mm/ksm/run is 1), mark the "
+         "arena MADV_MERGEABLE after every merge() and background scan, so "
+         "that the kernel merges the pages pydedup left private (the mapping "
+         "budget could not pay them); unmergeable() arrays stay out. "
+         "stats().kernel_ksm_pages counts what it merged. Needs no privilege."),
     Knob("run", lambda: 0, _one_of_integers(0, 1, 2), "0, 1 or 2", "run",
          "The background scanner: 0 stops it, 1 runs it, 2 stops it and "
          "unmerges every page (the arena's pages, not the process's)."),

@@ -13,6 +13,26 @@ def max_map_count() -> int:
         return 65530                      # the kernel's default
 
 
+def ksm_running() -> bool:
+    """Whether the kernel's KSM runs (/sys/kernel/mm/ksm/run is 1)."""
+    try:
+        with open("/sys/kernel/mm/ksm/run") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+def ksm_stat() -> dict:
+    """This process's kernel KSM counters (/proc/self/ksm_stat, Linux 6.1+),
+    {} where the kernel has none."""
+    try:
+        with open("/proc/self/ksm_stat") as f:
+            return {name: int(value) for name, value in (line.split() for line in f)
+                    if value.lstrip("-").isdigit()}
+    except OSError:
+        return {}
+
+
 def count_mappings(lo: int, hi: int):
     """(mappings of the whole process, mappings inside [lo, hi))."""
     total = inside = 0

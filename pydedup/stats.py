@@ -75,6 +75,8 @@ class MergeReport(_Readable):
         "pages newly placed on the kernel zero page", value=_reading("zeroed")))
     frames_new: int = field(metadata=counter(
         "frames written for new shared content", value=_reading("frames_new")))
+    tile_frames_new: int = field(metadata=counter(
+        "of those, frames that grew a tile (`tile_pages`)", value=_reading("tile_frames_new")))
     pages_unshared: int = field(metadata=counter(
         "unique pages: nothing else holds their content", ksm="pages_unshared",
         value=_reading("unshared")))
@@ -125,6 +127,20 @@ def _saved(r: Readings) -> int:
     return int((_sharing(r) + r["zero"]) * r["page_size"])
 
 
+MAPPING_BYTES = 250
+"""The kernel memory one mapping costs, an estimate measured on Linux 6.x
+x86-64 (issue 15): its vm_area_struct (157 bytes of slab), about 24 of
+maple tree nodes, and the rest (anon_vma_chain, file rmap)."""
+
+
+def _mappings_added(r: Readings) -> int:
+    return max(int(r["mappings"]) - 1, 0)
+
+
+def _mapping_bytes(r: Readings) -> int:
+    return _mappings_added(r) * MAPPING_BYTES
+
+
 @dataclass(frozen=True)
 class ArenaStats(_Readable):
     """stats(): the arena's counters, KSM's first, then the arena's own.
@@ -146,8 +162,9 @@ class ArenaStats(_Readable):
         value=_reading("zero")))
     full_scans: int = field(metadata=counter("passes made", ksm="full_scans"))
     general_profit: int = field(metadata=counter(
-        "`(pages_sharing + zero_pages) * page_size - metadata_bytes`", ksm="general_profit",
-        value=lambda r: _saved(r) - r["metadata"]))
+        "`(pages_sharing + zero_pages) * page_size - metadata_bytes - mapping_bytes`: as "
+        "KSM's subtracts its rmap items, the kernel memory of the mappings merging added",
+        ksm="general_profit", value=lambda r: _saved(r) - r["metadata"] - _mapping_bytes(r)))
     pages_in_use: int = field(metadata=counter("pages of live arrays", value=_reading("pages")))
     pages_private: int = field(metadata=counter(
         "of those, with their own content or none yet", value=_reading("private")))
@@ -159,6 +176,14 @@ class ArenaStats(_Readable):
         "`pages_in_use * page_size`", value=lambda r: r["pages"] * r["page_size"]))
     frames_in_use: int = field(metadata=counter(
         "equal to `pages_shared`", value=_reading("frames")))
+    tiles: int = field(metadata=counter(
+        "tiles in use: runs of consecutive frames of one content that runs of pages of that "
+        "content map (`tile_pages`); their frames count in `pages_shared`"))
+    tile_frames: int = field(metadata=counter("frames in use of those tiles"))
+    kernel_ksm_pages: int = field(metadata=counter(
+        "pages of this process the kernel's KSM merged (`ksm_merging_pages` of "
+        "`/proc/self/ksm_stat`; with `kernel_ksm`, what pydedup left to it), 0 where the "
+        "kernel does not say", value=lambda r: r["ksm_stat"].get("ksm_merging_pages", 0)))
     frame_store_bytes: int = field(metadata=counter(
         "memory the frame store holds (allocated blocks of the memfd this process writes new "
         "frames to; after a fork, frames inherited from the parent count in the parent's)"))
@@ -166,6 +191,13 @@ class ArenaStats(_Readable):
         "memory of the records and trees: 12 bytes a page up to the highest page used, "
         "16 a frame slot, 4 a stable-tree bucket", value=_reading("metadata")))
     mappings: int = field(metadata=counter("kernel mappings inside the arena's range"))
+    mappings_added: int = field(metadata=counter(
+        "of those, the ones merging cut the range into: `mappings - 1` (the reservation is "
+        "one mapping)", value=_mappings_added))
+    mapping_bytes: int = field(metadata=counter(
+        "kernel memory of `mappings_added`, estimated at `MAPPING_BYTES` (250) each: a "
+        "`vm_area_struct` (about 160 bytes of its slab), maple tree nodes and the rest",
+        value=_mapping_bytes))
     pss_bytes: int = field(metadata=counter(
         "PSS of the arena's mappings, from `/proc/self/smaps` (a frame counts in each mapping "
         "that maps it, by its share)", value=_reading("pss")))

@@ -17,7 +17,9 @@ FIGURES = {"seconds", "cpu_seconds", "pss_before", "pss_after", "saved_over_theo
 
 
 def page_rows(workload):
-    return np.concatenate([a.reshape(-1, PAGE_FLOATS) for a in workload.arrays])
+    """Every whole page of the workload's arrays (a last partial page left out)."""
+    return np.concatenate([a[:a.size // PAGE_FLOATS * PAGE_FLOATS].reshape(-1, PAGE_FLOATS)
+                           for a in workload.arrays])
 
 
 def test_parse_size():
@@ -51,7 +53,50 @@ def test_structured_workload_duplicates_whole_arrays():
     assert all(np.array_equal(sources, c) for c in copies)
 
 
-@pytest.mark.parametrize("name", ["structured", "scattered"])
+def runs_of_equal_pages(pages):
+    """Lengths of the runs of consecutive equal pages."""
+    bits = pages.view(np.uint64)                # NaN equals NaN, bit for bit
+    same = np.all(bits[1:] == bits[:-1], axis=1)
+    runs, n = [], 1
+    for s in same:
+        if s:
+            n += 1
+        else:
+            runs.append(n)
+            n = 1
+    return runs + [n]
+
+
+def test_filled_workload_repeats_fills_within_arrays():
+    w = workloads.filled(np.empty, 16 << 20, np.random.default_rng(1))
+    nan, ones, sentinel, mixed = w.arrays
+    assert np.isnan(nan).all() and (ones == 1.0).all() and (sentinel == -9999.0).all()
+    assert nan.nbytes == 2 * ones.nbytes == 2 * sentinel.nbytes == mixed.nbytes // 2
+    filled_share = np.isnan(mixed).mean() + (mixed == -9999.0).mean()
+    assert 0.3 < filled_share < 1 and np.isnan(mixed).any() and (mixed == -9999.0).any()
+    runs = runs_of_equal_pages(mixed.reshape(-1, PAGE_FLOATS))
+    assert max(runs) > 64 and len(runs) > 8               # runs inside, between random pages
+    pages = np.ascontiguousarray(page_rows(w)).view(np.uint8).reshape(-1, PAGE)
+    distinct = len({row.tobytes() for row in pages})
+    assert w.theoretical_saved == (len(pages) - distinct) * PAGE   # no zero page here
+
+
+def test_dataframe_workload_is_column_blocks_and_a_copy():
+    w = workloads.dataframe(np.empty, 16 << 20, np.random.default_rng(1))
+    block, copy = w.arrays
+    assert np.array_equal(block, copy, equal_nan=True)
+    columns = block.reshape(100, -1)
+    kinds = [("zero" if not c.any() else "nan" if np.isnan(c).all()
+              else "constant" if (c == c[0]).all() else "random") for c in columns]
+    assert [kinds.count(k) for k, _ in workloads.COLUMNS] == [n for _, n in workloads.COLUMNS]
+    assert columns.shape[1] % PAGE_FLOATS                  # columns cross page boundaries
+    pages = page_rows(w)
+    nonzero = pages[pages.any(axis=1)]
+    distinct = len({row.tobytes() for row in nonzero})
+    assert w.theoretical_saved == (len(pages) - distinct) * PAGE
+
+
+@pytest.mark.parametrize("name", ["structured", "scattered", "filled", "dataframe"])
 def test_pages_whose_first_write_is_timed_are_duplicated(name):
     w = workloads.WORKLOADS[name](np.empty, 16 << 20, np.random.default_rng(1))
     pages = page_rows(w)
@@ -59,7 +104,8 @@ def test_pages_whose_first_write_is_timed_are_duplicated(name):
     for row in pages:
         counts[row.tobytes()] += 1
     for index, offsets in w.write_sample:
-        sample = w.arrays[index].reshape(-1, PAGE_FLOATS)[offsets // PAGE]
+        a = w.arrays[index]
+        sample = a[:a.size // PAGE_FLOATS * PAGE_FLOATS].reshape(-1, PAGE_FLOATS)[offsets // PAGE]
         assert all(counts[row.tobytes()] > 1 for row in sample)
 
 
@@ -70,9 +116,9 @@ def run_bench(tmp_path, *args):
         return result, json.load(f), out
 
 
-def test_bench_figures_and_ratios_for_both_workloads(tmp_path, capsys):
+def test_bench_figures_and_ratios_for_every_workload(tmp_path, capsys):
     result, saved, out = run_bench(tmp_path, "--methods", "numpy,merge,background", "--no-plot")
-    assert set(saved["workloads"]) == {"structured", "scattered"}
+    assert set(saved["workloads"]) == {"structured", "scattered", "filled", "dataframe"}
     assert saved["machine"]["kernel"] and saved["command"].startswith("python -m pydedup bench")
     for name, figures in saved["workloads"].items():
         rows = figures["rows"]

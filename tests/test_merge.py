@@ -98,6 +98,7 @@ def test_pages_never_written_are_left_alone(arena):
 
 def test_use_zero_pages_off_merges_zeros_into_one_frame(arena):
     arena.use_zero_pages = False
+    arena.tile_pages = 1                # no tiles: test_tiles.py has the run on a tile
     a = arena.zeros(16 * PAGE_FLOATS)
     a[:] = 0.0
     report = arena.merge()
@@ -112,6 +113,7 @@ def test_zero_frames_are_shared_only_within_a_colour(arena, colours):
     virtual page number modulo zero_page_colours), as coloured zero pages do."""
     arena.use_zero_pages = False
     arena.zero_page_colours = colours
+    arena.tile_pages = 1                # one frame a colour, not a tile
     z = arena.zeros(64 * PAGE_FLOATS)
     z[:] = 0.0
     report = arena.merge()

@@ -127,6 +127,7 @@ def test_zero_frames_are_per_node_with_use_zero_pages_off(two_nodes):
     arena.merge_across_nodes = False
     arena.use_zero_pages = False
     arena.zero_page_colours = 1
+    arena.tile_pages = 1                # one frame a node, not a tile
     zeros = [arena.zeros((4, PAGE_FLOATS), node=node) for node in (0, 1)]
     for z in zeros:
         z[:] = 0.0

@@ -31,6 +31,7 @@ pytestmark = pytest.mark.slow   # the state machine: a minute or two (docs/testi
 ARENA_BYTES = 128 << 20
 MAX_ARRAYS = 10
 MAX_PAGES = 24                       # of an ordinary array
+FILL_PAGES = 160                     # of a constant fill: runs that grow tiles
 HUGE_PAGES = 1024                    # 4 MiB of 4 KiB pages, a few of them written
 UFFD = pydedup.features()["userfaultfd"]
 
@@ -137,6 +138,16 @@ class ArenaMachine(RuleBasedStateMachine):
                 array = self.arena.empty_like(content, order=order)
             else:
                 array = self.arena.full_like(content, 3, order=order)
+        self.keep(array)
+
+    @precondition(lambda self: len(self.entries) < MAX_ARRAYS)
+    @rule(pages=st.integers(2, FILL_PAGES), value=st.sampled_from([np.nan, 1.0, -9999.0, 0.0]),
+          masked=st.integers(0, FILL_PAGES))
+    def allocate_a_constant_fill(self, pages, value, masked):
+        """A long run of one content (NaN, ones, a fill value), maybe with a
+        stretch of other content inside: the runs tiles are made for."""
+        array = self.arena.full(pages * PAGE // 8, value)
+        array[masked * PAGE // 8:(masked + 3) * PAGE // 8 + 5] = 0.25
         self.keep(array)
 
     @precondition(lambda self: len(self.entries) < MAX_ARRAYS)
@@ -284,7 +295,7 @@ class ArenaMachine(RuleBasedStateMachine):
         assert getattr(self.arena, name) == value
 
     @rule(name=st.sampled_from(["max_page_sharing", "zero_page_colours", "max_mappings",
-                                "pages_to_scan", "sleep_millisecs"]),
+                                "pages_to_scan", "sleep_millisecs", "tile_pages"]),
           value=st.sampled_from([1, 2, 3, 8, 64, 1000]))
     def set_a_number(self, name, value):
         try:

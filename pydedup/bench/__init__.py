@@ -88,7 +88,7 @@ def main(argv=None):
     parser.add_argument("--size", default="1GiB", type=_workload_size,
                         help="bytes of each workload, e.g. 64MiB, 1GiB (default 1GiB)")
     parser.add_argument("--workload", choices=[*workloads.WORKLOADS, "all"], default="all",
-                        help="structured, scattered or all (default)")
+                        help="structured, scattered, filled, dataframe or all (default)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma-separated, of: {', '.join(methods.METHODS)} "
                              f"(default: {','.join(DEFAULT_METHODS)})")

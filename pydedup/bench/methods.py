@@ -186,6 +186,31 @@ def _kernel_ksm(build, size, knobs):
         return row
 
 
+@method("merge+ksm", "pydedup Arena.merge() with kernel_ksm on, then kernel KSM at 10,000 "
+                    "pages / 0 ms over what the mapping budget left (root)")
+def pydedup_merge_then_kernel_ksm(build, size):
+    with _arena(size, kernel_ksm=True) as arena:
+        workload = build(lambda n: arena.empty(n))
+        fault_in(workload.arrays)
+        before = procfs.process_pss()
+        with ksm.KernelKSM(**KSM_FAST) as kernel:
+            kernel.set(run=1)
+            with PssSampler() as sampler:
+                cpu0 = time.thread_time()
+                report = arena.merge()
+                cpu = time.thread_time() - cpu0
+                result = kernel.merge(pss_interval=None)      # what is marked: the arena
+            stats = arena.stats()
+            ksm_cpu = result.cpu_seconds
+            row = _row(workload, before, sampler, report.seconds + result.seconds,
+                       None if ksm_cpu is None else cpu + ksm_cpu,
+                       stats.metadata_bytes / stats.pages_in_use, {
+                           "mappings": stats.mappings, "pages_skipped": report.skipped,
+                           "kernel_ksm_pages": stats.kernel_ksm_pages})
+            arena.unmerge()
+        return row
+
+
 KSM_FAST = dict(pages_to_scan=10_000, sleep_millisecs=0, use_zero_pages=1)
 KSM_DEFAULT = dict(pages_to_scan=100, sleep_millisecs=20, use_zero_pages=1)
 
@@ -202,4 +227,4 @@ def kernel_ksm_default(build, size):
 
 def skip_reason(name):
     """Why a method cannot run here, or None."""
-    return ksm.available() if name.startswith("ksm") else None
+    return ksm.available() if "ksm" in name else None

@@ -7,7 +7,16 @@ structured  half arrays written with zeros (resident, as after use), a quarter
 scattered   one array, page by page in shuffled order: 50% written zero
             pages, 25% copies of 1,024 distinct random pages, 25% unique
             random pages; the mix kernel KSM is usually measured with.
+filled      content repeated within arrays: a quarter NaN, an eighth ones, an
+            eighth a sentinel fill value (-9999), each as a whole array; half
+            one array of random data broken by runs of NaN and of the sentinel
+            (1 to 1,024 pages each, not page-aligned), as missing values and
+            masks leave them.
+dataframe   two consolidated float64 blocks of 100 columns, as pandas keeps a
+            DataFrame and its copy(): 40 zero, 25 NaN, 15 constant (five
+            values) and 20 random columns, columns not page-aligned.
 """
+import hashlib
 import time
 from dataclasses import dataclass
 
@@ -95,7 +104,73 @@ def scattered(alloc, size, rng) -> Workload:
     return Workload("scattered", [data], data.nbytes - minimum, [(0, picked * PAGE)])
 
 
-WORKLOADS = {"structured": structured, "scattered": scattered}
+FILLS = (np.nan, 1.0, -9999.0)   # filled: what a whole array holds
+RUN_FILLS = (np.nan, -9999.0)    # filled: the runs inside the random array
+
+
+def filled(alloc, size, rng) -> Workload:
+    quarter = max(size // 4 // PAGE, 4) * PAGE_FLOATS
+    arrays = [alloc(quarter), alloc(quarter // 2), alloc(quarter // 2)]
+    for a, value in zip(arrays, FILLS):
+        a.fill(value)
+    runs = alloc(2 * quarter)
+    rng.random(out=runs)
+    at = int(rng.integers(0, PAGE_FLOATS))
+    while at < runs.size:
+        length = int(rng.integers(1, 1025)) * PAGE_FLOATS + int(rng.integers(0, PAGE_FLOATS))
+        runs[at:at + length] = RUN_FILLS[int(rng.integers(0, len(RUN_FILLS)))]
+        at += length + int(rng.integers(1, 257)) * PAGE_FLOATS
+    arrays.append(runs)
+    sample = [(0, _spread(arrays[0].nbytes // PAGE, SAMPLE_PAGES))]
+    return Workload("filled", arrays, theoretical_saved(arrays), sample)
+
+
+COLUMNS = (("zero", 40), ("nan", 25), ("constant", 15), ("random", 20))
+CONSTANTS = (1.0, -1.0, 100.0, 0.5, -9999.0)
+
+
+def dataframe(alloc, size, rng) -> Workload:
+    ncols = sum(n for _, n in COLUMNS)
+    nrows = max(size // 2 // 8 // ncols, PAGE_FLOATS) + PAGE_FLOATS // 3   # columns cross pages
+    block = alloc(ncols * nrows).reshape(ncols, nrows)   # pandas: one row a column
+    col = 0
+    for kind, count in COLUMNS:
+        for i in range(count):
+            if kind == "zero":
+                block[col] = 0.0
+            elif kind == "nan":
+                block[col] = np.nan
+            elif kind == "constant":
+                block[col] = CONSTANTS[i % len(CONSTANTS)]
+            else:
+                rng.random(out=block[col])
+            col += 1
+    copy = alloc(block.size)
+    copy[:] = block.reshape(-1)
+    arrays = [block.reshape(-1), copy]
+    sample = [(1, _spread(copy.nbytes // PAGE, SAMPLE_PAGES))]
+    return Workload("dataframe", arrays, theoretical_saved(arrays), sample)
+
+
+def theoretical_saved(arrays) -> int:
+    """Bytes merging saves at most: every page but one of each content, and
+    every zero page (the kernel zero page costs nothing). Only whole pages
+    count: arrays start on a page, and a last partial page is left out."""
+    seen: set[bytes] = set()
+    pages = 0
+    for a in arrays:
+        rows = a.view(np.uint8)[:a.nbytes // PAGE * PAGE].reshape(-1, PAGE)
+        for lo in range(0, len(rows), CHUNK):
+            chunk = rows[lo:lo + CHUNK]
+            pages += len(chunk)
+            zero = ~chunk.view(np.uint64).any(axis=1)
+            seen.update(hashlib.blake2b(row.tobytes(), digest_size=16).digest()
+                        for row in chunk[~zero])
+    return (pages - len(seen)) * PAGE
+
+
+WORKLOADS = {"structured": structured, "scattered": scattered, "filled": filled,
+             "dataframe": dataframe}
 
 
 def _spread(npages, n):
