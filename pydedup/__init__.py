@@ -14,9 +14,10 @@ from pydedup.arena import Arena
 from pydedup.allocator import FallbackWarning, arena, install, installed_arena, uninstall
 from pydedup.knobs import KNOBS
 from pydedup.stats import ArenaStats, ArrayStats, MergeReport, UnmergeReport
+from pydedup.workers import worker_init
 
 __all__ = ["Arena", "ArenaStats", "ArrayStats", "FallbackWarning", "KNOBS", "MergeReport",
-           "UnmergeReport", "arena", "features", "install", "installed_arena", "uninstall"]
+           "UnmergeReport", "arena", "features", "install", "installed_arena", "uninstall", "worker_init"]
 __version__ = "0.1.0"
 
 
