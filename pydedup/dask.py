@@ -41,7 +41,7 @@ from pydedup import procfs, workers
 from pydedup._handler import set_handler
 from pydedup.allocator import installed_arena
 
-logger = logging.getLogger("pydedup")
+logger = logging.getLogger("distributed.pydedup")   # in the worker's log, as configured by Dask
 
 METRICS_INTERVAL = 10.0           # seconds: the worker metric's counters are at most this old
 
@@ -167,11 +167,14 @@ def _terminate_check(nanny: Any, meters: dict[int, workers.PssMeter]) -> None:
     if pid not in meters:
         meters.clear()
         meters[pid] = workers.PssMeter(pid)
+    limit = manager.memory_limit * manager.memory_terminate_fraction
     try:
         memory = meters[pid]()
+        if memory > limit:                    # an estimate between readings: confirm
+            memory = meters[pid].read_pss()
     except OSError:                           # the worker has just ended
         return
-    if memory / manager.memory_limit <= manager.memory_terminate_fraction:
+    if memory <= limit:
         return
     nanny_logger = logging.getLogger("distributed.nanny.memory")
     if manager._last_terminated_pid != pid:

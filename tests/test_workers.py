@@ -1,6 +1,7 @@
 """pydedup.worker_init() in the stdlib's and joblib's process pools, and in a
 process where pydedup cannot work. Real pools, real processes."""
 import concurrent.futures
+import importlib
 import multiprocessing
 import os
 import subprocess
@@ -19,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def need(module):
     """Import `module`, or skip (a failure in CI, which installs the test extra)."""
     try:
-        return __import__(module)
+        return importlib.import_module(module)
     except ImportError:
         if os.environ.get("CI"):
             pytest.fail(f"{module} is not installed (pip install -e '.[test]')")
