@@ -35,6 +35,8 @@ _lock = threading.Lock()
 _failed: str | None = None        # why worker_init() runs this process plain, once said
 _pid: int | None = None           # the process worker_init() installed the arena in
 
+DROP_FRACTION = 16                # PssMeter reads PSS again when RSS fell by 1/16 since the last
+
 
 def worker_init(**knob_values: Any) -> Arena | None:
     """Install an arena for this worker process (knobs: keyword arguments,
@@ -95,8 +97,14 @@ class PssMeter:
     between it returns the last PSS
     plus the growth of RSS since then (statm: microseconds). Growth thus
     counts at once, as with RSS; what merging saved counts from the next
-    PSS reading on. When PSS cannot be read (another user's process, no
-    smaps_rollup), it returns RSS and says so once."""
+    PSS reading on. A page freed lowers PSS by at most what it lowers RSS
+    (less when it mapped a shared frame), so a small drop of RSS leaves the
+    last PSS as the value, and a drop of more than 1/DROP_FRACTION of RSS
+    (data spilled or freed: Dask's memory manager asks again after each key
+    it spills) takes a new reading: the value is never less than PSS but
+    for what other processes sharing its frames did since the last reading.
+    When PSS cannot be read (another user's process, no smaps_rollup), it
+    returns RSS and says so once."""
 
     def __init__(self, pid: int | None = None, *, cost_share: float = 0.02,
                  min_interval: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
@@ -120,9 +128,9 @@ class PssMeter:
             if self.failed is not None:
                 return rss
             now = self._clock()
-            if now < self._next:
-                return max(0, self._pss + rss - self._rss_then)
-            return self._read_pss()
+            if now >= self._next or rss < self._rss_then - self._rss_then // DROP_FRACTION:
+                return self._read_pss()
+            return self._pss + max(0, rss - self._rss_then)
 
     def read_pss(self) -> int:
         """Read PSS now (whatever the pace), and return it."""

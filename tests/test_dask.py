@@ -185,13 +185,16 @@ def test_without_the_preload_dask_is_plain():
 
 
 def test_dask_worker_process_with_the_preload_flags(tmp_path):
-    with LocalCluster(n_workers=0, processes=True, dashboard_address=None) as c, Client(c) as client:
+    log = tmp_path / "worker.log"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(    # the tasks' functions are this module's
+        [os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH", "")]))
+    with LocalCluster(n_workers=0, processes=True, dashboard_address=None) as c, Client(c) as client, \
+            open(log, "w") as output:
         worker = subprocess.Popen(
             [sys.executable, "-m", "distributed.cli.dask_worker", c.scheduler_address,
              "--nworkers", "1", "--nthreads", "1", "--no-dashboard", "--memory-limit", "2GiB",
-             "--preload", "pydedup.dask", "--preload-nanny", "pydedup.dask",
-             "--local-directory", str(tmp_path)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             "--preload", "pydedup.dask", "--preload-nanny", "pydedup.dask"],
+            stdout=output, stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
         try:
             client.wait_for_workers(1, timeout=60)
             in_arena, _, _, a = client.submit(made_in_task, 11, pure=False).result(timeout=60)
@@ -201,13 +204,13 @@ def test_dask_worker_process_with_the_preload_flags(tmp_path):
             [meter] = client.run(lambda dask_worker: type(dask_worker.monitor.get_process_memory)
                                  .__name__).values()
             assert meter == "PssMeter"
-            [check] = client.run(lambda dask_nanny: dask_nanny.periodic_callbacks["memory_monitor"]
+            [check] = client.run(lambda dask_worker: dask_worker.periodic_callbacks["memory_monitor"]
                                  .callback.func.__name__, nanny=True).values()
             assert check == "_terminate_check"
         finally:
             worker.terminate()
-            output = worker.communicate(timeout=60)[0].decode()
-        assert "pydedup: worker" in output and "allocates in an arena" in output, output
+            worker.wait(timeout=60)
+    assert "allocates in an arena, reporting memory as PSS" in log.read_text()
 
 
 def test_preload_on_a_scheduler_is_refused():

@@ -152,7 +152,8 @@ def test_where_pydedup_cannot_work_it_logs_once_and_runs_plain():
 
 def test_pss_meter_reads_pss_at_its_pace():
     """The meter's value is PSS when it reads it, and last PSS plus RSS growth
-    in between; a time source the test drives says when."""
+    in between; a big drop of RSS, or its pace (a time source the test
+    drives), takes a new reading."""
     now = [0.0]
     meter = pydedup.workers.PssMeter(min_interval=10.0, clock=lambda: now[0])
     first = meter()
@@ -162,10 +163,15 @@ def test_pss_meter_reads_pss_at_its_pace():
     estimate = meter()
     assert meter.pss_readings == 1
     assert abs(estimate - procfs.process_pss()) < 8 << 20
-    now[0] = 11.0
+    now[0] = 11.0                                 # its pace: read again
     meter()
     assert meter.pss_readings == 2
-    del grown
+    del grown                                     # RSS drops by more than 1/16: read again
+    after = meter()
+    assert meter.pss_readings == 3
+    assert abs(after - procfs.process_pss()) < 8 << 20
+    meter()
+    assert meter.pss_readings == 3
     with pytest.raises(ValueError, match="cost_share"):
         pydedup.workers.PssMeter(cost_share=0)
 
