@@ -35,8 +35,20 @@ def cluster(n_workers=2, **kwargs):
                         dashboard_address=None, worker_dashboard_address=None, **kwargs)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def environment():
+    """A Nanny in this process writes distributed.nanny.pre-spawn-environ
+    (MALLOC_TRIM_THRESHOLD_, OMP_NUM_THREADS, ...) into os.environ for the
+    worker it spawns; later tests' subprocesses must not inherit it (glibc
+    then maps big allocations one by one: tests at the mapping limit fail)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="module")
-def client():
+def client(environment):
     with dask.config.set({"pydedup.sleep-millisecs": 77, "pydedup.pages_to_scan": 4096}):
         with cluster(**PRELOAD) as c, Client(c) as client:
             yield client
