@@ -1,6 +1,7 @@
 """pydedup.dask, the preload, in real clusters on loopback: LocalCluster
 with worker processes, and a `dask worker` process started with the preload
 flags. Skipped without distributed (a failure in CI, which installs it)."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -13,11 +14,31 @@ from test_workers import need
 import pydedup
 from pydedup import procfs, testing
 
-need("distributed")
-import dask.config  # noqa: E402
-from distributed import Client, LocalCluster  # noqa: E402
+# Found, not imported: importing distributed at collection would put its
+# hundred MiB in the heap of every test of the run (some measure process PSS).
+if importlib.util.find_spec("distributed") is None:
+    need("distributed")
 
-import pydedup.dask  # noqa: E402
+
+def Client(*args, **kwargs):
+    from distributed import Client
+    return Client(*args, **kwargs)
+
+
+def LocalCluster(*args, **kwargs):
+    from distributed import LocalCluster
+    return LocalCluster(*args, **kwargs)
+
+
+def config_set(values):
+    import dask.config
+    return dask.config.set(values)
+
+
+def dask_stats():
+    """pydedup.dask.stats, run in a worker."""
+    import pydedup.dask
+    return pydedup.dask.stats()
 
 MiB = 1 << 20
 PRELOAD = dict(preload=["pydedup.dask"], preload_nanny=["pydedup.dask"])
@@ -49,7 +70,7 @@ def environment():
 
 @pytest.fixture(scope="module")
 def client(environment):
-    with dask.config.set({"pydedup.sleep-millisecs": 77, "pydedup.pages_to_scan": 4096}):
+    with config_set({"pydedup.sleep-millisecs": 77, "pydedup.pages_to_scan": 4096}):
         with cluster(**PRELOAD) as c, Client(c) as client:
             yield client
 
@@ -122,7 +143,7 @@ def test_scheduler_sees_the_workers_pss(client):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             seen = client.scheduler_info()["workers"][worker]["metrics"]["memory"]
-            counters = client.run(pydedup.dask.stats, workers=[worker])[worker]
+            counters = client.run(dask_stats, workers=[worker])[worker]
             pss, rss = counters["process_pss_bytes"], counters["process_rss_bytes"]
             if abs(seen - pss) <= TOLERANCE:
                 break
@@ -139,7 +160,7 @@ def test_scheduler_sees_the_workers_pss(client):
 
 
 def test_stats_from_the_client(client):
-    counters = client.run(pydedup.dask.stats)
+    counters = client.run(dask_stats)
     assert len(counters) == 2
     for c in counters.values():
         assert c["installed"] and c["reason"] is None
@@ -173,7 +194,7 @@ def test_worker_over_its_limit_by_rss_but_not_pss(terminate_by_pss):
     (the same task, the worker is killed: the test can tell the two apart)."""
     limit = 600 * MiB
     kwargs = PRELOAD if terminate_by_pss else dict(preload=["pydedup.dask"])
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+    with config_set({"distributed.scheduler.allowed-failures": 0}):
         with cluster(1, memory_limit=limit, **kwargs) as c, Client(c) as client:
             [before] = client.run(os.getpid).values()
             future = client.submit(over_by_rss, 128, 4, 3.0, pure=False)
@@ -211,7 +232,7 @@ def test_dask_worker_process_with_the_preload_flags(tmp_path):
             client.wait_for_workers(1, timeout=60)
             in_arena, _, _, a = client.submit(made_in_task, 11, pure=False).result(timeout=60)
             assert in_arena and np.array_equal(a, np.random.default_rng(11).random((256, 256)))
-            [counters] = client.run(pydedup.dask.stats).values()
+            [counters] = client.run(dask_stats).values()
             assert counters["installed"]
             [meter] = client.run(lambda dask_worker: type(dask_worker.monitor.get_process_memory)
                                  .__name__).values()
@@ -226,5 +247,6 @@ def test_dask_worker_process_with_the_preload_flags(tmp_path):
 
 
 def test_preload_on_a_scheduler_is_refused():
+    import pydedup.dask
     with pytest.raises(TypeError, match="workers and nannies"):
         pydedup.dask.dask_setup(object())
