@@ -9,6 +9,8 @@
         m = np.zeros((20_000, 20_000))
     arena.merge()                        # the arena outlives the block; close() ends it
 """
+from typing import Any
+
 from pydedup.arena import Arena
 # After the submodule pydedup.arena: the name pydedup.arena is the function.
 from pydedup.allocator import FallbackWarning, arena, install, installed_arena, uninstall
@@ -16,8 +18,16 @@ from pydedup.knobs import KNOBS
 from pydedup.stats import ArenaStats, ArrayStats, MergeReport, UnmergeReport
 
 __all__ = ["Arena", "ArenaStats", "ArrayStats", "FallbackWarning", "KNOBS", "MergeReport",
-           "UnmergeReport", "arena", "features", "install", "installed_arena", "uninstall"]
+           "UnmergeReport", "arena", "features", "install", "installed_arena", "uninstall", "worker_init"]
 __version__ = "0.1.0"
+
+
+def worker_init(**knob_values: Any) -> Arena | None:
+    """Install an arena for this worker process of a pool, the background
+    scanner on; see pydedup.workers.worker_init. (Imported when called: the
+    module and its logging stay out of processes that never use a pool.)"""
+    from pydedup.workers import worker_init as init
+    return init(**knob_values)
 
 
 def features() -> dict:
