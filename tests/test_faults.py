@@ -186,9 +186,11 @@ def test_the_mapping_limit_reached_by_other_code_after_the_merge():
     for step in ("merge", "unmerge", "stats", "free_at_limit", "free_after", "invariants",
                  "invariants_end"):
         error = out[step].get("error")
-        # At the limit a call may fail, but only saying so (ENOMEM), never
-        # with a broken arena or a lost value.
-        assert error is None or "Cannot allocate memory" in error, (step, out)
+        # At the limit a call may fail, but only saying so (ENOMEM, or
+        # Python's MemoryError when its own allocator needs a mapping: stats()
+        # reads all of /proc/self/smaps), never with a broken arena or a lost value.
+        assert error is None or "Cannot allocate memory" in error or error.startswith("MemoryError"), \
+            (step, out)
     assert "error" not in out["invariants"] and "error" not in out["invariants_end"], out
     # Pages the kernel would not remap at the limit wait in the queue; they
     # go once the other code lets go of its mappings.
