@@ -58,10 +58,8 @@ def arena(existing: Arena | None = None, *, merge: bool = False,
     scope = _Scope(ar)
     try:
         yield ar
-    except BaseException:
+    finally:
         scope.end(stacklevel=4)
-        raise
-    scope.end(stacklevel=4)
     if merge:
         ar.merge()
 

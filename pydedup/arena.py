@@ -70,7 +70,7 @@ class Arena:
     track_writes = _Knob[bool]()
     barrier = _Knob[str]()
     alloc_threshold = _Knob[int]()
-    alloc_cache = _Knob[int]()
+    alloc_cache = _Knob[Union[int, str]]()    # bytes, or "auto"
 
     def __init__(self, size: int | None = None, **knob_values: Any) -> None:
         self._knobs = knobs.initial(knob_values)
