@@ -141,8 +141,8 @@ class Arena:
     def __enter__(self: A) -> A:
         """Like pydedup.arena(self): numpy's allocations in the block (and in
         threads started in it) go to this arena. The block's end does not
-        close the arena: it lives while you or its arrays hold it; close()
-        ends it."""
+        close the arena: it lives while you hold it (its arrays keep its
+        memory, not the Arena object); close() ends it."""
         from pydedup.allocator import _Scope
         scope = _Scope(self)
         self._scopes.append(scope)
