@@ -153,6 +153,7 @@ cdef struct pass_stats:            # what one merge pass did
     double refresh_cpu_seconds     # CPU time of each phase, every thread's
     double decide_cpu_seconds
     double apply_cpu_seconds
+    double helper_cpu_seconds      # of those, the threads' other than the caller's
 
 cdef class Core                    # below, once the records of its parts are known
 

@@ -151,6 +151,7 @@ cdef uint8_t *match_run_ahead(Core c, size_t first, size_t n, run_kind kind,
     compared one by one, for one thread, a short run, or no memory. The
     barrier holds the run, so the answers hold until its remap."""
     cdef pd_match_job job
+    cdef double cpu
     if st.threads < 2 or n < MATCH_AHEAD_PAGES:
         return NULL
     job.match = <uint8_t *>malloc(n)
@@ -160,7 +161,9 @@ cdef uint8_t *match_run_ahead(Core c, size_t first, size_t n, run_kind kind,
     job.frames = frame_address(&c.store, c.res.rmap[first].frame) if kind == RUN_FRAMES else NULL
     job.page_size = c.res.page_size
     job.n = n
-    st.apply_cpu_seconds += pd_match_pages(&job, st.threads)
+    cpu = pd_match_pages(&job, st.threads)
+    st.apply_cpu_seconds += cpu
+    st.helper_cpu_seconds += cpu
     return job.match
 
 

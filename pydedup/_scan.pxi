@@ -324,6 +324,7 @@ cdef void hash_chunk_ahead(Core c, size_t first, size_t n, const uint8_t *cats,
     after this is hashed again by the scan itself.)"""
     cdef uint8_t *flags = <uint8_t *>malloc(n)
     cdef size_t i
+    cdef double cpu
     cdef rmap_item *it
     if flags == NULL:
         return                          # the scan hashes each page itself
@@ -331,7 +332,9 @@ cdef void hash_chunk_ahead(Core c, size_t first, size_t n, const uint8_t *cats,
         it = &c.res.rmap[first + i]
         flags[i] = (mergeable(it) and holds_own_memory(cats[i])
                     and (cats[i] & PD_PAGE_IS_WRITTEN != 0 or not it.flags & PAGE_CHECKSUMMED))
-    st.decide_cpu_seconds += hash_ahead(&c.scan.ahead, &c.res, c.xxh3, first, n, flags, k.threads)
+    cpu = hash_ahead(&c.scan.ahead, &c.res, c.xxh3, first, n, flags, k.threads)
+    st.decide_cpu_seconds += cpu
+    st.helper_cpu_seconds += cpu
     free(flags)
 
 

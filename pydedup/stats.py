@@ -107,6 +107,8 @@ class MergeReport(_Readable):
         "CPU seconds of each phase, every thread's: `refresh`, `decide`, `apply`",
         value=lambda r: {phase: round(r[f"{phase}_cpu_seconds"], 6)
                          for phase in ("refresh", "decide", "apply")}))
+    helper_cpu_seconds: float = field(metadata=counter(
+        "of `phase_cpu_seconds`, the CPU seconds of the threads other than the caller's"))
 
     @classmethod
     def made_from(cls, readings: Readings) -> MergeReport:

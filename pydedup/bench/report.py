@@ -79,11 +79,11 @@ def table(workload: str, result: dict) -> str:
     return "\n".join(lines)
 
 
-def phases(rows: dict) -> list:
+def phases(rows: dict) -> list[str]:
     """The merge rows' phases: wall and CPU seconds (every thread's), the
     threads, and the merge in read passes (numpy's OR-reduce over the same
     memory, in the same run)."""
-    lines = []
+    lines: list[str] = []
     for name, row in rows.items():
         if "phase_cpu_seconds" not in row:
             continue
