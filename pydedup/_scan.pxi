@@ -275,11 +275,11 @@ cdef int scan_range(Core c, size_t first, size_t end, scan_knobs *k,
     st.threads = max(k.threads, 1)      # also for the remaps of the pass (_remap.pxi)
     if knows_nodes(&c.nodes):
         nodes = <uint16_t *>malloc(STATE_CHUNK * sizeof(uint16_t))
-    if cats == NULL or (knows_nodes(&c.nodes) and nodes == NULL) or open_ahead(c, k) != 0:
+    if cats == NULL or (knows_nodes(&c.nodes) and nodes == NULL):
         free(cats)
         free(nodes)
-        hashes_close(&c.scan.ahead)
         return ENOMEM
+    open_ahead(c, k)
     while first < end and err == 0:
         n = min(end - first, <size_t>STATE_CHUNK)
         err = take_written(&c.tables, first, n, cats)
@@ -308,11 +308,12 @@ cdef int scan_range(Core c, size_t first, size_t end, scan_knobs *k,
     return err
 
 
-cdef int open_ahead(Core c, scan_knobs *k) noexcept nogil:
-    """Room for a chunk's answers when pages are read on threads."""
-    if k.threads < 2:
-        return 0
-    return hashes_open(&c.scan.ahead, STATE_CHUNK)
+cdef void open_ahead(Core c, scan_knobs *k) noexcept nogil:
+    """Room for a chunk's answers when pages are read on threads. Without
+    it (RLIMIT_DATA, say) the scan hashes each page itself, as on one
+    thread: the threads are a speed-up, never a reason to fail."""
+    if k.threads >= 2 and hashes_open(&c.scan.ahead, STATE_CHUNK) != 0:
+        hashes_close(&c.scan.ahead)
 
 
 cdef void hash_chunk_ahead(Core c, size_t first, size_t n, const uint8_t *cats,
@@ -326,7 +327,8 @@ cdef void hash_chunk_ahead(Core c, size_t first, size_t n, const uint8_t *cats,
     cdef size_t i
     cdef double cpu
     cdef rmap_item *it
-    if flags == NULL:
+    if flags == NULL or c.scan.ahead.capacity < n:
+        free(flags)
         return                          # the scan hashes each page itself
     for i in range(n):
         it = &c.res.rmap[first + i]
