@@ -31,7 +31,6 @@ typedef struct {
     uint32_t *sums;          /* out: low 32 bits of xxh3; 0 for a zero page */
     uint8_t *zero;           /* out: 1 for an all-zero page */
     pd_xxh3_fn xxh3;
-    double cpu_seconds;      /* unused */
 } pd_hash_job;
 
 static inline double pd_thread_cpu(void)
@@ -172,7 +171,6 @@ typedef struct {
     size_t page_size;
     size_t n;
     uint8_t *match;
-    double cpu_seconds;
 } pd_match_job;
 
 /* As pd_hash_pages: the CPU seconds of the threads other than the caller's. */

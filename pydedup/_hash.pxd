@@ -16,7 +16,6 @@ cdef extern from "_hash.h" nogil:
         size_t page_size
         size_t n
         uint8_t *match
-        double cpu_seconds
     double pd_match_pages(const pd_match_job *job, unsigned threads)
 
 cdef enum:

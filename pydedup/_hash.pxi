@@ -9,7 +9,6 @@ cdef extern from "_hash.h" nogil:
         uint32_t *sums
         uint8_t *zero
         pd_xxh3_fn xxh3
-        double cpu_seconds
     double pd_hash_pages(const pd_hash_job *job, unsigned threads)
 
 
@@ -54,7 +53,6 @@ cdef double hash_ahead(page_hashes *h, const reservation *r, pd_xxh3_fn xxh3, si
     job.sums = h.sums           # packed: answer k for pages[k], spread below
     job.zero = h.zero + h.capacity    # packed too, in the second half
     job.xxh3 = xxh3
-    job.cpu_seconds = 0
     cpu = pd_hash_pages(&job, threads)
     i = count
     while i > 0:                # spread the packed answers out to their pages
