@@ -33,6 +33,7 @@ cdef void page_tables_open(page_tables *pt, char *base, size_t page_size,
 cdef void page_tables_close(page_tables *pt) noexcept nogil
 cdef int proc_file_fd(proc_file *f, const char *path) noexcept nogil
 cdef int read_categories(page_tables *pt, size_t first, size_t n, uint8_t *out) noexcept nogil
+cdef int read_huge(page_tables *pt, size_t first, size_t n, uint8_t *out) noexcept nogil
 cdef bint holds_own_memory(uint8_t cats) noexcept nogil
 cdef int take_written(page_tables *pt, size_t first, size_t n, uint8_t *out) noexcept nogil
 cdef int pagemap_entry(page_tables *pt, const void *addr, uint64_t *entry) noexcept nogil

@@ -37,6 +37,7 @@ class Pages(PageOwner):
         # first page -> (npages, nodes) of placed blocks
         self._placed: dict[int, tuple[int, tuple[int, ...]]] = {}
         self.busy_refusals = 0          # take_pages() refused: this thread held the lock
+        self.huge_page_pages = 0        # runs this long or longer start on a huge page's boundary
         self.debug_checks = DEBUG_CHECKS   # check every invariant after each operation
         _LIVE.add(self)
 
@@ -75,7 +76,7 @@ class Pages(PageOwner):
         `nodes` if any are given (interleaved if several). Call under locked()."""
         if npages == 0:
             return Block(self.core, self, 0, 0, 0)
-        first = self.extents.take(npages)
+        first = self._take_free(npages)
         if first is None:
             page = self.core.page_size
             raise MemoryError(
@@ -111,10 +112,20 @@ class Pages(PageOwner):
             self.busy_refusals += 1
             return None
         with self.locked() as core:
-            first = self.extents.take(npages)
+            first = self._take_free(npages)
             if first is not None:
                 core.adopt(first, npages)
         return first
+
+    def _take_free(self, npages: int):
+        """A free run of npages: on a huge page's boundary if it covers one
+        (huge_pages on), as numpy's big arrays are, else the best fit."""
+        align = self.huge_page_pages
+        if align and npages >= align:
+            first = self.extents.take_aligned(npages, align)
+            if first is not None:
+                return first
+        return self.extents.take(npages)
 
     def take_at(self, first: int, npages: int) -> bool:
         """For numpy's allocator: take pages [first, first + npages) if all
