@@ -378,6 +378,7 @@ cdef class Core:
             self.huge.pages = 0
             raise OSError(err, f"madvise(MADV_HUGEPAGE): {os.strerror(err)}")
         self.huge.pages, self.huge.split_min = pages, split_min
+        self.tables.spare_huge = pages != 0 and self.tables.has_pagemap_scan
 
     def huge_counts(self):
         """The huge-page rule's counters: huge pages per block (0: off),

@@ -16,6 +16,8 @@ cdef struct page_tables:           # Core.tables
     bint has_pagemap_scan          # the kernel answers PAGEMAP_SCAN (Linux 6.7)
     uint64_t zero_pfn              # the zero page's frame number; 0 when pagemap hides them
     int track_uffd                 # written-page tracking (_track.pxi), or -1
+    bint spare_huge                # tracking leaves huge pages alone: a write into a
+                                   # write-protected one splits it (_huge.pxi)
 
 cdef struct mapping:               # one mapping (VMA), as PROCMAP_QUERY tells it
     uint64_t start, end            # [start, end) of the address space

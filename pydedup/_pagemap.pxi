@@ -77,6 +77,8 @@ cdef int scan_categories(page_tables *pt, size_t first, size_t n, uint8_t *out,
     arg.flags = flags
     arg.category_anyof_mask = CATEGORIES
     arg.return_mask = CATEGORIES | (PD_PAGE_IS_WRITTEN if flags else 0)
+    if flags and pt.spare_huge:         # write-protect no huge page: see take_written
+        arg.category_inverted = arg.category_mask = PD_PAGE_IS_HUGE
     while True:
         found = ioctl(pt.pagemap.fd, PD_PAGEMAP_SCAN, &arg)
         if found < 0:
@@ -183,7 +185,29 @@ cdef int take_written(page_tables *pt, size_t first, size_t n, uint8_t *out) noe
     memset(out, 0, n)
     if pagemap_fd(pt) < 0:
         return EBADF
-    return scan_categories(pt, first, n, out, PD_PM_SCAN_WP_MATCHING)
+    err = scan_categories(pt, first, n, out, PD_PM_SCAN_WP_MATCHING)
+    if err == 0 and pt.spare_huge:
+        err = huge_pages_written(pt, first, n, out)
+    return err
+
+
+cdef int huge_pages_written(page_tables *pt, size_t first, size_t n, uint8_t *out) noexcept nogil:
+    """With spare_huge, the huge pages take_written's scan left out, as
+    present and written. The kernel splits a huge page on the first write
+    into it once write-protected for tracking (wp_huge_pmd: async
+    write-protect is resolved per page), so they are never protected, and
+    are read every pass, as without tracking."""
+    cdef uint8_t *huge = <uint8_t *>malloc(n)
+    cdef size_t i
+    cdef int err
+    if huge == NULL:
+        return ENOMEM
+    err = read_huge(pt, first, n, huge)
+    for i in range(n if err == 0 else 0):
+        if huge[i]:
+            out[i] = PD_PAGE_IS_PRESENT | PD_PAGE_IS_WRITTEN
+    free(huge)
+    return err
 
 
 cdef int pagemap_entry(page_tables *pt, const void *addr, uint64_t *entry) noexcept nogil:
