@@ -197,15 +197,18 @@ cdef int huge_pages_written(page_tables *pt, size_t first, size_t n, uint8_t *ou
     into it once write-protected for tracking (wp_huge_pmd: async
     write-protect is resolved per page), so they are never protected, and
     are read every pass, as without tracking."""
-    cdef uint8_t *huge = <uint8_t *>malloc(n)
+    cdef uint8_t *huge = <uint8_t *>malloc(2 * n)
+    cdef uint8_t *cats = huge + n
     cdef size_t i
     cdef int err
     if huge == NULL:
         return ENOMEM
     err = read_huge(pt, first, n, huge)
+    if err == 0:
+        err = read_categories(pt, first, n, cats)   # the huge zero page is PFNZERO
     for i in range(n if err == 0 else 0):
         if huge[i]:
-            out[i] = PD_PAGE_IS_PRESENT | PD_PAGE_IS_WRITTEN
+            out[i] = cats[i] | PD_PAGE_IS_WRITTEN
     free(huge)
     return err
 
