@@ -152,7 +152,7 @@ def split_rows(args):
             before = ar.stats().pss_bytes
             ar.merge()
             st = ar.stats()
-            g, base = paired_times({"gather": lambda: np.take(a, idx)}, numpy, args.repeat)["gather"]
+            g, base = paired_times({"gather": lambda a=a: np.take(a, idx)}, numpy, args.repeat)["gather"]
             print(f"{k:>4} {rule:<14} {st.huge_pages_split:>6} {st.huge_pages_kept:>6} {g:7.3f}s "
                   f"{g / base:7.2f}x {st.pss_bytes / MiB:8.1f} {(before - st.pss_bytes) / MiB:9.1f}")
             del a

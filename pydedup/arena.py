@@ -124,10 +124,10 @@ class Arena:
                 core.zero_colours = value
             elif name == "merge_across_nodes":
                 core.set_merge_across_nodes(value)
-            elif name in ("huge_pages", "huge_split_min_pages"):
-                knob = {"huge_pages": self.huge_pages, "huge_split_min_pages": self.huge_split_min_pages}
-                knob[name] = value
-                self._huge_state = _choose_huge_pages(self._live(), **knob)
+            elif name == "huge_pages":
+                self._huge_state = _choose_huge_pages(self._live(), value, self.huge_split_min_pages)
+            elif name == "huge_split_min_pages":
+                self._huge_state = _choose_huge_pages(self._live(), self.huge_pages, value)
             self._knobs[name] = value
 
     # -- life --------------------------------------------------------------

@@ -169,8 +169,8 @@ def numpy_madvises_hugepage() -> bool:
     """Whether numpy asks for huge pages for its big arrays: on by default,
     off with NUMPY_MADVISE_HUGEPAGE=0 (numpy reads it at import)."""
     import numpy as np
-    core = getattr(np, "_core", None) or getattr(np, "core")
-    get = getattr(core.multiarray, "_get_madvise_hugepage", None)
+    multiarray = getattr(getattr(np, "_core", None) or np.core, "multiarray", None)
+    get = getattr(multiarray, "_get_madvise_hugepage", None)
     if get is not None:
         return bool(get())
     return os.environ.get("NUMPY_MADVISE_HUGEPAGE", "1") != "0"

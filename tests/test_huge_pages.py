@@ -8,12 +8,12 @@ import threading
 
 import numpy as np
 import pytest
+from test_fork import run_in_child
 
 import pydedup
 from pydedup import procfs, testing
 
 from kernel import PAGE
-from test_fork import run_in_child
 
 arena_module = importlib.import_module("pydedup.arena")   # pydedup.arena is the function
 HUGE = 2 << 20
