@@ -180,7 +180,7 @@ cdef void restore_in_pieces(write_barrier *b, reservation *r, held_run *h, bint 
         length = (j - i) * r.page_size
         if need != RESTORE_NOTHING and mprotect(addr, length, PROT_READ | PROT_WRITE) != 0:
             while True:
-                err = (map_anonymous(r, addr, length) if need == RESTORE_ZEROS
+                err = (map_anonymous(addr, length) if need == RESTORE_ZEROS
                        else move_content(r, h, i, j, &kept))
                 if err == 0:
                     break

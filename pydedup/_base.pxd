@@ -29,12 +29,10 @@ cdef struct reservation:           # the arena's pages (Core.res)
     rmap_item *rmap                # npages records, mapped lazily
     bint remapped                  # mappings were laid inside the reservation since
                                    # it was last one mapping (forget_cuts)
-    int thp_advice                 # MADV_HUGEPAGE or MADV_NOHUGEPAGE: what every arena
-                                   # mapping is advised, so that neighbours join (_huge)
 
 cdef char *page_address(const reservation *r, size_t p) noexcept nogil
 cdef void *map_lazily(size_t length) noexcept nogil
 cdef void *map_lazily_aligned(size_t length, size_t align) noexcept nogil
-cdef int map_anonymous(const reservation *r, char *addr, size_t length) noexcept nogil
+cdef int map_anonymous(char *addr, size_t length) noexcept nogil
 cdef int populate_write(const reservation *r, size_t first, size_t n) noexcept nogil
 cdef double now() noexcept nogil

@@ -25,14 +25,14 @@ cdef void *map_lazily_aligned(size_t length, size_t align) noexcept nogil:
     return p + head
 
 
-cdef int map_anonymous(const reservation *r, char *addr, size_t length) noexcept nogil:
+cdef int map_anonymous(char *addr, size_t length) noexcept nogil:
     """Fresh zero-filled anonymous memory over [addr, addr + length). Here
     MADV_DONTNEED would bring a file mapping's frame back, not zeros."""
     PD_ASSERT(addr != NULL and length > 0, "map_anonymous: a range")
     if mmap(addr, length, PROT_READ | PROT_WRITE,
             MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0) == MAP_FAILED:
         return errno
-    madvise(addr, length, r.thp_advice)    # same flags as its neighbours: they merge
+    madvise(addr, length, MADV_NOHUGEPAGE)   # same flags as its neighbours: they merge
     return 0
 
 

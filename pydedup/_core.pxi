@@ -47,8 +47,7 @@ cdef class Core:
         self.res.rmap = <rmap_item *>map_lazily(npages * sizeof(rmap_item))
         if MAP_FAILED in (<void *>self.res.base, <void *>self.res.rmap):
             raise MemoryError(f"cannot reserve {npages} pages of address space")
-        self.res.thp_advice = MADV_NOHUGEPAGE   # until set_huge_pages: a merge would split a huge page
-        madvise(self.res.base, npages * page_size, MADV_NOHUGEPAGE)
+        madvise(self.res.base, npages * page_size, MADV_NOHUGEPAGE)  # huge pages: big arrays only (_huge.pxi)
         err = frames_open(&self.store, page_size, npages, zero_page_checksum(self.xxh3, page_size))
         if err == ENOMEM:
             raise MemoryError(f"cannot reserve the frame store of {npages} pages")
@@ -276,7 +275,7 @@ cdef class Core:
         length = n * self.res.page_size
         with nogil:
             if in_frame_store:
-                err = map_anonymous(&self.res, addr, length)
+                err = map_anonymous(addr, length)
                 if err == 0:
                     self.res.remapped = True
                     track_range(&self.tables, addr, length)
@@ -303,7 +302,7 @@ cdef class Core:
         if not self.res.remapped:
             return
         with nogil:
-            err = map_anonymous(&self.res, self.res.base, length)
+            err = map_anonymous(self.res.base, length)
             if err == 0:
                 self.res.remapped = False
                 track_range(&self.tables, self.res.base, length)
@@ -361,22 +360,13 @@ cdef class Core:
     # -- transparent huge pages (_huge.pxi) -----------------------------------
 
     def set_huge_pages(self, size_t pages, uint32_t split_min):
-        """Huge pages of `pages` arena pages each (0: off, the arena advised
-        MADV_NOHUGEPAGE); a pass splits one only to merge split_min of its
-        pages or more. Advises the whole reservation again, every mapping in
-        it alike, so that neighbours still join."""
-        cdef size_t length = self.res.npages * self.res.page_size
+        """Huge pages of `pages` arena pages each (0: off); a pass splits one
+        only to merge split_min of its pages or more. Which arrays may have
+        them, advise_huge says."""
         if pages and (pages & (pages - 1) or HUGE_ALIGN % (pages * self.res.page_size)):
             raise ValueError(f"a huge page of {pages} pages does not divide {HUGE_ALIGN} bytes")
         if pages and not 1 <= split_min <= pages:
             raise ValueError(f"huge_split_min_pages is 1 to {pages}, not {split_min}")
-        self.res.thp_advice = MADV_HUGEPAGE if pages else MADV_NOHUGEPAGE
-        if madvise(self.res.base, length, self.res.thp_advice) != 0:
-            err = errno
-            self.res.thp_advice = MADV_NOHUGEPAGE
-            madvise(self.res.base, length, MADV_NOHUGEPAGE)
-            self.huge.pages = 0
-            raise OSError(err, f"madvise(MADV_HUGEPAGE): {os.strerror(err)}")
         self.huge.pages, self.huge.split_min = pages, split_min
         self.tables.spare_huge = pages != 0 and self.tables.has_pagemap_scan
 
@@ -387,6 +377,22 @@ cdef class Core:
         return dict(huge_page_pages=self.huge.pages, huge_pages_split=self.huge.split_total,
                     huge_pages_kept=self.huge.last_kept,
                     pages_kept_huge=self.huge.last_kept_pages)
+
+    def advise_huge(self, size_t first, size_t n, bint on):
+        """Advise the whole blocks inside pages [first, first + n)
+        MADV_HUGEPAGE (on), as numpy advises its big arrays, or
+        MADV_NOHUGEPAGE again; the pages they share with other arrays stay
+        as they are. The number of blocks advised."""
+        cdef size_t blocks
+        cdef int err
+        self.check_range(first, n)
+        if self.huge.pages == 0 and on:
+            return 0
+        err = advise_blocks(self, first, n, on, &blocks)
+        if err:
+            raise OSError(err, f"madvise({'MADV_HUGEPAGE' if on else 'MADV_NOHUGEPAGE'}): "
+                               f"{os.strerror(err)}")
+        return blocks
 
     def huge_map(self, size_t first, size_t n):
         """One byte a page of [first, first + n): nonzero where a huge page

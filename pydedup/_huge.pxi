@@ -1,7 +1,10 @@
-# Transparent huge pages. With the huge_pages knob on, the arena is advised
-# MADV_HUGEPAGE as numpy advises its big arrays, and the kernel backs each
-# 2 MiB block of it with one huge page where it can: one TLB entry instead of
-# 512, which random access (gathers, transposes) feels most.
+# Transparent huge pages. With the huge_pages knob on, the arena's big arrays
+# (4 MiB or more, numpy's threshold; pages.py) start on a 2 MiB boundary and
+# their whole blocks are advised MADV_HUGEPAGE, as numpy advises its own; the
+# kernel backs each block with one huge page where it can: one TLB entry
+# instead of 512, which random access (gathers, transposes) feels most. The
+# rest of the reservation stays MADV_NOHUGEPAGE, as do remaps: a small
+# array must not take a 2 MiB page for its few pages.
 #
 # A merge would split such a page: remapping or zapping part of it breaks the
 # PMD into 512 PTEs for good. So a pass, once it has decided its targets and
@@ -23,6 +26,22 @@ cdef size_t huge_block_end(const huge_policy *h, size_t p) noexcept nogil:
     if h.pages == 0:
         return p
     return (p + h.pages - 1) // h.pages * h.pages
+
+
+cdef int advise_blocks(Core c, size_t first, size_t n, bint on, size_t *blocks) noexcept nogil:
+    """MADV_HUGEPAGE (on) or MADV_NOHUGEPAGE over the whole blocks of
+    [first, first + n): an array's own, never a block it shares with a
+    small array, which would then take 2 MiB of memory for a few pages."""
+    cdef size_t hp = c.huge.pages if c.huge.pages else HUGE_ALIGN // c.res.page_size
+    cdef size_t lo = (first + hp - 1) // hp * hp, hi = (first + n) // hp * hp
+    blocks[0] = 0
+    if hi <= lo:
+        return 0
+    if madvise(page_address(&c.res, lo), (hi - lo) * c.res.page_size,
+               MADV_HUGEPAGE if on else MADV_NOHUGEPAGE) != 0:
+        return errno
+    blocks[0] = (hi - lo) // hp
+    return 0
 
 
 cdef inline size_t count_targets(Core c, size_t first, size_t n, size_t *zeros) noexcept nogil:

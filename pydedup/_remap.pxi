@@ -9,7 +9,7 @@ cdef int map_frames(Core c, char *addr, size_t length, uint32_t first_frame) noe
     if mmap(addr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED,
             frame_fd(&c.store, first_frame), <long>first_frame * c.res.page_size) == MAP_FAILED:
         return errno
-    madvise(addr, length, c.res.thp_advice)
+    madvise(addr, length, MADV_NOHUGEPAGE)
     return 0
 
 
@@ -67,7 +67,7 @@ cdef void remap_run(Core c, size_t first, size_t n, run_kind kind, bint charge,
     if kind == RUN_ZERO_ANON:
         err = errno if madvise(addr, length, MADV_DONTNEED) != 0 else 0
     elif kind == RUN_ZERO_FILE:
-        err = map_anonymous(&c.res, addr, length)
+        err = map_anonymous(addr, length)
     else:
         err = map_frames(c, addr, length, c.res.rmap[first].frame)
     st.syscalls += 1

@@ -575,11 +575,7 @@ def _choose_huge_pages(pages: Pages, huge_pages: str, huge_split_min_pages: int)
     """Huge pages for the arena, or not; what stats().huge_pages says."""
     per_huge, why = _huge_page_choice(huge_pages)
     split_min = min(huge_split_min_pages, per_huge) if per_huge else 1
-    try:
-        pages.core.set_huge_pages(per_huge, split_min)
-    except OSError as e:             # madvise refused (a kernel without THP): 4 KiB pages
-        per_huge, why = 0, f"off (madvise(MADV_HUGEPAGE): {e.strerror})"
-    pages.huge_page_pages = per_huge
+    pages.set_huge_pages(per_huge, split_min)
     return why
 
 

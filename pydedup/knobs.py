@@ -101,8 +101,9 @@ KNOBS = {knob.name: knob for knob in (
          "arrays: 'auto' follows the system's THP mode (always; madvise, unless "
          "numpy's NUMPY_MADVISE_HUGEPAGE=0) and numpy; 'on' asks for them "
          "wherever THP is not 'never'; 'off' keeps the arena on 4 KiB pages "
-         "(every merge then splits nothing). Arrays of a huge page or more "
-         "start on a huge page's boundary. stats().huge_pages says what was "
+         "(every merge then splits nothing). Arrays of 4 MiB or more (numpy's "
+         "threshold) start on a huge page's boundary and get them; smaller "
+         "ones never do. stats().huge_pages says what was "
          "chosen and why."),
     Knob("huge_split_min_pages", lambda: 64, _integer_at_least(1, 512),
          "an integer from 1 to 512", "",

@@ -331,3 +331,22 @@ def test_the_background_scanner_applies_the_rule_on_whole_huge_pages(rng):
         kept = arena.stats().pages_kept_huge
         assert kept == 10 * huge                    # a step ends on a huge page's boundary
         assert huge_flags(arena, array).reshape(2, -1).all(axis=1).sum() == huge
+
+
+def test_small_arrays_get_no_huge_page_and_freed_big_ones_give_theirs_back(rng):
+    with huge_arena() as arena:
+        small = arena.empty(64 * PAGE // 8)         # 256 KiB: numpy gives it no huge page either
+        small[:] = 1.0
+        assert not huge_flags(arena, small).any()
+        assert huge_bytes_in_smaps(arena) == 0
+        big = filled_huge(arena, 2, rng)
+        first, n = testing.page_range(arena, big)
+        del big
+        testing.check_invariants(arena)             # takes the lock: the pages come back
+        assert testing.free_pages(arena) == arena.stats().bytes_reserved // PAGE - 64
+        below = arena.empty(1000 * PAGE // 8)       # under 4 MiB, where the big one was
+        below[:] = 2.0
+        start, count = testing.page_range(arena, below)
+        assert start < first + n and first < start + count   # on pages the big one had
+        assert not huge_flags(arena, below).any()
+        assert huge_bytes_in_smaps(arena) == 0
