@@ -32,6 +32,7 @@ cdef struct reservation:           # the arena's pages (Core.res)
 
 cdef char *page_address(const reservation *r, size_t p) noexcept nogil
 cdef void *map_lazily(size_t length) noexcept nogil
+cdef void *map_lazily_aligned(size_t length, size_t align) noexcept nogil
 cdef int map_anonymous(char *addr, size_t length) noexcept nogil
 cdef int populate_write(const reservation *r, size_t first, size_t n) noexcept nogil
 cdef double now() noexcept nogil

@@ -11,6 +11,20 @@ cdef void *map_lazily(size_t length) noexcept nogil:
                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
 
 
+cdef void *map_lazily_aligned(size_t length, size_t align) noexcept nogil:
+    """Like map_lazily, at an address that is a multiple of `align` (a power
+    of two): huge pages need the arena's 2 MiB blocks on 2 MiB boundaries."""
+    cdef char *p = <char *>map_lazily(length + align)
+    cdef size_t head
+    if <void *>p == MAP_FAILED:
+        return MAP_FAILED
+    head = (align - <size_t>p % align) % align
+    if head:
+        munmap(p, head)
+    munmap(p + head + length, align - head)
+    return p + head
+
+
 cdef int map_anonymous(char *addr, size_t length) noexcept nogil:
     """Fresh zero-filled anonymous memory over [addr, addr + length). Here
     MADV_DONTNEED would bring a file mapping's frame back, not zeros."""

@@ -49,11 +49,11 @@ cdef class Core:
             raise ValueError(f"an arena holds 1 to {NO_PAGE - 1} pages, not {npages}")
         self.res.npages = npages
         self.xxh3 = <pd_xxh3_fn>xxh3_address
-        self.res.base = <char *>map_lazily(npages * page_size)
+        self.res.base = <char *>map_lazily_aligned(npages * page_size, HUGE_ALIGN)
         self.res.rmap = <rmap_item *>map_lazily(npages * sizeof(rmap_item))
         if MAP_FAILED in (<void *>self.res.base, <void *>self.res.rmap):
             raise MemoryError(f"cannot reserve {npages} pages of address space")
-        madvise(self.res.base, npages * page_size, MADV_NOHUGEPAGE)  # a merge would split a huge page
+        madvise(self.res.base, npages * page_size, MADV_NOHUGEPAGE)  # huge pages: big arrays only (_huge.pxi)
         err = frames_open(&self.store, page_size, npages, zero_page_checksum(self.xxh3, page_size))
         if err == ENOMEM:
             raise MemoryError(f"cannot reserve the frame store of {npages} pages")
@@ -332,6 +332,7 @@ cdef class Core:
         self.full_scans += 1
         self.pages_unshared = st.unshared
         self.pages_volatile = st.volatile
+        self.note_huge(&st, &st)
         return st
 
     def scan_batch(self, size_t npages, bint use_zero_pages, uint32_t max_page_sharing,
@@ -352,7 +353,9 @@ cdef class Core:
             err = scan_batch(self, npages, &k, &scan_done)
         step = {key: value - before.get(key, 0) if not key.endswith("left") else value
                 for key, value in (<dict>self.scan.stats).items()}
+        self.huge.split_total += step["huge_split"]
         if scan_done:
+            self.note_huge(&self.scan.stats, NULL)
             self.full_scans += 1
             self.pages_unshared = self.scan.stats.unshared
             self.pages_volatile = self.scan.stats.volatile
@@ -360,6 +363,64 @@ cdef class Core:
         if err:
             raise pass_error(err, "the background scan failed")
         return step, scan_done
+
+    # -- transparent huge pages (_huge.pxi) -----------------------------------
+
+    def set_huge_pages(self, size_t pages, uint32_t split_min):
+        """Huge pages of `pages` arena pages each (0: off); a pass splits one
+        only to merge split_min of its pages or more. Which arrays may have
+        them, advise_huge says."""
+        if pages and (pages & (pages - 1) or HUGE_ALIGN % (pages * self.res.page_size)):
+            raise ValueError(f"a huge page of {pages} pages does not divide {HUGE_ALIGN} bytes")
+        if pages and not 1 <= split_min <= pages:
+            raise ValueError(f"huge_split_min_pages is 1 to {pages}, not {split_min}")
+        self.huge.pages, self.huge.split_min = pages, split_min
+        self.tables.spare_huge = pages != 0 and self.tables.has_pagemap_scan
+
+    def huge_counts(self):
+        """The huge-page rule's counters: huge pages per block (0: off),
+        split since the arena began, kept whole by the last full pass and
+        the pages that keeping them left unmerged."""
+        return dict(huge_page_pages=self.huge.pages, huge_pages_split=self.huge.split_total,
+                    huge_pages_kept=self.huge.last_kept,
+                    pages_kept_huge=self.huge.last_kept_pages)
+
+    def advise_huge(self, size_t first, size_t n, bint on):
+        """Advise the whole blocks inside pages [first, first + n)
+        MADV_HUGEPAGE (on), as numpy advises its big arrays, or
+        MADV_NOHUGEPAGE again; the pages they share with other arrays stay
+        as they are. The number of blocks advised."""
+        cdef size_t blocks
+        cdef int err
+        self.check_range(first, n)
+        if self.huge.pages == 0 and on:
+            return 0
+        err = advise_blocks(self, first, n, on, &blocks)
+        if err:
+            raise OSError(err, f"madvise({'MADV_HUGEPAGE' if on else 'MADV_NOHUGEPAGE'}): "
+                               f"{os.strerror(err)}")
+        return blocks
+
+    def huge_map(self, size_t first, size_t n):
+        """One byte a page of [first, first + n): nonzero where a huge page
+        maps it (PAGEMAP_SCAN's PAGE_IS_HUGE). OSError without PAGEMAP_SCAN."""
+        cdef bytearray out = bytearray(n)
+        cdef int err
+        self.check_range(first, n)
+        if n == 0:
+            return bytes(out)
+        err = read_huge(&self.tables, first, n, <uint8_t *><char *>out)
+        if err:
+            raise OSError(err, "PAGEMAP_SCAN cannot tell huge pages here")
+        return bytes(out)
+
+    cdef void note_huge(self, const pass_stats *full, const pass_stats *step) noexcept:
+        """After a pass (`step`, NULL if its steps were counted already) or
+        the end of a full scan (`full`): the huge-page counters."""
+        if step != NULL:
+            self.huge.split_total += step.huge_split
+        if full != NULL:
+            self.huge.last_kept, self.huge.last_kept_pages = full.huge_kept, full.skipped_huge
 
     cdef check_can_merge(self):
         if self.wb.mode == 0:

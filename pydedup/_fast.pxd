@@ -145,6 +145,9 @@ cdef struct pass_stats:            # what one merge pass did
     uint64_t skipped_no_memory     # merges refused because a frame could not be written
     uint64_t moved                 # merged pages found on another node than their frame's
     uint64_t syscalls              # mmap and madvise calls made
+    uint64_t skipped_huge          # pages left unmerged to keep their huge page whole
+    uint64_t huge_kept             # huge pages kept whole although some of their pages matched
+    uint64_t huge_split            # huge pages split: their matching pages reached split_min
     long mappings_left             # the mapping budget left at the end
     double refresh_seconds         # reading page tables, noticing writes
     double decide_seconds          # zero tests, checksums, tree searches
@@ -165,6 +168,7 @@ include "_frames.pxd"
 include "_pagemap.pxd"
 include "_barrier.pxd"
 include "_remap.pxd"
+include "_huge.pxd"
 include "_hash.pxd"
 include "_scan.pxd"
 
@@ -177,6 +181,7 @@ cdef class Core:
     cdef page_tables tables            # reading the page tables (_pagemap, _maps, _track)
     cdef write_barrier wb              # the write barrier (_barrier)
     cdef scan_state scan               # the scan in progress (_scan)
+    cdef huge_policy huge              # transparent huge pages (_huge)
     cdef readonly bint forked_child    # this process is a child forked with the arena
     cdef readonly object merge_refusal  # why this process may not merge (a forked
                                         # child without a tier of its own), or None
@@ -186,6 +191,7 @@ cdef class Core:
 
     cdef void check_range(self, size_t first, size_t n) except *
     cdef check_can_merge(self)
+    cdef void note_huge(self, const pass_stats *full, const pass_stats *step) noexcept
 
 
 cdef class PageOwner:

@@ -29,6 +29,7 @@
 #define PD_PAGE_IS_PRESENT   (1 << 3)
 #define PD_PAGE_IS_SWAPPED   (1 << 4)
 #define PD_PAGE_IS_PFNZERO   (1 << 5)
+#define PD_PAGE_IS_HUGE      (1 << 6)   /* PMD-mapped: a transparent huge page */
 
 #define PD_PM_SCAN_WP_MATCHING  (1 << 0)   /* write-protect the pages it reports */
 

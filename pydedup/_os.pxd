@@ -8,7 +8,7 @@ cdef extern from "_os.h" nogil:
     int MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED, MAP_NORESERVE
     int MREMAP_MAYMOVE, MREMAP_FIXED
     void *MAP_FAILED
-    int MADV_DONTNEED, MADV_NOHUGEPAGE, MADV_POPULATE_WRITE
+    int MADV_DONTNEED, MADV_NOHUGEPAGE, MADV_HUGEPAGE, MADV_POPULATE_WRITE
     int MADV_MERGEABLE, MADV_UNMERGEABLE
     int FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
     int O_RDONLY, O_CLOEXEC
@@ -34,7 +34,7 @@ cdef extern from "_os.h" nogil:
     int ioctl(int fd, unsigned long request, ...)
 
     uint64_t PD_PAGE_IS_WRITTEN, PD_PAGE_IS_FILE, PD_PAGE_IS_PRESENT, PD_PAGE_IS_SWAPPED
-    uint64_t PD_PAGE_IS_PFNZERO, PD_PM_SCAN_WP_MATCHING
+    uint64_t PD_PAGE_IS_PFNZERO, PD_PAGE_IS_HUGE, PD_PM_SCAN_WP_MATCHING
     struct pd_page_region:
         uint64_t start, end, categories
     struct pd_pm_scan_arg:

@@ -16,6 +16,8 @@ cdef struct page_tables:           # Core.tables
     bint has_pagemap_scan          # the kernel answers PAGEMAP_SCAN (Linux 6.7)
     uint64_t zero_pfn              # the zero page's frame number; 0 when pagemap hides them
     int track_uffd                 # written-page tracking (_track.pxi), or -1
+    bint spare_huge                # tracking leaves huge pages alone: a write into a
+                                   # write-protected one splits it (_huge.pxi)
 
 cdef struct mapping:               # one mapping (VMA), as PROCMAP_QUERY tells it
     uint64_t start, end            # [start, end) of the address space
@@ -33,6 +35,7 @@ cdef void page_tables_open(page_tables *pt, char *base, size_t page_size,
 cdef void page_tables_close(page_tables *pt) noexcept nogil
 cdef int proc_file_fd(proc_file *f, const char *path) noexcept nogil
 cdef int read_categories(page_tables *pt, size_t first, size_t n, uint8_t *out) noexcept nogil
+cdef int read_huge(page_tables *pt, size_t first, size_t n, uint8_t *out) noexcept nogil
 cdef bint holds_own_memory(uint8_t cats) noexcept nogil
 cdef int take_written(page_tables *pt, size_t first, size_t n, uint8_t *out) noexcept nogil
 cdef int pagemap_entry(page_tables *pt, const void *addr, uint64_t *entry) noexcept nogil

@@ -77,6 +77,8 @@ cdef int scan_categories(page_tables *pt, size_t first, size_t n, uint8_t *out,
     arg.flags = flags
     arg.category_anyof_mask = CATEGORIES
     arg.return_mask = CATEGORIES | (PD_PAGE_IS_WRITTEN if flags else 0)
+    if flags and pt.spare_huge:         # write-protect no huge page: see take_written
+        arg.category_inverted = arg.category_mask = PD_PAGE_IS_HUGE
     while True:
         found = ioctl(pt.pagemap.fd, PD_PAGEMAP_SCAN, &arg)
         if found < 0:
@@ -136,6 +138,38 @@ cdef int read_categories(page_tables *pt, size_t first, size_t n, uint8_t *out) 
     return pagemap_categories(pt, first, n, out)
 
 
+cdef int read_huge(page_tables *pt, size_t first, size_t n, uint8_t *out) noexcept nogil:
+    """PD_PAGE_IS_HUGE on the pages of [first, first + n) that a huge page
+    maps (PMD-mapped THP), 0 on the others; EOPNOTSUPP without PAGEMAP_SCAN,
+    since /proc/self/pagemap does not tell (only kpageflags, root's)."""
+    cdef pd_page_region regions[REGIONS_PER_CALL]
+    cdef pd_pm_scan_arg arg
+    cdef uint64_t start = <uint64_t>(pt.base + first * pt.page_size)
+    cdef long found, i
+    PD_ASSERT(first + n <= pt.npages, "read_huge: pages of the reservation")
+    memset(out, 0, n)
+    if not pt.has_pagemap_scan or pagemap_fd(pt) < 0:
+        return EOPNOTSUPP
+    memset(&arg, 0, sizeof(arg))
+    arg.size = sizeof(arg)
+    arg.start = start
+    arg.end = start + n * pt.page_size
+    arg.vec = <uint64_t>regions
+    arg.vec_len = REGIONS_PER_CALL
+    arg.category_mask = PD_PAGE_IS_HUGE
+    arg.return_mask = PD_PAGE_IS_HUGE
+    while True:
+        found = ioctl(pt.pagemap.fd, PD_PAGEMAP_SCAN, &arg)
+        if found < 0:
+            return errno
+        for i in range(found):
+            memset(out + (regions[i].start - start) // pt.page_size, <int>PD_PAGE_IS_HUGE,
+                   (regions[i].end - regions[i].start) // pt.page_size)
+        if arg.walk_end >= arg.end or found < REGIONS_PER_CALL:
+            return 0
+        arg.start = arg.walk_end
+
+
 cdef int take_written(page_tables *pt, size_t first, size_t n, uint8_t *out) noexcept nogil:
     """Like read_categories, with PD_PAGE_IS_WRITTEN set on the pages written
     since the last call that covered them (every page, without tracking);
@@ -151,7 +185,32 @@ cdef int take_written(page_tables *pt, size_t first, size_t n, uint8_t *out) noe
     memset(out, 0, n)
     if pagemap_fd(pt) < 0:
         return EBADF
-    return scan_categories(pt, first, n, out, PD_PM_SCAN_WP_MATCHING)
+    err = scan_categories(pt, first, n, out, PD_PM_SCAN_WP_MATCHING)
+    if err == 0 and pt.spare_huge:
+        err = huge_pages_written(pt, first, n, out)
+    return err
+
+
+cdef int huge_pages_written(page_tables *pt, size_t first, size_t n, uint8_t *out) noexcept nogil:
+    """With spare_huge, the huge pages take_written's scan left out, as
+    present and written. The kernel splits a huge page on the first write
+    into it once write-protected for tracking (wp_huge_pmd: async
+    write-protect is resolved per page), so they are never protected, and
+    are read every pass, as without tracking."""
+    cdef uint8_t *huge = <uint8_t *>malloc(2 * n)
+    cdef uint8_t *cats = huge + n
+    cdef size_t i
+    cdef int err
+    if huge == NULL:
+        return ENOMEM
+    err = read_huge(pt, first, n, huge)
+    if err == 0:
+        err = read_categories(pt, first, n, cats)   # the huge zero page is PFNZERO
+    for i in range(n if err == 0 else 0):
+        if huge[i]:
+            out[i] = cats[i] | PD_PAGE_IS_WRITTEN
+    free(huge)
+    return err
 
 
 cdef int pagemap_entry(page_tables *pt, const void *addr, uint64_t *entry) noexcept nogil:
@@ -168,14 +227,17 @@ cdef void probe_page_tables(page_tables *pt) noexcept nogil:
     number of the zero page where pagemap shows frame numbers (root)."""
     cdef uint8_t cats
     cdef uint64_t entry = 0
-    cdef volatile char *first = pt.base
+    # The last page, where arrays come last: a read leaves a page table
+    # behind, and a 2 MiB block with one gets 4 KiB pages on its faults, not
+    # a huge page (_huge.pxi).
+    cdef volatile char *last = pt.base + (pt.npages - 1) * pt.page_size
     if pagemap_fd(pt) < 0:
         return
     pt.has_pagemap_scan = scan_categories(pt, 0, 1, &cats) == 0
-    first[0]                            # a read maps the zero page
-    if pagemap_entry(pt, pt.base, &entry) == 0:
+    last[0]                             # a read maps the zero page
+    if pagemap_entry(pt, <const void *>last, &entry) == 0:
         pt.zero_pfn = entry & PM_PFN if entry & PM_PRESENT else 0
-    madvise(pt.base, pt.page_size, MADV_DONTNEED)
+    madvise(<void *>last, pt.page_size, MADV_DONTNEED)
 
 
 cdef bint holds_own_memory(uint8_t cats) noexcept nogil:

@@ -360,6 +360,7 @@ cdef int merge_pass(Core c, scan_knobs *k, pass_stats *st) noexcept nogil:
         err = scan_range(c, 0, c.res.high_water, k, st)
     decided = now()
     cpu_decided = pd_thread_cpu()
+    keep_huge_pages(c, 0, c.res.high_water, st)
     apply_targets(c, st)                # also drops the targets of a failed scan
     if c.scan.unstable != NULL:
         end_scan(c, st)
@@ -395,10 +396,11 @@ cdef int scan_batch(Core c, size_t npages, scan_knobs *k, bint *scan_done) noexc
     if err:
         return err
     first = c.scan.cursor
-    end = min(c.res.high_water, first + npages)
+    end = min(c.res.high_water, huge_block_end(&c.huge, first + npages))
     err = refresh_states(c, first, end - first)
     if err == 0:
         err = scan_range(c, first, end, k, st)
+    keep_huge_pages(c, first, end, st)
     apply_targets(c, st)
     reclaim_frames(&c.store)
     restore_policy(&c.nodes)

@@ -73,6 +73,8 @@ class Arena:
     barrier = _Knob[str]()
     alloc_threshold = _Knob[int]()
     alloc_cache = _Knob[Union[int, str]]()    # bytes, or "auto"
+    huge_pages = _Knob[str]()
+    huge_split_min_pages = _Knob[int]()
 
     def __init__(self, size: int | None = None, **knob_values: Any) -> None:
         self._knobs = knobs.initial(knob_values)
@@ -91,6 +93,7 @@ class Arena:
         self._topology = numa.topology()
         core.set_nodes(len(self._topology.nodes))
         core.set_merge_across_nodes(self.merge_across_nodes)
+        self._huge_state = _choose_huge_pages(self._live(), self.huge_pages, self.huge_split_min_pages)
         self._lo = core.base_address
         self._hi = self._lo + core.npages * PAGE_SIZE
         self._publisher = publish.Publisher(self, self._knobs)     # for `python -m pydedup stats`
@@ -124,6 +127,10 @@ class Arena:
                 core.zero_colours = value
             elif name == "merge_across_nodes":
                 core.set_merge_across_nodes(value)
+            elif name == "huge_pages":
+                self._huge_state = _choose_huge_pages(self._live(), value, self.huge_split_min_pages)
+            elif name == "huge_split_min_pages":
+                self._huge_state = _choose_huge_pages(self._live(), self.huge_pages, value)
             self._knobs[name] = value
 
     # -- life --------------------------------------------------------------
@@ -503,9 +510,10 @@ class Arena:
                 frames_by_node=core.frames_by_node(), **core.tile_counts(),
                 ksm_stat=procfs.ksm_stat(),
                 mappings=procfs.count_mappings(self._lo, self._hi)[1],
-                reserved=self._hi - self._lo, page_size=PAGE_SIZE)
-            pss = procfs.smaps_fields(self._lo, self._hi, (b"Pss",))["pss"]
-        stats = ArenaStats.made_from(dict(readings, pss=pss))
+                reserved=self._hi - self._lo, page_size=PAGE_SIZE,
+                huge_pages=self._huge_state, **core.huge_counts())
+            smaps = procfs.smaps_fields(self._lo, self._hi, (b"Pss", b"AnonHugePages"))
+        stats = ArenaStats.made_from(dict(readings, **smaps))
         self._publisher.publish(stats, self._scanner)
         return stats
 
@@ -562,6 +570,27 @@ def _reserve(size: int | None) -> Pages:
             if size <= MIN_RESERVATION:
                 raise
             size //= 2
+
+
+def _huge_page_choice(knob: str) -> tuple[int, str]:
+    """(arena pages per huge page, 0 for none; why): the huge_pages knob
+    against what the system offers and what numpy does."""
+    mode, size = procfs.thp_mode(), procfs.huge_page_size()
+    if knob == "off":
+        return 0, "off (huge_pages='off')"
+    if mode in ("never", "absent") or size <= PAGE_SIZE or (2 << 20) % size:
+        return 0, f"off (transparent huge pages: {mode}, {size} bytes)"
+    if knob == "auto" and mode == "madvise" and not procfs.numpy_madvises_hugepage():
+        return 0, "off (numpy does not ask for them: NUMPY_MADVISE_HUGEPAGE=0)"
+    return size // PAGE_SIZE, f"on (transparent huge pages: {mode})"
+
+
+def _choose_huge_pages(pages: Pages, huge_pages: str, huge_split_min_pages: int) -> str:
+    """Huge pages for the arena, or not; what stats().huge_pages says."""
+    per_huge, why = _huge_page_choice(huge_pages)
+    split_min = min(huge_split_min_pages, per_huge) if per_huge else 1
+    pages.set_huge_pages(per_huge, split_min)
+    return why
 
 
 def _choose_barrier(core: Core, choice: str) -> None:

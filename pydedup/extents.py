@@ -22,6 +22,17 @@ class Extents:
         self.free_pages -= n
         return start
 
+    def take_aligned(self, n: int, align: int):
+        """Like take, starting on a multiple of `align` pages (a huge page's
+        boundary): the smallest free run that holds such a start, else None."""
+        i = self._by_length.bisect_left((n, -1))
+        for length, start in self._by_length.islice(i):
+            first = -(-start // align) * align
+            if first + n <= start + length:
+                self.take_at(first, n)
+                return first
+        return None
+
     def take_at(self, start: int, n: int) -> bool:
         """Take pages [start, start + n) if they are all free."""
         i = self._by_start.bisect_right(start) - 1

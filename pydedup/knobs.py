@@ -96,6 +96,23 @@ KNOBS = {knob.name: knob for knob in (
          "that the kernel merges the pages pydedup left private (the mapping "
          "budget could not pay them); unmergeable() arrays stay out. "
          "stats().kernel_ksm_pages counts what it merged. Needs no privilege."),
+    Knob("huge_pages", lambda: "auto", _one_of("auto", "on", "off"), "'auto', 'on' or 'off'",
+         "",
+         "Transparent huge pages for the arena, as numpy gets them for its "
+         "arrays: 'auto' follows the system's THP mode (always; madvise, unless "
+         "numpy's NUMPY_MADVISE_HUGEPAGE=0) and numpy; 'on' asks for them "
+         "wherever THP is not 'never'; 'off' keeps the arena on 4 KiB pages "
+         "(every merge then splits nothing). Arrays of 4 MiB or more (numpy's "
+         "threshold) start on a huge page's boundary and get them; smaller "
+         "ones never do. stats().huge_pages says what was "
+         "chosen and why."),
+    Knob("huge_split_min_pages", lambda: 64, _integer_at_least(1, 512),
+         "an integer from 1 to 512", "",
+         "A merge splits a huge page only if it merges at least this many of "
+         "its pages (64: 256 KiB of its 2 MiB); otherwise the huge page is kept "
+         "whole, its matching pages left unmerged and counted "
+         "(skipped['huge_page']). A huge page all of whose pages match goes "
+         "whole, whatever this says."),
     Knob("run", lambda: 0, _one_of_integers(0, 1, 2), "0, 1 or 2", "run",
          "The background scanner: 0 stops it, 1 runs it, 2 stops it and "
          "unmerges every page (the arena's pages, not the process's)."),

@@ -17,6 +17,10 @@ import xxhash._xxhash
 from pydedup._fast import DEBUG_CHECKS, Block, Core, PageOwner, check_invariants
 from pydedup.extents import Extents
 
+HUGE_ARRAY_BYTES = 4 << 20
+"""Arrays this big get huge pages (huge_pages on): numpy advises
+MADV_HUGEPAGE for its allocations of 4 MiB and more (NPY_HUGEPAGE_THRESHOLD)."""
+
 
 def _xxh3_address() -> int:
     """XXH3_64bits from python-xxhash's extension module, which exports it."""
@@ -37,6 +41,8 @@ class Pages(PageOwner):
         # first page -> (npages, nodes) of placed blocks
         self._placed: dict[int, tuple[int, tuple[int, ...]]] = {}
         self.busy_refusals = 0          # take_pages() refused: this thread held the lock
+        self.huge_page_pages = 0        # arena pages per huge page; 0: huge pages off
+        self._huge_runs: dict[int, int] = {}    # first page -> npages of arrays advised huge
         self.debug_checks = DEBUG_CHECKS   # check every invariant after each operation
         _LIVE.add(self)
 
@@ -75,7 +81,7 @@ class Pages(PageOwner):
         `nodes` if any are given (interleaved if several). Call under locked()."""
         if npages == 0:
             return Block(self.core, self, 0, 0, 0)
-        first = self.extents.take(npages)
+        first = self._take_free(npages)
         if first is None:
             page = self.core.page_size
             raise MemoryError(
@@ -90,6 +96,7 @@ class Pages(PageOwner):
                 raise
             self._placed[first] = (npages, nodes)
         self.core.adopt(first, npages)
+        self._advise_huge(first, npages)
         return Block(self.core, self, first, npages, nbytes)
 
     def keep_placements(self):
@@ -111,10 +118,40 @@ class Pages(PageOwner):
             self.busy_refusals += 1
             return None
         with self.locked() as core:
-            first = self.extents.take(npages)
+            first = self._take_free(npages)
             if first is not None:
                 core.adopt(first, npages)
+                self._advise_huge(first, npages)
         return first
+
+    def _takes_huge(self, npages: int) -> bool:
+        """Whether an array of npages gets huge pages: huge_pages on, and as
+        big as numpy's arrays that do (HUGE_ARRAY_BYTES)."""
+        return bool(self.huge_page_pages) and npages * self.core.page_size >= HUGE_ARRAY_BYTES
+
+    def _advise_huge(self, first: int, npages: int):
+        if self._takes_huge(npages) and self.core.advise_huge(first, npages, True):
+            self._huge_runs[first] = npages
+
+    def set_huge_pages(self, per_huge: int, split_min: int):
+        """Huge pages on (per_huge pages each) or off (0); off, the arrays
+        that have them are advised MADV_NOHUGEPAGE again. Call under locked()."""
+        self.core.set_huge_pages(per_huge, split_min)
+        self.huge_page_pages = per_huge
+        if not per_huge:
+            for first, npages in self._huge_runs.items():
+                self.core.advise_huge(first, npages, False)
+            self._huge_runs.clear()
+
+    def _take_free(self, npages: int):
+        """A free run of npages: on a huge page's boundary for an array that
+        gets huge pages, as numpy's big arrays are, else the best fit."""
+        align = self.huge_page_pages
+        if self._takes_huge(npages):
+            first = self.extents.take_aligned(npages, align)
+            if first is not None:
+                return first
+        return self.extents.take(npages)
 
     def take_at(self, first: int, npages: int) -> bool:
         """For numpy's allocator: take pages [first, first + npages) if all
@@ -148,6 +185,8 @@ class Pages(PageOwner):
             if self._placed.pop(first, None):   # the next array here gets the default again
                 self.core.place(first, npages, ())
             if self.core.release(first, npages):
+                if self._huge_runs.pop(first, None):    # small arrays here get none
+                    self.core.advise_huge(first, npages, False)
                 self.extents.give(first, npages)
             else:                       # at the mapping limit: try again later
                 self._given_back.append((first, npages))

@@ -139,3 +139,38 @@ def zero_page_colours(probe_pages: int = 256) -> int:
 def _address_of(region) -> int:
     import ctypes
     return ctypes.addressof(ctypes.c_char.from_buffer(region))
+
+
+THP = "/sys/kernel/mm/transparent_hugepage"
+
+
+def thp_mode() -> str:
+    """The system's transparent huge page mode: 'always', 'madvise' or
+    'never' (the bracketed word of THP's `enabled`); 'absent' without THP."""
+    try:
+        with open(f"{THP}/enabled") as f:
+            text = f.read()
+    except OSError:
+        return "absent"
+    found = re.search(r"\[(\w+)\]", text)
+    return found.group(1) if found else "absent"
+
+
+def huge_page_size() -> int:
+    """Bytes a transparent huge page maps (hpage_pmd_size); 0 without THP."""
+    try:
+        with open(f"{THP}/hpage_pmd_size") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 0
+
+
+def numpy_madvises_hugepage() -> bool:
+    """Whether numpy asks for huge pages for its big arrays: on by default,
+    off with NUMPY_MADVISE_HUGEPAGE=0 (numpy reads it at import)."""
+    import numpy as np
+    multiarray = getattr(getattr(np, "_core", None) or np.core, "multiarray", None)
+    get = getattr(multiarray, "_get_madvise_hugepage", None)
+    if get is not None:
+        return bool(get())
+    return os.environ.get("NUMPY_MADVISE_HUGEPAGE", "1") != "0"

@@ -90,10 +90,17 @@ class MergeReport(_Readable):
         "pages not merged, by reason: `unmergeable`; `changed`: written between the "
         "comparison and the remap; `mapping_budget`; `no_memory`: the frame store or the "
         "kernel refused, or, with the `mprotect` barrier, `RLIMIT_DATA` had no room for a "
-        "run to hold while it was read-only",
+        "run to hold while it was read-only; `huge_page`: left to keep their huge page "
+        "whole (fewer than `huge_split_min_pages` of its pages matched)",
         value=lambda r: {reason: r[f"skipped_{key}"] for reason, key in (
             ("unmergeable", "unmergeable"), ("changed", "changed"),
-            ("mapping_budget", "budget"), ("no_memory", "no_memory"))}))
+            ("mapping_budget", "budget"), ("no_memory", "no_memory"), ("huge_page", "huge"))}))
+    huge_pages_kept: int = field(metadata=counter(
+        "huge pages kept whole although some of their pages matched (`huge_split_min_pages`)",
+        value=_reading("huge_kept")))
+    huge_pages_split: int = field(metadata=counter(
+        "huge pages split to merge at least `huge_split_min_pages` of their pages (one all "
+        "of whose pages matched went whole and is not counted)", value=_reading("huge_split")))
     mappings_left: int = field(metadata=counter(
         "what the mapping budget had left at the end", value=_reading("mappings_left")))
     seconds: float = field(metadata=counter("wall time of the merge()"))
@@ -221,6 +228,21 @@ class ArenaStats(_Readable):
                          - max(0, r["frame_store_bytes"] - r["frames"] * r["page_size"]))))
     barrier: str = field(metadata=counter(
         "the write barrier in use, `\"uffd\"` or `\"mprotect\"`"))
+    huge_pages: str = field(metadata=counter(
+        "transparent huge pages: `\"on\"` or `\"off\"`, and why (the `huge_pages` knob, "
+        "the system's THP mode, numpy's `NUMPY_MADVISE_HUGEPAGE`)"))
+    huge_pages_in_use: int = field(metadata=counter(
+        "huge pages backing the arena now (`AnonHugePages` of its mappings in "
+        "`/proc/self/smaps`, in huge pages)",
+        value=lambda r: r["anonhugepages"] // max(r["huge_page_pages"] * r["page_size"], 1)
+        if r["huge_page_pages"] else r["anonhugepages"] // (2 << 20)))
+    huge_pages_kept: int = field(metadata=counter(
+        "huge pages the last full pass kept whole although some of their pages matched",
+        value=_reading("huge_pages_kept")))
+    pages_kept_huge: int = field(metadata=counter(
+        "their matching pages, left unmerged to keep them whole (`huge_split_min_pages`)"))
+    huge_pages_split: int = field(metadata=counter(
+        "huge pages merges split since the arena began"))
     frames_by_node: dict[int, int] = field(metadata=counter(
         "`{node: frames in use written on it}`"))
 

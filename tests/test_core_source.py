@@ -20,6 +20,7 @@ OWNED_RECORDS = {
     "wb": "_barrier.pxi",
     "nodes": "_numa.pxi",
     "scan": "_scan.pxi",
+    "huge": "_huge.pxi",
 }
 HOLDERS = ("_core.pxi", "_check.pxi")
 

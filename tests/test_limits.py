@@ -24,6 +24,14 @@ from pydedup import testing
 from kernel import PAGE, address, frame_offsets, process_data, touch, zero_page_mapped
 
 PAGE_FLOATS = PAGE // 8
+
+
+@pytest.fixture(autouse=True)
+def small_pages(monkeypatch):
+    """These tests count mappings and lone merged pages on 4 KiB pages: with
+    huge pages a big array is a mapping of its own, and a huge page with a
+    few lone duplicates is kept whole (tests/test_huge_pages.py)."""
+    monkeypatch.setenv("PYDEDUP_HUGE_PAGES", "off")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 

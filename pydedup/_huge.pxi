@@ -1,0 +1,115 @@
+# Transparent huge pages. With the huge_pages knob on, the arena's big arrays
+# (4 MiB or more, numpy's threshold; pages.py) start on a 2 MiB boundary and
+# their whole blocks are advised MADV_HUGEPAGE, as numpy advises its own; the
+# kernel backs each block with one huge page where it can: one TLB entry
+# instead of 512, which random access (gathers, transposes) feels most. The
+# rest of the reservation stays MADV_NOHUGEPAGE, as do remaps: a small
+# array must not take a 2 MiB page for its few pages.
+#
+# A merge would split such a page: remapping or zapping part of it breaks the
+# PMD into 512 PTEs for good. So a pass, once it has decided its targets and
+# before it applies them, looks at each block that is a huge page now as one
+# unit (keep_huge_pages):
+#   - all its pages have targets: it goes whole (a block of zeros is zapped
+#     in one MADV_DONTNEED, frames are mapped over it): nothing is lost;
+#   - some have: it is split only if they are at least huge.split_min pages
+#     (the memory saved pays the slower access); else its targets are
+#     dropped and counted (skipped_huge), as the mapping budget's are.
+# A split block whose zeros are zapped is advised MADV_NOHUGEPAGE first:
+# khugepaged would otherwise collapse it again (max_ptes_none is 511 by
+# default) and fill the zapped pages with memory.
+
+
+cdef size_t huge_block_end(const huge_policy *h, size_t p) noexcept nogil:
+    """p, rounded up to the next block boundary when huge pages are on: a
+    background step ends between blocks, so that the rule sees whole blocks."""
+    if h.pages == 0:
+        return p
+    return (p + h.pages - 1) // h.pages * h.pages
+
+
+cdef int advise_blocks(Core c, size_t first, size_t n, bint on, size_t *blocks) noexcept nogil:
+    """MADV_HUGEPAGE (on) or MADV_NOHUGEPAGE over the whole blocks of
+    [first, first + n): an array's own, never a block it shares with a
+    small array, which would then take 2 MiB of memory for a few pages."""
+    cdef size_t hp = c.huge.pages if c.huge.pages else HUGE_ALIGN // c.res.page_size
+    cdef size_t lo = (first + hp - 1) // hp * hp, hi = (first + n) // hp * hp
+    blocks[0] = 0
+    if hi <= lo:
+        return 0
+    if madvise(page_address(&c.res, lo), (hi - lo) * c.res.page_size,
+               MADV_HUGEPAGE if on else MADV_NOHUGEPAGE) != 0:
+        return errno
+    blocks[0] = (hi - lo) // hp
+    return 0
+
+
+cdef inline size_t count_targets(Core c, size_t first, size_t n, size_t *zeros) noexcept nogil:
+    cdef size_t p, found = 0
+    zeros[0] = 0
+    for p in range(first, first + n):
+        if c.res.rmap[p].flags & (PAGE_TARGET | PAGE_TARGET_ZERO):
+            found += 1
+            zeros[0] += c.res.rmap[p].flags & PAGE_TARGET_ZERO != 0
+    return found
+
+
+cdef bint block_is_huge(Core c, size_t first, size_t n, uint8_t *cats) noexcept nogil:
+    """Whether the block is one huge page now: PAGEMAP_SCAN's PAGE_IS_HUGE.
+    Without it (before Linux 6.7), a whole block of anonymous pages that
+    hold memory of their own is taken for one, as THP would have made it."""
+    cdef size_t i
+    cdef int err = read_huge(&c.tables, first, n, cats)
+    if err == 0:
+        return cats[0] & PD_PAGE_IS_HUGE != 0
+    if n < c.huge.pages or read_categories(&c.tables, first, n, cats) != 0:
+        return False
+    for i in range(n):
+        if not holds_own_memory(cats[i]) or cats[i] & PD_PAGE_IS_FILE:
+            return False
+    return True
+
+
+cdef bint fence_block(Core c, size_t first, size_t zeros, pass_stats *st) noexcept nogil:
+    """Before a split that zaps zeros: keep khugepaged away from the block
+    (MADV_NOHUGEPAGE, a mapping of its own: charged to the budget). False
+    if the budget cannot pay it: the block is then kept whole."""
+    if zeros == 0:
+        return True
+    if st.mappings_left < MAPPINGS_PER_REMAP:
+        return False
+    if madvise(page_address(&c.res, first), c.huge.pages * c.res.page_size, MADV_NOHUGEPAGE) != 0:
+        return False
+    st.mappings_left -= MAPPINGS_PER_REMAP
+    st.syscalls += 1
+    return True
+
+
+cdef void keep_or_split(Core c, size_t b, size_t n, uint8_t *cats, pass_stats *st) noexcept nogil:
+    """The rule for the block of pages [b, b + n)."""
+    cdef size_t zeros, targets = count_targets(c, b, n, &zeros)
+    if targets == 0 or targets == c.huge.pages or not block_is_huge(c, b, n, cats):
+        return
+    if targets >= c.huge.split_min and fence_block(c, b, zeros, st):
+        st.huge_split += 1
+        return
+    drop_targets(c, b, n)
+    st.skipped_huge += targets
+    st.huge_kept += 1
+
+
+cdef void keep_huge_pages(Core c, size_t first, size_t end, pass_stats *st) noexcept nogil:
+    """The rule above, for the blocks that meet pages [first, end)."""
+    cdef size_t hp = c.huge.pages, b
+    cdef uint8_t *cats
+    PD_ASSERT(end <= c.res.high_water, "keep_huge_pages: pages below high_water")
+    if hp == 0 or first >= end:
+        return
+    cats = <uint8_t *>malloc(hp)
+    if cats == NULL:
+        return                          # no memory to look: the pass splits as before
+    b = first - first % hp
+    while b < end:
+        keep_or_split(c, b, min(hp, c.res.high_water - b), cats, st)
+        b += hp
+    free(cats)
