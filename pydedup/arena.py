@@ -71,6 +71,7 @@ class Arena:
     barrier = _Knob[str]()
     alloc_threshold = _Knob[int]()
     alloc_cache = _Knob[Union[int, str]]()    # bytes, or "auto"
+    shared = _Knob[str]()
 
     def __init__(self, size: int | None = None, **knob_values: Any) -> None:
         self._knobs = knobs.initial(knob_values)
@@ -80,7 +81,8 @@ class Arena:
         self._scopes: list[Any] = []     # `with arena:` blocks active (pydedup.allocator._Scope)
         self._warned: set[str] = set()   # fallback reasons a FallbackWarning has named
         self._merged_once = False        # the first merge() publishes (publish.py)
-        self._pages: Pages | None = _reserve(size)
+        self._store: Any = None          # pydedup.shared.Store, with `shared`
+        self._pages: Pages | None = self._reserve_shared(size) if self.shared else _reserve(size)
         core = self._live().core
         _choose_barrier(core, self.barrier)
         core.set_tracking(self.track_writes)
@@ -104,6 +106,11 @@ class Arena:
     def _set_knob(self, name: str, value: Any) -> None:
         if name == "run":
             self._run_scanner(value)
+            return
+        if name == "shared":
+            if value != self.shared:
+                raise ValueError("knob shared is set when the arena is made: "
+                                 "pydedup.Arena(shared=...) or PYDEDUP_SHARED")
             return
         if name in ("alloc_threshold", "alloc_cache"):
             if self.closed:
@@ -154,6 +161,24 @@ class Arena:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self._hi - self._lo:,} bytes reserved"
         return f"<pydedup.Arena {state}>"
+
+    def _reserve_shared(self, size: int | None) -> Pages:
+        """The arena's pages on shared store `shared`; where the kernel or
+        the store cannot have it, a warning and a store of its own."""
+        from pydedup import shared
+        try:
+            store = shared.join(self.shared)
+        except shared.SharedStoreError:
+            raise
+        except OSError as e:
+            warnings.warn(f"pydedup: shared store {self.shared!r} is not possible here ({e}); "
+                          f"this arena keeps a store of its own", RuntimeWarning, stacklevel=3)
+            self._knobs["shared"] = ""
+            return _reserve(size)
+        pages = _reserve(size, store.fds)
+        shared.claim(self.shared, pages)
+        self._store = store
+        return pages
 
     def _live(self) -> Pages:
         pages = self._pages
@@ -345,6 +370,7 @@ class Arena:
         start = time.perf_counter()
         self._flush_allocator_cache()
         with self._locked() as core:
+            core.sweep_members()         # a shared store: what dead members held, back
             st = core.merge(self.use_zero_pages, self.max_page_sharing, self._mapping_budget(),
                             self.tile_pages)
             self._advise_kernel_ksm(core)
@@ -477,9 +503,13 @@ class Arena:
             return ArrayStats.made_from(dict(c, pages=n, page_size=PAGE_SIZE))
         self._flush_allocator_cache()
         with self._locked() as core:
+            core.sweep_members()
             core.refresh(0, core.high_water)
             c = core.counts(0, core.high_water)
             store = os.fstat(core.memfd)
+            members = core.shared_counts()
+            usage = (procfs.mapped_file_usage(self._lo, self._hi, store.st_ino) if core.shared
+                     else (0, 0))
             readings = dict(
                 c, frames=core.frames_in_use, metadata=core.metadata_bytes(),
                 full_scans=core.full_scans, unshared=core.pages_unshared,
@@ -489,7 +519,11 @@ class Arena:
                 frames_by_node=core.frames_by_node(), **core.tile_counts(),
                 ksm_stat=procfs.ksm_stat(),
                 mappings=procfs.count_mappings(self._lo, self._hi)[1],
-                reserved=self._hi - self._lo, page_size=PAGE_SIZE)
+                reserved=self._hi - self._lo, page_size=PAGE_SIZE,
+                shared_store=self.shared, shared_members=members["members"],
+                shared_pages=members["pages_with_others"], shared_rss=usage[0],
+                shared_pss=usage[1], shared_repairs=members["repairs"],
+                shared_members_lost=members["members_lost"])
             pss = procfs.smaps_fields(self._lo, self._hi, (b"Pss",))["pss"]
         stats = ArenaStats.made_from(dict(readings, pss=pss))
         self._publisher.publish(stats, self._scanner)
@@ -529,7 +563,7 @@ class Arena:
         return first, (hi - self._lo + PAGE_SIZE - 1) // PAGE_SIZE - first
 
 
-def _reserve(size: int | None) -> Pages:
+def _reserve(size: int | None, shared: tuple[int, int] | None = None) -> Pages:
     """Reserve `size` bytes, or by default as much as can be had up to the
     default: strict overcommit (vm.overcommit_memory=2) refuses big ones."""
     if size is not None:
@@ -539,11 +573,11 @@ def _reserve(size: int | None) -> Pages:
             whole = -(-size // PAGE_SIZE) * PAGE_SIZE
             raise ValueError(f"size must be a whole number of pages ({PAGE_SIZE} bytes), not "
                              f"{size}; {whole} is the next one up")
-        return Pages(size // PAGE_SIZE)
+        return Pages(size // PAGE_SIZE, shared)
     size = min(4 * procfs.physical_memory(), MAX_DEFAULT_RESERVATION)
     while True:
         try:
-            return Pages(size // PAGE_SIZE)
+            return Pages(size // PAGE_SIZE, shared)
         except MemoryError:
             if size <= MIN_RESERVATION:
                 raise

@@ -2,6 +2,7 @@
 counterpart. Defaults can be overridden with PYDEDUP_<NAME> environment
 variables; a bad value, from either place, raises ValueError naming the knob."""
 import numbers
+import re
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -52,6 +53,12 @@ def _auto_or(parse_number):
     return parse
 
 
+def _store_name(value):
+    if isinstance(value, str) and (value == "" or re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value)):
+        return value
+    raise ValueError
+
+
 def _one_of(*choices):
     def parse(value):
         if isinstance(value, str) and value in choices:
@@ -95,6 +102,14 @@ KNOBS = {knob.name: knob for knob in (
          "that the kernel merges the pages pydedup left private (the mapping "
          "budget could not pay them); unmergeable() arrays stay out. "
          "stats().kernel_ksm_pages counts what it merged. Needs no privilege."),
+    Knob("shared", lambda: "", _store_name,
+         "'' or a name of 1 to 64 letters, digits, '.', '_', '-'", "",
+         "A frame store shared with the other processes of this user on this "
+         "machine that name the same store (PYDEDUP_SHARED for pool workers): "
+         "identical pages of all of them map the same frames, copy-on-write. "
+         "'' (the default): the arena's own store. Set when the arena is made; "
+         "one arena per store in a process. Where sharing cannot work, the "
+         "arena warns and keeps a store of its own."),
     Knob("run", lambda: 0, _one_of_integers(0, 1, 2), "0, 1 or 2", "run",
          "The background scanner: 0 stops it, 1 runs it, 2 stops it and "
          "unmerges every page (the arena's pages, not the process's)."),

@@ -28,8 +28,10 @@ def _xxh3_address() -> int:
 
 
 class Pages(PageOwner):
-    def __init__(self, npages: int):
-        self.core = Core(npages, _xxh3_address())
+    def __init__(self, npages: int, shared: tuple[int, int] | None = None):
+        # shared: the (records, frames) memfds of a store shared by
+        # processes (pydedup/shared.py); the core takes copies of its own.
+        self.core = Core(npages, _xxh3_address(), shared)
         self.extents = Extents(npages)
         self._lock = threading.Lock()
         self._holder: int | None = None     # the thread holding _lock, for numpy's allocator
@@ -44,14 +46,18 @@ class Pages(PageOwner):
     def locked(self):
         with self._lock:
             self._holder = threading.get_ident()
+            self.core.lock_store()      # a shared store's lock (_shared.pxi), after ours
             try:
                 self._release_given_back()
                 yield self.core
                 self._release_given_back()
             finally:
                 self._holder = None
-                if self.debug_checks:     # after a failed operation too: it must not corrupt
-                    self._check_invariants()
+                try:
+                    if self.debug_checks:     # after a failed operation too: it must not corrupt
+                        self._check_invariants()
+                finally:
+                    self.core.unlock_store()
         if self._given_back:
             self._release_if_free()
 
@@ -59,7 +65,11 @@ class Pages(PageOwner):
         """Raise pydedup._fast.InvariantError if the core's records, the
         frame store, the process's mappings or the free extents disagree."""
         with self._lock:
-            self._check_invariants()
+            self.core.lock_store()
+            try:
+                self._check_invariants()
+            finally:
+                self.core.unlock_store()
 
     def _check_invariants(self):
         high_water = self.core.high_water
@@ -137,7 +147,11 @@ class Pages(PageOwner):
         if self._lock.acquire(blocking=False):
             self._holder = threading.get_ident()
             try:
-                self._release_given_back()
+                self.core.lock_store()
+                try:
+                    self._release_given_back()
+                finally:
+                    self.core.unlock_store()
             finally:
                 self._holder = None
                 self._lock.release()
@@ -165,6 +179,7 @@ def _before_fork():
     _forking[:] = list(_LIVE)
     for pages in _forking:
         pages._lock.acquire()
+        pages.core.fork_prepare()       # a shared store: the child's member slot
 
 
 def _after_fork(in_child: bool):

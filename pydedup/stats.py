@@ -215,6 +215,26 @@ class ArenaStats(_Readable):
         "the write barrier in use, `\"uffd\"` or `\"mprotect\"`"))
     frames_by_node: dict[int, int] = field(metadata=counter(
         "`{node: frames in use written on it}`"))
+    shared_store: str = field(metadata=counter(
+        "the shared store the arena's frames are in (knob `shared`), or `\"\"`"))
+    shared_members: list[int] = field(metadata=counter(
+        "pids of the processes on that store, this one first (`[]` unshared)"))
+    shared_pages: int = field(metadata=counter(
+        "merged pages of this arena on frames that other members map too"))
+    shared_bytes: int = field(metadata=counter(
+        "`shared_pages * page_size`", value=lambda r: r["shared_pages"] * r["page_size"]))
+    shared_rss_bytes: int = field(metadata=counter(
+        "measured: Rss of the arena's mappings of the shared store's frames (`/proc/self/smaps`)",
+        value=_reading("shared_rss")))
+    shared_pss_bytes: int = field(metadata=counter(
+        "measured: Pss of the same, this process's share of those frames: a frame that k "
+        "processes map counts 1/k here; `shared_rss_bytes - shared_pss_bytes` is what the "
+        "other members carry for this arena", value=_reading("shared_pss")))
+    shared_repairs: int = field(metadata=counter(
+        "times a member of the store died holding its lock, and the next one repaired the "
+        "records"))
+    shared_members_lost: int = field(metadata=counter(
+        "members of the store that died and whose frame references were given back"))
 
     @classmethod
     def made_from(cls, readings: Readings) -> ArenaStats:
