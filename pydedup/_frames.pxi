@@ -211,6 +211,8 @@ cdef uint32_t frame_alloc(frame_store *fs, uint32_t hint) noexcept nogil:
     fs.frame_cursor = f + 1 if f + 1 < nslots else 0
     if f >= fs.frame_high:
         fs.frame_high = f + 1
+        if fs.common != NULL:           # at once: a member dying now leaves its record
+            fs.common.frame_high = f + 1    # below the high the next one repairs up to
     return f
 
 

@@ -134,8 +134,8 @@ class Store:
                     self._serve(self._sock)
                     return
                 try:
-                    conn, fds, their_store = _connect(self.name)
-                except ConnectionRefusedError:
+                    conn, fds, _ = _connect(self.name)
+                except OSError:         # no one serves yet, or its server just went
                     time.sleep(0.01)
                     continue
                 for fd in fds:
@@ -210,7 +210,7 @@ def join(name: str) -> Store:
 def _rejoin(store: Store) -> None:
     try:
         conn, fds, _ = _connect(store.name)
-    except (ConnectionRefusedError, SharedStoreError):
+    except OSError:
         if store._try_serve():
             store._start(store._serve, store._sock)
         return
@@ -223,8 +223,10 @@ def _find_or_make(name: str) -> Store:
     for _ in range(200):
         try:
             conn, (records, frames), _ = _connect(name)
-        except ConnectionRefusedError:
-            pass
+        except SharedStoreError:
+            raise
+        except (ConnectionRefusedError, ConnectionResetError, BrokenPipeError):
+            pass                        # no one serves it, or its server is going
         else:
             store = Store(name, records, frames)
             store._start(store._watch, conn)
