@@ -538,7 +538,6 @@ cdef class Core:
     def record_sizes():
         return dict(rmap_item=sizeof(rmap_item), frame_item=sizeof(frame_item))
 
-
     # -- a frame store shared by processes (_shared.pxi) ---------------------------
 
     cdef open_shared(self, int records_fd, int frames_fd, uint32_t zero_checksum):

@@ -14,8 +14,9 @@ cdef struct frame_tier:            # one memfd of the frame store
     char *view                     # read-only shared window on the memfd from frame
                                    # first_frame: frame f at (f - first_frame) * page_size
 
-cdef struct frames_common:         # in the shared mapping: what frame_store holds of a
-                                   # store several processes use (frames_load, frames_save)
+# In a store shared by processes: what frame_store holds that its members keep
+# in common, in the shared mapping (frames_load, frames_save).
+cdef struct frames_common:
     uint32_t frames_in_use
     uint32_t frame_high
     uint32_t frame_cursor

@@ -2,8 +2,8 @@
 counterpart. Defaults can be overridden with PYDEDUP_<NAME> environment
 variables; a bad value, from either place, raises ValueError naming the knob."""
 import numbers
-import re
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 

@@ -5,7 +5,6 @@ import json
 import os
 import pathlib
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -149,7 +148,7 @@ def test_a_member_killed_inside_merges_leaves_no_lock_held(store_name, members):
     a = members(store_name)
     a.ask("merge")
     kills = 4
-    for i in range(kills):
+    for _ in range(kills):
         b = members(store_name)
         b.send("loop")                  # merges without end, the lock held most of the time
         time.sleep(0.2 + random.random() * 0.3)
