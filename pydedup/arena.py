@@ -523,7 +523,7 @@ class Arena:
                 shared_store=self.shared, shared_members=members["members"],
                 shared_pages=members["pages_with_others"], shared_rss=usage[0],
                 shared_pss=usage[1], shared_repairs=members["repairs"],
-                shared_members_lost=members["members_lost"])
+                members_lost=members["members_lost"])
             pss = procfs.smaps_fields(self._lo, self._hi, (b"Pss",))["pss"]
         stats = ArenaStats.made_from(dict(readings, pss=pss))
         self._publisher.publish(stats, self._scanner)

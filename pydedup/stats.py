@@ -233,7 +233,7 @@ class ArenaStats(_Readable):
     shared_repairs: int = field(metadata=counter(
         "times a member of the store died holding its lock, and the next one repaired the "
         "records"))
-    shared_members_lost: int = field(metadata=counter(
+    members_lost: int = field(metadata=counter(
         "members of the store that died and whose frame references were given back"))
 
     @classmethod

@@ -38,7 +38,7 @@ def main():
         elif cmd == "stats":
             s = arena.stats()
             say(dict(members=s.shared_members, shared_pages=s.shared_pages,
-                     frames=s.frames_in_use, lost=s.shared_members_lost,
+                     frames=s.frames_in_use, lost=s.members_lost,
                      repairs=s.shared_repairs, store=s.shared_store,
                      rss=s.shared_rss_bytes, pss=s.shared_pss_bytes))
         elif cmd == "check":
