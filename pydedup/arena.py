@@ -108,6 +108,7 @@ class Arena:
             self._run_scanner(value)
             return
         if name == "shared":
+            self._live()                 # a closed arena: ValueError, as for every knob
             if value != self.shared:
                 raise ValueError("knob shared is set when the arena is made: "
                                  "pydedup.Arena(shared=...) or PYDEDUP_SHARED")
