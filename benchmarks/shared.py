@@ -15,7 +15,8 @@ Reported, in one run:
   process (the data unique: hash and unstable tree only), and a private
   merge() of two copies of it in one process (per GiB of the two), which
   does the work a second member's shared merge does (search, compare,
-  remap).
+  remap);
+- all the N merges' seconds per GiB the N processes hold.
 """
 from __future__ import annotations
 
@@ -92,8 +93,8 @@ def main() -> None:
           f"{private_dup:.3f} s/GiB (two copies)")
     print()
     print("| processes | store | PSS added, all processes | x one copy | merge s/GiB: first, "
-          "others (mean) | others / private two copies |")
-    print("|---|---|---|---|---|---|")
+          "others (mean) | others / private two copies | all merges, s/GiB held |")
+    print("|---|---|---|---|---|---|---|")
     for n in args.processes:
         for store in ("private", "shared"):
             name = f"bench-{uuid.uuid4().hex[:8]}" if store == "shared" else ""
@@ -102,7 +103,8 @@ def main() -> None:
             rest = per_gib[1:]
             rest_mean = sum(rest) / len(rest) if rest else float("nan")
             print(f"| {n} | {store} | {pss / MiB:,.0f} MiB | {pss / (args.mib * MiB):.2f} | "
-                  f"{per_gib[0]:.3f}, {rest_mean:.3f} | {rest_mean / private_dup:.2f} |")
+                  f"{per_gib[0]:.3f}, {rest_mean:.3f} | {rest_mean / private_dup:.2f} | "
+                  f"{sum(seconds) / (n * gib):.3f} |")
 
 
 if __name__ == "__main__":

@@ -543,7 +543,7 @@ cdef class Core:
     cdef open_shared(self, int records_fd, int frames_fd, uint32_t zero_checksum):
         """The frame store of the records and frames memfds another member
         passed (pydedup/shared.py); this Core's own copies of them. Joins."""
-        cdef int err, fd = dup(records_fd), ffd
+        cdef int err, fd = pd_dup_cloexec(records_fd), ffd
         if fd < 0:
             raise OSError(errno, "cannot take the shared store's records memfd")
         err = shared_map(&self.shm, fd, self.res.page_size)
@@ -552,7 +552,7 @@ cdef class Core:
             raise OSError(err, "the shared store's records are not a store of this pydedup "
                                "(version, page size)" if err == EINVAL else
                                "cannot map the shared store's records")
-        ffd = dup(frames_fd)
+        ffd = pd_dup_cloexec(frames_fd)
         err = shared_open(&self.shm, &self.store, ffd, zero_checksum) if ffd >= 0 else errno
         if err == 0:
             with nogil:
@@ -621,6 +621,13 @@ cdef class Core:
         return dict(members=pids, pages_with_others=with_others, repairs=h.repairs,
                     members_lost=h.members_lost)
 
+    def member_frames(self):
+        """Frames this arena's pages map (in a private store: frames_in_use)."""
+        cdef uint32_t f, n = 0
+        for f in range(self.store.frame_high):
+            n += frames_ledger_count(&self.store, f) != 0
+        return n
+
     def fork_prepare(self):
         """Before a fork (the arena's lock held): a member slot for the
         child, with this process's references; -1 for a private store."""
@@ -642,9 +649,27 @@ cdef class Core:
             with nogil:
                 shared_fork_child(&self.shm, &self.store, self.fork_slot)
         elif in_child:
-            self.merge_refusal = ("merging in this forked process is not possible: the shared "
-                                  f"store had no free member slot (of {MAX_MEMBERS}) for it")
+            self.leave_store_unmerged()
         self.fork_slot = -1
+
+    cdef leave_store_unmerged(self):
+        """A forked child the store had no member slot for: its merged pages
+        get their own copies (the frames under them may go when the parent
+        frees them), and it no longer uses the store; it cannot merge."""
+        cdef size_t p = 0, first, hw = self.res.high_water
+        while p < hw:
+            first = p
+            while p < hw and self.res.rmap[p].state == PAGE_MERGED:
+                self.res.rmap[p].state = PAGE_BROKEN
+                p += 1
+            if p > first:
+                populate_write(&self.res, first, p - first)
+            else:
+                p += 1
+        self.shm.head, self.shm.slot = NULL, -1     # its mapping stays, unused, till exit
+        frames_use_ledger(&self.store, NULL)
+        self.merge_refusal = ("merging in this forked process is not possible: the shared "
+                              f"store had no free member slot (of {MAX_MEMBERS}) for it")
 
 
 def userfaultfd_allowed():

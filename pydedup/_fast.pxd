@@ -184,6 +184,7 @@ cdef class Core:
     cdef check_can_merge(self)
     cdef open_shared(self, int records_fd, int frames_fd, uint32_t zero_checksum)
     cdef fork_shared(self, bint in_child)
+    cdef leave_store_unmerged(self)
 
 
 cdef class PageOwner:

@@ -40,6 +40,10 @@ static int pd_mutex_lock(void *at) { return pthread_mutex_lock((pthread_mutex_t 
 static int pd_mutex_consistent(void *at) { return pthread_mutex_consistent((pthread_mutex_t *)at); }
 static int pd_mutex_unlock(void *at) { return pthread_mutex_unlock((pthread_mutex_t *)at); }
 
+/* A copy of `fd` that programs this process execs do not inherit: they
+ * would keep the store alive after its last member. */
+static int pd_dup_cloexec(int fd) { return fcntl(fd, F_DUPFD_CLOEXEC, 0); }
+
 /* When process `pid` started, in clock ticks after boot (field 22 of
  * /proc/<pid>/stat), 0 if there is no such process or it is a zombie (its
  * memory, and with it every mapping of a frame, is gone already). */

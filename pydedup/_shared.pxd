@@ -12,7 +12,7 @@ cdef extern from "_shared.h" nogil:
     int pd_mutex_unlock(void *at)
     uint64_t pd_process_start(int pid)
     int EOWNERDEAD
-    int dup(int fd)
+    int pd_dup_cloexec(int fd)
 
 cdef enum:
     SHARED_MAGIC = 0x31646470      # "pdd1"

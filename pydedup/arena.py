@@ -511,11 +511,15 @@ class Arena:
             members = core.shared_counts()
             usage = (procfs.mapped_file_usage(self._lo, self._hi, store.st_ino) if core.shared
                      else (0, 0))
+            # A shared store: this arena's frames, and their memory (the
+            # store holds other members' frames too: shared_frames).
+            frames = core.member_frames() if core.shared else core.frames_in_use
+            store_bytes = frames * PAGE_SIZE if core.shared else store.st_blocks * 512
             readings = dict(
-                c, frames=core.frames_in_use, metadata=core.metadata_bytes(),
+                c, frames=frames, metadata=core.metadata_bytes(),
                 full_scans=core.full_scans, unshared=core.pages_unshared,
                 volatile=core.pages_volatile, barrier=core.barrier_name,
-                frame_store_bytes=store.st_blocks * 512,
+                frame_store_bytes=store_bytes, shared_frames=core.frames_in_use if core.shared else 0,
                 window_pss=procfs.frame_store_pss(self._lo, self._hi, store.st_ino),
                 frames_by_node=core.frames_by_node(), **core.tile_counts(),
                 ksm_stat=procfs.ksm_stat(),

@@ -169,6 +169,8 @@ def _connect(name: str) -> tuple[socket.socket, list[int], int]:
             raise SharedStoreError(errno.EPERM, f"the socket of shared store {name!r} is served "
                                                 f"by uid {uid}, not this user: not joined")
         message, fds, _, _ = socket.recv_fds(sock, 256, 2)
+        for fd in fds:                  # not for programs this process may exec
+            os.set_inheritable(fd, False)
         if message.startswith(_REFUSED):
             raise SharedStoreError(errno.EPERM, f"shared store {name!r} refused this process: "
                                                 f"{message[len(_REFUSED):].decode()}")

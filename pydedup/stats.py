@@ -219,6 +219,10 @@ class ArenaStats(_Readable):
         "the shared store the arena's frames are in (knob `shared`), or `\"\"`"))
     shared_members: list[int] = field(metadata=counter(
         "pids of the processes on that store, this one first (`[]` unshared)"))
+    shared_frames: int = field(metadata=counter(
+        "frames in use in the whole shared store, every member's; with a shared store, "
+        "`pages_shared`, `frames_in_use` and `frame_store_bytes` count the frames this "
+        "arena maps"))
     shared_pages: int = field(metadata=counter(
         "merged pages of this arena on frames that other members map too"))
     shared_bytes: int = field(metadata=counter(
