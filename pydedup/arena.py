@@ -89,7 +89,8 @@ class Arena:
         core.zero_colours = self.zero_page_colours
         self._topology = numa.topology()
         core.set_nodes(len(self._topology.nodes))
-        core.set_merge_across_nodes(self.merge_across_nodes)
+        with self._locked():             # a shared store's knob is the store's: under its lock
+            core.set_merge_across_nodes(self.merge_across_nodes)
         self._lo = core.base_address
         self._hi = self._lo + core.npages * PAGE_SIZE
         self._publisher = publish.Publisher(self, self._knobs)     # for `python -m pydedup stats`
@@ -441,6 +442,8 @@ class Arena:
         with self._locked() as core:
             # The budget is read once a scan: /proc/self/maps is not free.
             budget = self._mapping_budget() if core.scan_cursor == 0 else 0
+            if core.scan_cursor == 0:
+                core.sweep_members()     # a shared store: what dead members held, back
             step, scan_done = core.scan_batch(self.pages_to_scan, self.use_zero_pages,
                                               self.max_page_sharing, budget, self.tile_pages)
             if scan_done:

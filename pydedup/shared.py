@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import select
 import socket
 import struct
 import threading
@@ -112,7 +113,17 @@ class Store:
             except OSError:
                 conn.close()
                 continue
-            self._clients = [c for c in self._clients if c.fileno() >= 0] + [conn]
+            self._clients = self._living_clients() + [conn]
+
+    def _living_clients(self) -> list[socket.socket]:
+        """The connections of members still alive: a member's end closes with
+        its process (members never send), so a readable one has gone."""
+        if not self._clients:
+            return []
+        gone, _, _ = select.select(self._clients, [], [], 0)
+        for conn in gone:
+            conn.close()
+        return [c for c in self._clients if c not in gone]
 
     # -- watching the server -------------------------------------------------
 

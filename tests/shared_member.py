@@ -6,6 +6,7 @@ with one JSON line on stdout."""
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -31,6 +32,13 @@ def main():
                 x[(i * 512) % x.size] += 1
                 arena.merge()
                 i += 1
+        elif cmd == "scan":             # the background scanner, until all is shared
+            arena.run = 1
+            deadline = time.monotonic() + 20
+            while arena.stats().shared_pages < x.nbytes // 4096 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            arena.run = 0
+            say(dict(shared_pages=arena.stats().shared_pages))
         elif cmd == "touch":            # read every page: merged pages map their frames
             say(dict(sum=int(x.sum(dtype=np.uint64))))
         elif cmd == "pss":

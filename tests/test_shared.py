@@ -112,6 +112,15 @@ def test_writes_stay_private(store_name, members):
     assert a.ask("check")["checked"] and b.ask("check")["checked"]
 
 
+def test_the_background_scanner_merges_with_other_members(store_name, members):
+    a = members(store_name)
+    b = members(store_name)
+    a.ask("merge")
+    assert b.ask("scan")["shared_pages"] == MIB * 256
+    assert b.ask("verify")["equal"] and b.ask("check")["checked"]
+    assert a.ask("check")["checked"]
+
+
 def test_different_data_is_not_shared(store_name, members):
     a = members(store_name, seed=1)
     b = members(store_name, seed=2)
