@@ -231,9 +231,10 @@ class ArenaStats(_Readable):
         "measured: Rss of the arena's mappings of the shared store's frames (`/proc/self/smaps`)",
         value=_reading("shared_rss")))
     shared_pss_bytes: int = field(metadata=counter(
-        "measured: Pss of the same, this process's share of those frames: a frame that k "
-        "processes map counts 1/k here; `shared_rss_bytes - shared_pss_bytes` is what the "
-        "other members carry for this arena", value=_reading("shared_pss")))
+        "measured: Pss of the same: a frame mapped k times (by members' arenas, and by the "
+        "read-only windows their cores compare frames through) counts 1/k of a page in "
+        "each; `shared_rss_bytes - shared_pss_bytes` is what other mappings carry for this "
+        "arena", value=_reading("shared_pss")))
     shared_repairs: int = field(metadata=counter(
         "times a member of the store died holding its lock, and the next one repaired the "
         "records"))

@@ -167,6 +167,7 @@ def test_a_member_killed_inside_merges_leaves_no_lock_held(store_name, members):
         assert a.ask("check")["checked"]
     s = a.ask("stats")
     assert s["members"] == [a.pid] and s["lost"] == kills
+    assert s["repairs"] >= 1            # a kill landed with the lock held, and was repaired
     c = members(store_name)
     assert c.ask("merge")["frames_new"] == 0
     assert c.ask("check")["checked"] and c.ask("verify")["equal"]
