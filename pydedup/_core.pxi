@@ -579,17 +579,19 @@ cdef class Core:
         """Whether the frame store is shared by processes."""
         return self.shm.head != NULL
 
-    def lock_store(self):
+    def lock_store(self, bint wait=True):
         """Take the shared store's lock (nothing for a private store): every
         operation on the frame store runs under it (pydedup/pages.py). A
-        member that died holding it is repaired for here."""
+        member that died holding it is repaired for here. Without `wait`:
+        False if another holds it."""
         cdef bint held
         if self.shm.head == NULL:
-            return
+            return True
         with nogil:
-            held = shared_lock(&self.shm, &self.store)
-        if not held:
+            held = shared_lock(&self.shm, &self.store, wait)
+        if not held and wait:
             raise OSError(EINVAL, "cannot take the shared frame store's lock")
+        return held
 
     def unlock_store(self):
         with nogil:

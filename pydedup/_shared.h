@@ -37,6 +37,7 @@ static int pd_mutex_init(void *at)
 /* 0; EOWNERDEAD: held now, its last holder died holding it (repair, then
  * pd_mutex_consistent); or another error (not held). */
 static int pd_mutex_lock(void *at) { return pthread_mutex_lock((pthread_mutex_t *)at); }
+static int pd_mutex_trylock(void *at) { return pthread_mutex_trylock((pthread_mutex_t *)at); }
 static int pd_mutex_consistent(void *at) { return pthread_mutex_consistent((pthread_mutex_t *)at); }
 static int pd_mutex_unlock(void *at) { return pthread_mutex_unlock((pthread_mutex_t *)at); }
 

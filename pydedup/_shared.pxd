@@ -8,6 +8,7 @@ cdef extern from "_shared.h" nogil:
     int PD_MUTEX_BYTES
     int pd_mutex_init(void *at)
     int pd_mutex_lock(void *at)
+    int pd_mutex_trylock(void *at)    # EBUSY: held by another
     int pd_mutex_consistent(void *at)
     int pd_mutex_unlock(void *at)
     uint64_t pd_process_start(int pid)
@@ -51,7 +52,7 @@ cdef int shared_map(shared_store *ss, int fd, size_t page_size) noexcept nogil
 cdef int shared_open(shared_store *ss, frame_store *fs, int frames_fd,
                      uint32_t zero_checksum) noexcept nogil
 cdef void shared_close(shared_store *ss, frame_store *fs) noexcept nogil
-cdef bint shared_lock(shared_store *ss, frame_store *fs) noexcept nogil
+cdef bint shared_lock(shared_store *ss, frame_store *fs, bint wait=*) noexcept nogil
 cdef void shared_unlock(shared_store *ss, frame_store *fs) noexcept nogil
 cdef int shared_join(shared_store *ss, frame_store *fs) noexcept nogil
 cdef void shared_sweep(shared_store *ss, frame_store *fs) noexcept nogil

@@ -155,14 +155,15 @@ cdef void shared_repair(shared_store *ss, frame_store *fs) noexcept nogil:
     ss.head.repairs += 1
 
 
-cdef bint shared_lock(shared_store *ss, frame_store *fs) noexcept nogil:
+cdef bint shared_lock(shared_store *ss, frame_store *fs, bint wait=True) noexcept nogil:
     """Take the store's lock and load the shared fields into `fs`. True if
-    held (always, for a private store: nothing to do)."""
+    held (always, for a private store: nothing to do); without `wait`,
+    False at once if another holds it."""
     cdef int err
     if ss.head == NULL:
         return True
     PD_ASSERT(not ss.locked, "shared_lock: not held already")
-    err = pd_mutex_lock(ss.head.lock)
+    err = pd_mutex_lock(ss.head.lock) if wait else pd_mutex_trylock(ss.head.lock)
     if err != 0 and err != EOWNERDEAD:
         return False
     frames_load(fs)

@@ -43,21 +43,29 @@ class Pages(PageOwner):
         _LIVE.add(self)
 
     @contextmanager
-    def locked(self):
+    def locked(self, store: bool = True):
+        # store: the operation touches the frame store; a shared store's
+        # lock (_shared.pxi) is then taken after ours. Allocations do not:
+        # they need not wait for another process's merge.
+        store = store or not self.core.shared
         with self._lock:
             self._holder = threading.get_ident()
-            self.core.lock_store()      # a shared store's lock (_shared.pxi), after ours
+            if store:
+                self.core.lock_store()
             try:
-                self._release_given_back()
+                if store:
+                    self._release_given_back()
                 yield self.core
-                self._release_given_back()
+                if store:
+                    self._release_given_back()
             finally:
                 self._holder = None
                 try:
-                    if self.debug_checks:     # after a failed operation too: it must not corrupt
+                    if self.debug_checks and store:   # after a failed operation too: it must not corrupt
                         self._check_invariants()
                 finally:
-                    self.core.unlock_store()
+                    if store:
+                        self.core.unlock_store()
         if self._given_back:
             self._release_if_free()
 
@@ -120,7 +128,7 @@ class Pages(PageOwner):
         if self._holder == threading.get_ident():
             self.busy_refusals += 1
             return None
-        with self.locked() as core:
+        with self.locked(store=False) as core:
             first = self.extents.take(npages)
             if first is not None:
                 core.adopt(first, npages)
@@ -131,7 +139,7 @@ class Pages(PageOwner):
         are free (an allocation grown in place)."""
         if self._holder == threading.get_ident():
             return False
-        with self.locked() as core:
+        with self.locked(store=False) as core:
             taken = self.extents.take_at(first, npages)
             if taken:
                 core.adopt(first, npages)
@@ -147,11 +155,13 @@ class Pages(PageOwner):
         if self._lock.acquire(blocking=False):
             self._holder = threading.get_ident()
             try:
-                self.core.lock_store()
-                try:
-                    self._release_given_back()
-                finally:
-                    self.core.unlock_store()
+                # Not waiting for another process's merge: the next
+                # operation releases what stays queued.
+                if self.core.lock_store(False):
+                    try:
+                        self._release_given_back()
+                    finally:
+                        self.core.unlock_store()
             finally:
                 self._holder = None
                 self._lock.release()
