@@ -223,6 +223,19 @@ def test_in_process_arena_on_a_store(store_name):
     arena.close()
 
 
+def test_the_command_line_shows_the_store_and_its_members(store_name, members, tmp_path,
+                                                         monkeypatch, capsys):
+    from pydedup.__main__ import main
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    other = members(store_name)
+    arena = pydedup.Arena(size=1 << 28, shared=store_name)
+    arena.stats()
+    assert main(["stats", str(os.getpid()), "--wait", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"shared store {store_name!r}, members (pids): {os.getpid()}, {other.pid}" in out
+    arena.close()
+
+
 def test_a_bad_name_is_refused():
     with pytest.raises(ValueError, match="knob shared"):
         pydedup.Arena(size=1 << 28, shared="no/slashes")
