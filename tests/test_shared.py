@@ -153,6 +153,23 @@ def test_a_member_killed_outside_a_merge_loses_the_others_nothing(store_name, me
     assert c.ask("verify")["equal"] and c.ask("check")["checked"]
 
 
+def test_when_the_serving_member_dies_another_serves_the_store(store_name, members):
+    a = members(store_name)             # the first: it serves the socket
+    b = members(store_name)
+    a.ask("merge")
+    b.ask("merge")
+    a.kill()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # b sees a's connection close and binds the name
+        c = members(store_name)
+        if b.pid in c.ask("stats")["members"]:
+            break
+        c.close()
+    assert c.ask("merge")["frames_new"] == 0          # b's frames (a's data, kept)
+    assert set(c.ask("stats")["members"]) == {b.pid, c.pid}
+    assert b.ask("verify")["equal"] and c.ask("check")["checked"]
+
+
 def test_a_member_killed_inside_merges_leaves_no_lock_held(store_name, members):
     a = members(store_name)
     a.ask("merge")
