@@ -11,6 +11,12 @@ cdef uint32_t zero_page_checksum(pd_xxh3_fn xxh3, size_t page_size) except? 0:
     return checksum
 
 
+cdef uint32_t check_threads(uint32_t threads) except 0:
+    if not 1 <= threads <= PD_MAX_THREADS:
+        raise ValueError(f"threads is 1 to {PD_MAX_THREADS}, not {threads}")
+    return threads
+
+
 cdef uint32_t check_tile_pages(uint32_t tile_pages) except 0:
     if not 1 <= tile_pages <= MAX_TILE_PAGES:
         raise ValueError(f"tile_pages is 1 to {MAX_TILE_PAGES}, not {tile_pages}")
@@ -314,12 +320,13 @@ cdef class Core:
                 track_range(&self.tables, self.res.base, length)
 
     def merge(self, bint use_zero_pages, uint32_t max_page_sharing, long mappings_left,
-              uint32_t tile_pages=1):
+              uint32_t tile_pages=1, uint32_t threads=1):
         """One whole scan, now; returns what it did as a dict of pass_stats.
-        Runs of one content map onto tiles of up to tile_pages frames."""
+        Runs of one content map onto tiles of up to tile_pages frames; pages
+        are read on `threads` threads."""
         cdef pass_stats st
         cdef scan_knobs k = scan_knobs(use_zero_pages, max_page_sharing, True,
-                                       check_tile_pages(tile_pages))
+                                       check_tile_pages(tile_pages), check_threads(threads))
         cdef int err
         self.check_can_merge()
         memset(&st, 0, sizeof(st))
@@ -334,14 +341,14 @@ cdef class Core:
         return st
 
     def scan_batch(self, size_t npages, bint use_zero_pages, uint32_t max_page_sharing,
-                   long mappings_left, uint32_t tile_pages=1):
+                   long mappings_left, uint32_t tile_pages=1, uint32_t threads=1):
         """The background scanner's step: the next npages of the scan in
         progress. mappings_left is the mapping budget of a scan, taken when
         one begins (at scan_cursor 0). Returns (this step's pass_stats,
         whether a scan ended)."""
         cdef pass_stats before = self.scan.stats
         cdef scan_knobs k = scan_knobs(use_zero_pages, max_page_sharing, False,
-                                       check_tile_pages(tile_pages))
+                                       check_tile_pages(tile_pages), check_threads(threads))
         cdef bint scan_done = False
         cdef int err
         self.check_can_merge()

@@ -82,6 +82,8 @@
 #   barrier      _barrier     write_barrier: how a run is write-protected while
 #                             it is compared and remapped
 #   remap        _remap       applying a pass's targets in runs (no record)
+#   hash         _hash        page_hashes: zero tests and checksums of a chunk
+#                             of pages made ahead, on several threads
 #   scan         _scan        scan_state (KSM's ksm_scan): the unstable tree,
 #                             the cursor, the last new frame, the pass's stats
 #   Core         _core        the Python face: the reservation, holding the parts
@@ -128,6 +130,7 @@ cdef struct scan_knobs:            # what a scan is asked to do
     uint32_t max_page_sharing
     bint merge_volatile            # merge pages that changed since the last scan too
     uint32_t tile_pages            # the longest tile (1: no tiles)
+    uint32_t threads               # threads that read pages (_hash.pxi); 1: the caller's only
 
 cdef struct pass_stats:            # what one merge pass did
     uint64_t scanned               # pages looked at
@@ -148,6 +151,11 @@ cdef struct pass_stats:            # what one merge pass did
     double refresh_seconds         # reading page tables, noticing writes
     double decide_seconds          # zero tests, checksums, tree searches
     double apply_seconds           # checks under way to the remap, and the remaps
+    uint32_t threads               # threads the pass read pages with
+    double refresh_cpu_seconds     # CPU time of each phase, every thread's
+    double decide_cpu_seconds
+    double apply_cpu_seconds
+    double helper_cpu_seconds      # of those, the threads' other than the caller's
 
 cdef class Core                    # below, once the records of its parts are known
 
@@ -160,6 +168,7 @@ include "_shared.pxd"
 include "_pagemap.pxd"
 include "_barrier.pxd"
 include "_remap.pxd"
+include "_hash.pxd"
 include "_scan.pxd"
 
 

@@ -10,6 +10,7 @@ cdef enum run_kind:
 
 cdef enum:
     MAPPINGS_PER_REMAP = 2  # an mmap inside a mapping splits it in three
+    MATCH_AHEAD_PAGES = 256  # runs this long are compared on threads (match_run_ahead)
 
 cdef struct remap_cost:            # the mappings one remap of a run changes
     uint64_t lo, hi                # the window: the run and the mappings it touches

@@ -98,6 +98,7 @@ cdef void merge_run(Core c, size_t first, size_t n, run_kind kind, pass_stats *s
     cdef held_run held
     cdef remap_cost cost
     cdef uint32_t refill_lo = 0, refill_hi = 0
+    cdef uint8_t *matches
     cdef bint measured = worst_remap_cost(kind) > st.mappings_left
     if measured and not (predict_remap_cost(c, first, n, kind, &cost)
                          and cost.predicted <= st.mappings_left):
@@ -111,9 +112,10 @@ cdef void merge_run(Core c, size_t first, size_t n, run_kind kind, pass_stats *s
         drop_targets(c, first, n)       # the kernel could not split the mapping, or hold room
         st.skipped_no_memory += n
         return
+    matches = match_run_ahead(c, first, n, kind, st)
     while i < n:
         j = i
-        while j < n and still_matches(c, first + j, kind):
+        while j < n and held_page_matches(c, matches, first, j, kind):
             j += 1
         if j > i and measured and i > 0:
             drop_targets(c, first + i, j - i)
@@ -124,12 +126,45 @@ cdef void merge_run(Core c, size_t first, size_t n, run_kind kind, pass_stats *s
             drop_targets(c, first + j, 1)
             st.skipped_changed += 1
         i = j + 1
+    free(matches)
     unprotect_run(&c.wb, &c.tables, &c.res, &held, kind == RUN_ZERO_ANON, st)
     # UFFDIO_UNREGISTER has write-locked the run's mappings, or mmap has
     # replaced them: no fault in them is left to fill a hole again.
     punch_refilled(&c.store, refill_lo, refill_hi)
     if measured:
         st.mappings_left -= measured_remap_cost(c, &cost)
+
+
+cdef inline bint held_page_matches(Core c, const uint8_t *matches, size_t first, size_t j,
+                                   run_kind kind) noexcept nogil:
+    """Whether page first + j of a held run still holds what it was matched
+    on: from match_run_ahead()'s answers if it made them."""
+    if matches != NULL:
+        return matches[j] != 0
+    return still_matches(c, first + j, kind)
+
+
+cdef uint8_t *match_run_ahead(Core c, size_t first, size_t n, run_kind kind,
+                              pass_stats *st) noexcept nogil:
+    """still_matches() for every page of a held run at once, on st.threads
+    threads over slices of the run (_hash.h); NULL, and the pages are
+    compared one by one, for one thread, a short run, or no memory. The
+    barrier holds the run, so the answers hold until its remap."""
+    cdef pd_match_job job
+    cdef double cpu
+    if st.threads < 2 or n < MATCH_AHEAD_PAGES:
+        return NULL
+    job.match = <uint8_t *>malloc(n)
+    if job.match == NULL:
+        return NULL
+    job.pages = page_address(&c.res, first)
+    job.frames = frame_address(&c.store, c.res.rmap[first].frame) if kind == RUN_FRAMES else NULL
+    job.page_size = c.res.page_size
+    job.n = n
+    cpu = pd_match_pages(&job, st.threads)
+    st.apply_cpu_seconds += cpu
+    st.helper_cpu_seconds += cpu
+    return job.match
 
 
 cdef void frames_under_broken_pages(Core c, size_t first, size_t n,

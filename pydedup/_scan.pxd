@@ -12,6 +12,7 @@ cdef struct scan_state:            # Core.scan: the scan in progress
     size_t run_last                # the last page of the run of one content going on
     size_t run_pages               # its pages: how long its tile may grow (_frames.pxi tile_next)
     pass_stats stats               # what the background scan in progress did
+    page_hashes ahead              # a chunk's zero tests and checksums, made on threads
 
 cdef bint mergeable(const rmap_item *it) noexcept nogil
 cdef int refresh_states(Core c, size_t first, size_t n) noexcept nogil

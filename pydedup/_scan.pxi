@@ -161,8 +161,11 @@ cdef void cmp_and_merge_page(Core c, size_t p, bint written, scan_knobs *k,
     cdef size_t q
     if written or not it.flags & PAGE_CHECKSUMMED:
         st.hashed += 1
-        zero = pd_page_is_zero(page, c.res.page_size)
-        checksum = page_zero_key(c, p) if zero else <uint32_t>c.xxh3(page, c.res.page_size)
+        if not hashed_ahead(&c.scan.ahead, p, &zero, &checksum):
+            zero = pd_page_is_zero(page, c.res.page_size)
+            checksum = 0 if zero else <uint32_t>c.xxh3(page, c.res.page_size)
+        if zero:
+            checksum = page_zero_key(c, p)
         changed = not (it.flags & PAGE_CHECKSUMMED and it.checksum == checksum)
         if changed and it.flags & PAGE_CHECKSUMMED:
             st.volatile += 1
@@ -278,17 +281,21 @@ cdef int scan_range(Core c, size_t first, size_t end, scan_knobs *k,
     cdef uint16_t *nodes = NULL
     cdef size_t p, n
     cdef int err = 0
+    st.threads = max(k.threads, 1)      # also for the remaps of the pass (_remap.pxi)
     if knows_nodes(&c.nodes):
         nodes = <uint16_t *>malloc(STATE_CHUNK * sizeof(uint16_t))
     if cats == NULL or (knows_nodes(&c.nodes) and nodes == NULL):
         free(cats)
         free(nodes)
         return ENOMEM
+    open_ahead(c, k)
     while first < end and err == 0:
         n = min(end - first, <size_t>STATE_CHUNK)
         err = take_written(&c.tables, first, n, cats)
         if err == 0 and nodes != NULL:
             read_nodes(&c.nodes, &c.res, first, n, cats, nodes)
+        if err == 0 and k.threads > 1:
+            hash_chunk_ahead(c, first, n, cats, k, st)
         for p in range(first, first + n if err == 0 else first):
             if (nodes != NULL and not merges_across_nodes(&c.store) and c.res.rmap[p].state == PAGE_MERGED
                     and away_from_home(c, p, nodes[p - first]) and go_home(c, p, st) == 0):
@@ -302,16 +309,51 @@ cdef int scan_range(Core c, size_t first, size_t end, scan_knobs *k,
                     cmp_and_merge_page(c, p, cats[p - first] & PD_PAGE_IS_WRITTEN != 0, k, st)
             elif c.res.rmap[p].state != PAGE_FREE and c.res.rmap[p].flags & PAGE_UNMERGEABLE:
                 st.skipped_unmergeable += 1
+        hashes_forget(&c.scan.ahead)
         first += n
     free(cats)
     free(nodes)
+    hashes_close(&c.scan.ahead)
     return err
+
+
+cdef void open_ahead(Core c, scan_knobs *k) noexcept nogil:
+    """Room for a chunk's answers when pages are read on threads. Without
+    it (RLIMIT_DATA, say) the scan hashes each page itself, as on one
+    thread: the threads are a speed-up, never a reason to fail."""
+    if k.threads >= 2 and hashes_open(&c.scan.ahead, STATE_CHUNK) != 0:
+        hashes_close(&c.scan.ahead)
+
+
+cdef void hash_chunk_ahead(Core c, size_t first, size_t n, const uint8_t *cats,
+                           scan_knobs *k, pass_stats *st) noexcept nogil:
+    """The zero tests and checksums that cmp_and_merge_page will need for
+    pages [first, first + n), made now on k.threads threads: those of the
+    mergeable pages holding memory that were written since their last
+    checksum or never checksummed. (A page that go_home() gives a copy
+    after this is hashed again by the scan itself.)"""
+    cdef uint8_t *flags = <uint8_t *>malloc(n)
+    cdef size_t i
+    cdef double cpu
+    cdef rmap_item *it
+    if flags == NULL or c.scan.ahead.capacity < n:
+        free(flags)
+        return                          # the scan hashes each page itself
+    for i in range(n):
+        it = &c.res.rmap[first + i]
+        flags[i] = (mergeable(it) and holds_own_memory(cats[i])
+                    and (cats[i] & PD_PAGE_IS_WRITTEN != 0 or not it.flags & PAGE_CHECKSUMMED))
+    cpu = hash_ahead(&c.scan.ahead, &c.res, c.xxh3, first, n, flags, k.threads)
+    st.decide_cpu_seconds += cpu
+    st.helper_cpu_seconds += cpu
+    free(flags)
 
 
 cdef int merge_pass(Core c, scan_knobs *k, pass_stats *st) noexcept nogil:
     """merge(): one whole scan now, replacing a background scan in progress."""
     cdef pass_stats abandoned
     cdef double refreshed, decided, started = now()
+    cdef double cpu_refreshed, cpu_decided, cpu_started = pd_thread_cpu()
     cdef int err = prepare_barrier(&c.wb)
     PD_ASSERT(c.res.high_water <= c.res.npages, "merge_pass: high_water within the reservation")
     if err:
@@ -320,11 +362,13 @@ cdef int merge_pass(Core c, scan_knobs *k, pass_stats *st) noexcept nogil:
         end_scan(c, &abandoned)
     err = refresh_states(c, 0, c.res.high_water)
     refreshed = now()
+    cpu_refreshed = pd_thread_cpu()
     if err == 0:
         err = begin_scan(c)
     if err == 0:
         err = scan_range(c, 0, c.res.high_water, k, st)
     decided = now()
+    cpu_decided = pd_thread_cpu()
     apply_targets(c, st)                # also drops the targets of a failed scan
     if c.scan.unstable != NULL:
         end_scan(c, st)
@@ -333,7 +377,17 @@ cdef int merge_pass(Core c, scan_knobs *k, pass_stats *st) noexcept nogil:
     st.refresh_seconds = refreshed - started
     st.decide_seconds = decided - refreshed
     st.apply_seconds = now() - decided
+    note_cpu(st, cpu_started, cpu_refreshed, cpu_decided)
     return err
+
+
+cdef void note_cpu(pass_stats *st, double started, double refreshed,
+                   double decided) noexcept nogil:
+    """The pass's CPU seconds a phase (the calling thread's, and for the
+    decision, the hashing threads' that scan_range added) and its threads."""
+    st.refresh_cpu_seconds = refreshed - started
+    st.decide_cpu_seconds += decided - refreshed
+    st.apply_cpu_seconds += pd_thread_cpu() - decided
 
 
 cdef int scan_batch(Core c, size_t npages, scan_knobs *k, bint *scan_done) noexcept nogil:

@@ -67,6 +67,8 @@ class Arena:
     run = _Knob[int]()
     pages_to_scan = _Knob[int]()
     sleep_millisecs = _Knob[int]()
+    threads = _Knob[int]()
+    max_cpu = _Knob[int]()
     track_writes = _Knob[bool]()
     barrier = _Knob[str]()
     alloc_threshold = _Knob[int]()
@@ -81,6 +83,7 @@ class Arena:
         self._scopes: list[Any] = []     # `with arena:` blocks active (pydedup.allocator._Scope)
         self._warned: set[str] = set()   # fallback reasons a FallbackWarning has named
         self._merged_once = False        # the first merge() publishes (publish.py)
+        self._scan_helper_cpu = 0.0      # CPU seconds of the last scan step's hashing threads
         self._store: Any = None          # pydedup.shared.Store, with `shared`
         self._pages: Pages | None = self._reserve_shared(size) if self.shared else _reserve(size)
         core = self._live().core
@@ -150,8 +153,8 @@ class Arena:
     def __enter__(self: A) -> A:
         """Like pydedup.arena(self): numpy's allocations in the block (and in
         threads started in it) go to this arena. The block's end does not
-        close the arena: it lives while you or its arrays hold it; close()
-        ends it."""
+        close the arena: it lives while you hold it (its arrays keep its
+        memory, not the Arena object); close() ends it."""
         from pydedup.allocator import _Scope
         scope = _Scope(self)
         self._scopes.append(scope)
@@ -374,7 +377,7 @@ class Arena:
         with self._locked() as core:
             core.sweep_members()         # a shared store: what dead members held, back
             st = core.merge(self.use_zero_pages, self.max_page_sharing, self._mapping_budget(),
-                            self.tile_pages)
+                            self.tile_pages, self.threads)
             self._advise_kernel_ksm(core)
             self._live().keep_placements()
         report = MergeReport.made_from(dict(st, seconds=time.perf_counter() - start))
@@ -439,13 +442,15 @@ class Arena:
 
     def _scan_step(self) -> tuple[int, float]:
         """One step of the background scan: (pages it merged, seconds to sleep)."""
+        cpu_started = time.thread_time()
         with self._locked() as core:
             # The budget is read once a scan: /proc/self/maps is not free.
             budget = self._mapping_budget() if core.scan_cursor == 0 else 0
             if core.scan_cursor == 0:
                 core.sweep_members()     # a shared store: what dead members held, back
             step, scan_done = core.scan_batch(self.pages_to_scan, self.use_zero_pages,
-                                              self.max_page_sharing, budget, self.tile_pages)
+                                              self.max_page_sharing, budget, self.tile_pages,
+                                              self.threads)
             if scan_done:
                 self._advise_kernel_ksm(core)
             if step["merged"] or step["zeroed"]:
@@ -454,7 +459,16 @@ class Arena:
             self._publish_first_or_if_due()
         else:
             self._publish_if_due()
-        return step["merged"] + step["zeroed"], self.sleep_millisecs / 1000
+        # The hashing threads' CPU time (the core adds theirs, not this thread's)
+        self._scan_helper_cpu = step["decide_cpu_seconds"]
+        return step["merged"] + step["zeroed"], self._scan_sleep(
+            time.thread_time() - cpu_started + self._scan_helper_cpu)
+
+    def _scan_sleep(self, cpu: float) -> float:
+        """Seconds to sleep after a step that took `cpu` CPU seconds on all
+        its threads: sleep_millisecs, or longer so that the scanner stays
+        within max_cpu percent of one CPU over the step and its sleep."""
+        return max(self.sleep_millisecs / 1000, cpu * (100 - self.max_cpu) / self.max_cpu)
 
     @property
     def scanner(self) -> Scanner | None:

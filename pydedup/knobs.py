@@ -36,6 +36,7 @@ def _integer_at_least(low, high=None):
 
 
 UINT32_MAX = 2**32 - 1          # the core's page, frame and mapcount numbers are 32-bit
+MAX_THREADS = 256               # PD_MAX_THREADS of the core (_hash.h)
 SIZE_MAX = 2**63 - 1            # numpy's allocator keeps byte counts in a size_t
 
 
@@ -120,6 +121,21 @@ KNOBS = {knob.name: knob for knob in (
     Knob("sleep_millisecs", lambda: 20, _integer_at_least(0, UINT32_MAX),
          f"an integer from 0 to {UINT32_MAX}", "sleep_millisecs",
          "How long the background scanner sleeps between steps."),
+    Knob("threads", lambda: min(len(os.sched_getaffinity(0)), MAX_THREADS),
+         _integer_at_least(1, MAX_THREADS), f"an integer from 1 to {MAX_THREADS}", "",
+         "Threads that read pages in a merge() and a background scan: the zero "
+         "tests and checksums of each chunk of pages run on this many threads "
+         "without the GIL, over disjoint slices; the decisions, the trees and "
+         "the remaps stay on the calling thread, in page order, so a pass "
+         "merges the same pages whatever the count. Default: the CPUs the "
+         "process may run on (os.sched_getaffinity)."),
+    Knob("max_cpu", lambda: 100, _integer_at_least(1, 100 * MAX_THREADS),
+         f"an integer from 1 to {100 * MAX_THREADS}", "",
+         "The background scanner's CPU budget, in percent of one CPU (KSM's "
+         "advisor_max_cpu): after a step that took c CPU seconds, on all its "
+         "threads, the scanner sleeps at least c * (100 - max_cpu) / max_cpu "
+         "seconds, besides sleep_millisecs. 100: at most one CPU's worth on "
+         "average, whatever `threads` is; 200: two."),
     Knob("track_writes", lambda: True, _boolean, "True or False (or 1, 0)", "",
          "Track written pages (userfaultfd write-protect, asynchronous) so that "
          "a scan reads only pages written since the last one. Costs a minor "

@@ -20,7 +20,7 @@ class Scanner:
         self._step = step
         self._stopping = threading.Event()
         self.error = None             # what stopped it, if not a request
-        self.cpu_seconds = 0.0        # thread CPU time spent in steps
+        self.cpu_seconds = 0.0        # CPU time spent in steps, its hashing threads' too
         self.last_merge = None        # time.monotonic() of the last step that merged
         self.last_merge_cpu = 0.0     # cpu_seconds then
         self._thread = threading.Thread(target=self._run, name="pydedup-scanner", daemon=True)
@@ -51,7 +51,7 @@ class Scanner:
                 self.error = e
                 return
             finally:
-                self.cpu_seconds += time.thread_time() - start
+                self.cpu_seconds += time.thread_time() - start + arena._scan_helper_cpu
             if merged:
                 self.last_merge, self.last_merge_cpu = time.monotonic(), self.cpu_seconds
             del arena

@@ -101,6 +101,14 @@ class MergeReport(_Readable):
         "seconds of each phase: `refresh`, `decide`, `apply`",
         value=lambda r: {phase: round(r[f"{phase}_seconds"], 6)
                          for phase in ("refresh", "decide", "apply")}))
+    threads: int = field(metadata=counter(
+        "threads that read pages (zero tests, checksums): the `threads` knob"))
+    phase_cpu_seconds: dict[str, float] = field(metadata=counter(
+        "CPU seconds of each phase, every thread's: `refresh`, `decide`, `apply`",
+        value=lambda r: {phase: round(r[f"{phase}_cpu_seconds"], 6)
+                         for phase in ("refresh", "decide", "apply")}))
+    helper_cpu_seconds: float = field(metadata=counter(
+        "of `phase_cpu_seconds`, the CPU seconds of the threads other than the caller's"))
 
     @classmethod
     def made_from(cls, readings: Readings) -> MergeReport:

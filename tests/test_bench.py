@@ -3,6 +3,7 @@ the same figures, the ratios are against rows of the same run, JSON and plot
 come out, kernel KSM rows are skipped with a reason where KSM cannot run.
 Sizes are tiny; nothing here asserts a timing."""
 import json
+import os
 import sys
 
 import numpy as np
@@ -205,3 +206,27 @@ def test_progress_without_tqdm_prints_a_line_a_step(capsys, monkeypatch):
     progress.close()
     err = capsys.readouterr().err
     assert "0/2" in err and "1/2" in err and "structured: merge" in err
+
+
+def test_scaling_reports_time_ratios_and_read_passes(tmp_path, capsys):
+    result = bench.main(["--scaling", "16MiB,32MiB", "--workload", "structured", "--threads", "2",
+                   "--out", str(tmp_path)])
+    rows = result["scaling"]["rows"]
+    assert [r["size_ratio"] for r in rows] == [1.0, 2.0]
+    assert rows[0]["time_ratio"] == 1.0 and rows[1]["time_ratio"] > 0
+    assert all(r["threads"] == 2 and r["read_passes"] > 0 for r in rows)
+    assert set(rows[1]["phase_cpu_seconds"]) == {"refresh", "decide", "apply"}
+    assert "x time" in capsys.readouterr().out
+    assert (tmp_path / "scaling.json").exists()
+
+
+def test_merge_rows_report_threads_and_phases(tmp_path, capsys):
+    result, _, _ = run_bench(tmp_path, "--workload", "structured",
+                             "--methods", "merge,merge-1thr", "--no-plot")
+    rows = result["workloads"]["structured"]["rows"]
+    assert rows["merge-1thr"]["threads"] == 1
+    assert rows["merge"]["threads"] == min(len(os.sched_getaffinity(0)), 256)
+    for row in rows.values():
+        assert set(row["phase_cpu_seconds"]) == {"refresh", "decide", "apply"}
+        assert row["merge_over_read_pass"] > 0
+    assert "read passes" in capsys.readouterr().out

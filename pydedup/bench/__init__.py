@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from pydedup.bench import methods, report, workloads
+from pydedup.bench import methods, report, scaling, workloads
 from pydedup.bench.workloads import parse_size  # noqa: F401 - public helper
 from pydedup.bench.zero_read import show_zero_read, zero_read
 
@@ -100,6 +100,12 @@ def main(argv=None):
     parser.add_argument("--zero-read", action="store_true",
                         help="also the read throughput of an all-zero array, never written, "
                              "written, merged to the zero page, merged to zero frames")
+    parser.add_argument("--scaling", metavar="SIZES",
+                        help="instead of the methods: merge() of --workload (default "
+                             "structured) at each of these comma-separated sizes, e.g. "
+                             "1GiB,4GiB,16GiB, as ratios to the first (pydedup.bench.scaling)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="with --scaling: the threads knob (default: its default)")
     # Options of earlier versions, which added methods one by one; kept so
     # that old commands still run. The default now runs them all.
     for flag, name in (("--background", "background"), ("--ksm", "ksm-fast"),
@@ -108,6 +114,8 @@ def main(argv=None):
                             help=f"make sure {name} is among the methods")
     args = parser.parse_args(argv)
 
+    if args.scaling:
+        return _scaling(args, parser)
     size = args.size
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     names += [m for m in args.add or () if m not in names]
@@ -138,4 +146,26 @@ def main(argv=None):
     print(f"figures: {', '.join(paths)}")
     if not args.no_plot:
         print(report.plot(result["workloads"], os.path.join(args.out, "bench.png")))
+    return result
+
+
+def _scaling(args, parser):
+    try:
+        sizes = [_workload_size(s) for s in args.scaling.split(",") if s.strip()]
+    except argparse.ArgumentTypeError as e:
+        parser.error(f"--scaling: {e}")
+    if not sizes:
+        parser.error("--scaling takes sizes, e.g. 1GiB,4GiB")
+    workload = "structured" if args.workload == "all" else args.workload
+    result = {"command": "python -m pydedup bench " + " ".join(sys.argv[1:]),
+              "machine": machine(), "seed": args.seed,
+              "scaling": scaling.run(sizes, workload, args.seed, args.threads,
+                                     lambda m: print(m, file=sys.stderr))}
+    print(scaling.table(result["scaling"]))
+    os.makedirs(args.out, exist_ok=True)
+    paths = [os.path.join(args.out, "scaling.json")] + ([args.json] if args.json else [])
+    for path in paths:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+    print(f"figures: {', '.join(paths)}")
     return result

@@ -2,8 +2,8 @@
 workload in this run. Every method returns a row of the same figures:
 
 seconds, cpu_seconds   to the full merge (None for plain numpy): wall time, and
-                       the CPU time of whoever merged (the calling thread, the
-                       scanner thread, ksmd)
+                       the CPU time of whoever merged (merge(): the process, with
+                       the threads that read pages; the scanner and its threads; ksmd)
 pss_before, pss_after  process PSS with every page of the workload mapped
 saved_over_theoretical (pss_before - pss_after) / the bytes merging can save
 metadata_bytes_per_page  bookkeeping per workload page (kernel KSM: its rmap
@@ -105,17 +105,21 @@ def plain_numpy(build, size):
     return _row(workload, before, sampler, None, None, 0.0)
 
 
-@method("merge", "pydedup Arena.merge(), one call")
-def pydedup_merge(build, size):
-    with _arena(size) as arena:
+@method("merge", "pydedup Arena.merge(), one call, on the threads knob's default "
+                 "(the CPUs the process may run on)")
+def pydedup_merge(build, size, **knobs):
+    with _arena(size, **knobs) as arena:
         workload = build(lambda n: arena.empty(n))
         fault_in(workload.arrays)
         read_before = best_of(3, lambda: read_pass(workload.arrays))
         before = procfs.process_pss()
         with PssSampler() as sampler:
+            # the caller's CPU time and its threads' (merge() reads pages on
+            # threads too); not the process's: the sampler's reads of
+            # smaps_rollup cost more than the merge with 100,000 mappings
             cpu0 = time.thread_time()
             report = arena.merge()
-            cpu = time.thread_time() - cpu0
+            cpu = time.thread_time() - cpu0 + report.helper_cpu_seconds
         again = arena.merge()               # nothing written since: tracked pages are not read
         stats = arena.stats()
         return _row(workload, before, sampler, report.seconds, cpu,
@@ -123,10 +127,18 @@ def pydedup_merge(build, size):
                         "merge_over_read_pass": report.seconds / read_before,
                         "second_merge_seconds": again.seconds,
                         "phase_seconds": report.phase_seconds,
+                        "phase_cpu_seconds": report.phase_cpu_seconds,
+                        "threads": report.threads,
+                        "read_pass_seconds": read_before,
                         "mappings": stats.mappings,
                         "pages_skipped": report.skipped,
                         "barrier": stats.barrier,
                     })
+
+
+@method("merge-1thr", "pydedup Arena.merge() on one thread (threads=1)")
+def pydedup_merge_one_thread(build, size):
+    return pydedup_merge(build, size, threads=1)
 
 
 def wait_for_background_merge(arena, timeout=300.0):

@@ -74,8 +74,26 @@ def table(workload: str, result: dict) -> str:
             if "ratios" in row:
                 lines.append(f"  {name:<12}" + "".join(
                     f"{_num(row['ratios'].get(k), '20.3f')}" for k in keys))
+    lines += phases(rows)
     lines.append(LEGEND)
     return "\n".join(lines)
+
+
+def phases(rows: dict) -> list[str]:
+    """The merge rows' phases: wall and CPU seconds (every thread's), the
+    threads, and the merge in read passes (numpy's OR-reduce over the same
+    memory, in the same run)."""
+    lines: list[str] = []
+    for name, row in rows.items():
+        if "phase_cpu_seconds" not in row:
+            continue
+        if not lines:
+            lines.append(f"  {'phases':<14}{'threads':>8}{'read passes':>12}   "
+                         "refresh / decide / apply: wall s (CPU s)")
+        wall, cpu = row["phase_seconds"], row["phase_cpu_seconds"]
+        lines.append(f"  {name:<14}{row['threads']:>8}{row['merge_over_read_pass']:>12.2f}   " + " / ".join(
+            f"{wall[p]:.3f} ({cpu[p]:.3f})" for p in ("refresh", "decide", "apply")))
+    return lines
 
 
 class Progress:

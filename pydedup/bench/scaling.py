@@ -1,0 +1,58 @@
+"""`pydedup bench --scaling 1GiB,4GiB,16GiB`: merge() of one workload at
+several sizes, each time and each phase as a ratio to the smallest size's
+(linear growth is a ratio equal to the size ratio), and each merge in read
+passes (numpy's OR-reduce over the same memory, in the same run). Every
+size is built afresh in an arena of its own, one after the other."""
+import time
+
+import numpy as np
+
+import pydedup
+from pydedup.bench import workloads
+from pydedup.bench.workloads import best_of, fault_in, read_pass
+
+PHASES = ("refresh", "decide", "apply")
+
+
+def measure(size: int, workload: str, seed: int = 0, threads: int | None = None) -> dict:
+    knobs = {} if threads is None else {"threads": threads}
+    with pydedup.Arena(size=2 * size + (64 << 20), **knobs) as arena:
+        w = workloads.WORKLOADS[workload](lambda n: arena.empty(n), size,
+                                           np.random.default_rng(seed))
+        fault_in(w.arrays)
+        read = best_of(3, lambda: read_pass(w.arrays))
+        cpu0 = time.thread_time()
+        report = arena.merge()
+        cpu = time.thread_time() - cpu0 + report.helper_cpu_seconds
+        return {"bytes": w.nbytes, "seconds": report.seconds, "cpu_seconds": cpu,
+                "read_pass_seconds": read, "read_passes": report.seconds / read,
+                "threads": report.threads, "frames_new": report.frames_new,
+                "phase_seconds": report.phase_seconds,
+                "phase_cpu_seconds": report.phase_cpu_seconds}
+
+
+def run(sizes, workload="structured", seed=0, threads=None, progress=print) -> dict:
+    rows = []
+    for size in sizes:
+        progress(f"scaling: {workload} {size / 2**30:g} GiB")
+        rows.append(measure(size, workload, seed, threads))
+    base = rows[0]
+    for row in rows:
+        row["size_ratio"] = row["bytes"] / base["bytes"]
+        row["time_ratio"] = row["seconds"] / base["seconds"]
+        row["phase_ratio"] = {p: row["phase_seconds"][p] / base["phase_seconds"][p]
+                              if base["phase_seconds"][p] else None for p in PHASES}
+    return {"workload": workload, "rows": rows}
+
+
+def table(result: dict) -> str:
+    lines = [f"scaling, {result['workload']}: merge() time over the smallest size's",
+             f"  {'GiB':>6}{'threads':>8}{'s':>8}{'CPU s':>8}{'x size':>8}{'x time':>8}"
+             f"{'passes':>8}   refresh / decide / apply: x time"]
+    for r in result["rows"]:
+        ratios = " / ".join("-" if r["phase_ratio"][p] is None else f"{r['phase_ratio'][p]:.2f}"
+                            for p in PHASES)
+        lines.append(f"  {r['bytes'] / 2**30:6.2f}{r['threads']:>8}{r['seconds']:8.3f}"
+                     f"{r['cpu_seconds']:8.3f}{r['size_ratio']:8.2f}{r['time_ratio']:8.2f}"
+                     f"{r['read_passes']:8.2f}   {ratios}")
+    return "\n".join(lines)
