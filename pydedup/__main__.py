@@ -74,6 +74,9 @@ def stats(argv):
         pss = process_pss(r["pid"])
         print(f"pid {r['pid']}  arena {r['arena']}  counters {time.time() - r['time']:.1f} s old  "
               f"process PSS {'?' if pss is None else f'{pss / 2**20:,.1f} MiB'}")
+        if r["stats"].get("shared_store"):       # a store shared by processes (issue 16)
+            print(f"shared store {r['stats']['shared_store']!r}, members (pids): "
+                  + ", ".join(str(pid) for pid in r["stats"]["shared_members"]))
         print("knobs: " + ", ".join(f"{k}={v}" for k, v in r["knobs"].items()))
         print(ArenaStats.from_published(r["stats"]), end="\n\n")
     return 0

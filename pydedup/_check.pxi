@@ -27,6 +27,7 @@ def check_invariants(Core c, free_pages=None):
     check_stable_tree(c)
     check_unstable_tree(c)
     check_tiers(&c.store)
+    check_shared(c)
     check_frame_memory(c)
     check_mappings(c)
     if c.tables.zero_pfn:
@@ -72,8 +73,8 @@ cdef bytes check_pages(Core c, free_pages):
     cdef bytearray counts = bytearray(4 * (<size_t>nfr + 1))
     cdef uint32_t *counted = <uint32_t *><char *>counts
     cdef const uint8_t[::1] free_flags
-    if hw > c.res.npages or nfr > c.res.npages:
-        fail("high_water and frame_high lie within the reservation",
+    if hw > c.res.npages or nfr > c.store.nslots:
+        fail("high_water lies within the reservation, frame_high within the frame slots",
              f"high_water {hw}, frame_high {nfr}, npages {c.res.npages}")
     if c.store.norphans:
         fail("no orphan frame is left unreclaimed between operations", f"{c.store.norphans} listed")
@@ -117,9 +118,9 @@ cdef check_frames(Core c, bytes counts):
     cdef const uint32_t *counted = <const uint32_t *><const char *>counts
     cdef uint32_t f, in_use = 0
     for f in range(fs.frame_high):
-        if fs.frames[f].mapcount != counted[f]:
-            fail("a frame's mapcount is the number of MERGED pages on it",
-                 f"frame {f}: mapcount {fs.frames[f].mapcount}, {counted[f]} MERGED pages")
+        if frames_ledger_count(fs, f) != counted[f]:   # shared: this member's share
+            fail("a frame's mapcount (shared: this member's ledger) is the number of MERGED "
+                 "pages on it", f"frame {f}: {frames_ledger_count(fs, f)}, {counted[f]} MERGED pages")
         in_use += fs.frames[f].mapcount != 0
         if fs.frames[f].mapcount and fs.frames[f].tile_index:
             check_tile_frame(fs, f)
@@ -217,6 +218,35 @@ cdef check_tiers(frame_store *fs):
     if not top.first_frame <= fs.fork_fence <= fs.frame_high:
         fail("top tier's first_frame <= fork_fence <= frame_high",
              f"{top.first_frame}, {fs.fork_fence}, {fs.frame_high}")
+
+
+cdef check_shared(Core c):
+    """A shared store, across its members: each frame's mapcount is the sum
+    of the living members' ledgers (a dead member's was given back or will
+    be at the next sweep: counted as living until then), this member holds
+    its slot, and no member's ledger counts a slot above frame_high."""
+    cdef shared_header *h = c.shm.head
+    cdef frame_store *fs = &c.store
+    cdef uint32_t f
+    cdef uint64_t total
+    cdef int m
+    if h == NULL:
+        return
+    if not c.shm.locked:
+        fail("the checker runs under the shared store's lock", "not held")
+    if c.shm.slot < 0 or h.members[c.shm.slot].state != MEMBER_LIVE \
+            or h.members[c.shm.slot].pid != getpid():
+        fail("a member holds its own slot", f"slot {c.shm.slot}")
+    if fs.stable_mask + 1 > 2 * fs.nslots:
+        fail("a shared stable tree stays within its reserved buckets", f"mask {fs.stable_mask:#x}")
+    for f in range(fs.frame_high):
+        total = 0
+        for m in range(MAX_MEMBERS):
+            if h.members[m].state != MEMBER_FREE:
+                total += member_ledger(&c.shm, m)[f]
+        if total != fs.frames[f].mapcount:
+            fail("a shared frame's mapcount is the sum of its members' ledgers",
+                 f"frame {f}: mapcount {fs.frames[f].mapcount}, ledgers {total}")
 
 
 def check_frame_memory(Core c):

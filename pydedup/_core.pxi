@@ -33,7 +33,7 @@ cdef class Core:
     """The arena's pages and frames. `npages` pages of virtual memory are
     reserved at once; records and frames only cost memory once used."""
 
-    def __cinit__(self, size_t npages, size_t xxh3_address):
+    def __cinit__(self, size_t npages, size_t xxh3_address, tuple shared=None):
         cdef size_t page_size = sysconf(_SC_PAGESIZE)
         cdef int err
         self.res.base = <char *>MAP_FAILED
@@ -45,6 +45,7 @@ cdef class Core:
         self.tables.pagemap.fd = self.tables.maps.fd = -1
         self.store.tiers[0] = frame_tier(0, -1, <char *>MAP_FAILED)
         self.store.ntiers = 1
+        self.shm.fd, self.shm.slot, self.fork_slot = -1, -1, -1
         if npages == 0 or npages >= NO_PAGE:
             raise ValueError(f"an arena holds 1 to {NO_PAGE - 1} pages, not {npages}")
         self.res.npages = npages
@@ -54,7 +55,11 @@ cdef class Core:
         if MAP_FAILED in (<void *>self.res.base, <void *>self.res.rmap):
             raise MemoryError(f"cannot reserve {npages} pages of address space")
         madvise(self.res.base, npages * page_size, MADV_NOHUGEPAGE)  # huge pages: big arrays only (_huge.pxi)
-        err = frames_open(&self.store, page_size, npages, zero_page_checksum(self.xxh3, page_size))
+        if shared is not None:
+            self.open_shared(shared[0], shared[1], zero_page_checksum(self.xxh3, page_size))
+            err = 0
+        else:
+            err = frames_open(&self.store, page_size, npages, zero_page_checksum(self.xxh3, page_size))
         if err == ENOMEM:
             raise MemoryError(f"cannot reserve the frame store of {npages} pages")
         if err:
@@ -67,6 +72,7 @@ cdef class Core:
             munmap(self.res.base, self.res.npages * self.res.page_size)
         if <void *>self.res.rmap != MAP_FAILED:
             munmap(self.res.rmap, self.res.npages * sizeof(rmap_item))
+        shared_close(&self.shm, &self.store)    # this process's pages are unmapped: leave
         frames_close(&self.store)
         page_tables_close(&self.tables)
         barrier_close(&self.wb)
@@ -470,8 +476,11 @@ cdef class Core:
         have one, it may not merge (it can still read, write, free, unmerge).
         Called from the at-fork hooks: never raises."""
         cdef int err
-        frames_fence(&self.store)
-        if in_child:
+        if self.shm.head != NULL:
+            self.fork_shared(in_child)
+        else:
+            frames_fence(&self.store)
+        if in_child and self.shm.head == NULL:
             self.forked_child = True
             err = push_tier(&self.store)
             if err == 0:
@@ -596,6 +605,141 @@ cdef class Core:
     @staticmethod
     def record_sizes():
         return dict(rmap_item=sizeof(rmap_item), frame_item=sizeof(frame_item))
+
+    # -- a frame store shared by processes (_shared.pxi) ---------------------------
+
+    cdef open_shared(self, int records_fd, int frames_fd, uint32_t zero_checksum):
+        """The frame store of the records and frames memfds another member
+        passed (pydedup/shared.py); this Core's own copies of them. Joins."""
+        cdef int err, fd = pd_dup_cloexec(records_fd), ffd
+        if fd < 0:
+            raise OSError(errno, "cannot take the shared store's records memfd")
+        err = shared_map(&self.shm, fd, self.res.page_size)
+        if err:
+            close(fd)
+            raise OSError(err, "the shared store's records are not a store of this pydedup "
+                               "(version, page size)" if err == EINVAL else
+                               "cannot map the shared store's records")
+        ffd = pd_dup_cloexec(frames_fd)
+        err = shared_open(&self.shm, &self.store, ffd, zero_checksum) if ffd >= 0 else errno
+        if err == 0:
+            with nogil:
+                err = shared_join(&self.shm, &self.store)
+        if err == EBUSY:
+            raise RuntimeError(f"the shared store has {MAX_MEMBERS} living members, the most it takes")
+        if err:
+            raise OSError(err, "cannot open the shared frame store")
+
+    @staticmethod
+    def format_shared(int records_fd):
+        """Make an empty memfd the records of a new shared store."""
+        cdef int err = shared_format(records_fd, sysconf(_SC_PAGESIZE))
+        if err:
+            raise OSError(err, "cannot make the shared store's records")
+
+    @staticmethod
+    def shared_slots():
+        """Frame slots of a shared store."""
+        return SHARED_SLOTS
+
+    @property
+    def shared(self):
+        """Whether the frame store is shared by processes."""
+        return self.shm.head != NULL
+
+    def lock_store(self, bint wait=True):
+        """Take the shared store's lock (nothing for a private store): every
+        operation on the frame store runs under it (pydedup/pages.py). A
+        member that died holding it is repaired for here. Without `wait`:
+        False if another holds it."""
+        cdef bint held
+        if self.shm.head == NULL:
+            return True
+        with nogil:
+            held = shared_lock(&self.shm, &self.store, wait)
+        if not held and wait:
+            raise OSError(EINVAL, "cannot take the shared frame store's lock")
+        return held
+
+    def unlock_store(self):
+        with nogil:
+            shared_unlock(&self.shm, &self.store)
+
+    def sweep_members(self):
+        """Under lock_store(): give back what dead members held."""
+        if self.shm.head != NULL and self.shm.locked:
+            with nogil:
+                shared_sweep(&self.shm, &self.store)
+
+    def shared_counts(self):
+        """Under lock_store(): the members' pids (this one first), this
+        member's merged pages whose frames other members map too, the
+        repairs and lost members so far."""
+        cdef shared_header *h = self.shm.head
+        cdef size_t p, with_others = 0
+        cdef rmap_item *it
+        if h == NULL:
+            return dict(members=[], pages_with_others=0, repairs=0, members_lost=0)
+        for p in range(self.res.high_water):
+            it = &self.res.rmap[p]
+            if (it.state == PAGE_MERGED and frame_mapcount(&self.store, it.frame)
+                    > frames_ledger_count(&self.store, it.frame)):
+                with_others += 1
+        pids = [h.members[self.shm.slot].pid] if self.shm.slot >= 0 else []
+        pids += [h.members[m].pid for m in range(MAX_MEMBERS)
+                 if m != self.shm.slot and h.members[m].state == MEMBER_LIVE]
+        return dict(members=pids, pages_with_others=with_others, repairs=h.repairs,
+                    members_lost=h.members_lost)
+
+    def member_frames(self):
+        """Frames this arena's pages map (in a private store: frames_in_use)."""
+        cdef uint32_t f, n = 0
+        for f in range(self.store.frame_high):
+            n += frames_ledger_count(&self.store, f) != 0
+        return n
+
+    def fork_prepare(self):
+        """Before a fork (the arena's lock held): a member slot for the
+        child, with this process's references; -1 for a private store."""
+        cdef int slot = -1
+        if self.shm.head == NULL or self.shm.slot < 0:
+            return -1
+        self.lock_store()
+        slot = shared_fork_prepare(&self.shm, &self.store)
+        self.unlock_store()
+        self.fork_slot = slot
+        return slot
+
+    cdef fork_shared(self, bint in_child):
+        """A fork of a member: the child is a member too, in the slot
+        fork_prepare() filled for it. No fence: the store counts every
+        member's references, so no frame is punched while either maps it."""
+        if in_child and self.fork_slot >= 0:
+            self.forked_child = True
+            with nogil:
+                shared_fork_child(&self.shm, &self.store, self.fork_slot)
+        elif in_child:
+            self.leave_store_unmerged()
+        self.fork_slot = -1
+
+    cdef leave_store_unmerged(self):
+        """A forked child the store had no member slot for: its merged pages
+        get their own copies (the frames under them may go when the parent
+        frees them), and it no longer uses the store; it cannot merge."""
+        cdef size_t p = 0, first, hw = self.res.high_water
+        while p < hw:
+            first = p
+            while p < hw and self.res.rmap[p].state == PAGE_MERGED:
+                self.res.rmap[p].state = PAGE_BROKEN
+                p += 1
+            if p > first:
+                populate_write(&self.res, first, p - first)
+            else:
+                p += 1
+        self.shm.head, self.shm.slot = NULL, -1     # its mapping stays, unused, till exit
+        frames_use_ledger(&self.store, NULL)
+        self.merge_refusal = ("merging in this forked process is not possible: the shared "
+                              f"store had no free member slot (of {MAX_MEMBERS}) for it")
 
 
 def userfaultfd_allowed():

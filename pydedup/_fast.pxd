@@ -74,6 +74,8 @@
 #                             and reclaim, the fork fence. Plain C, no Python
 #                             object, every address and fd inside: ready to
 #                             live in memory shared by processes
+#   shared       _shared      shared_store: a frame store shared by processes,
+#                             its records' memfd, the robust lock, the members
 #   page tables  _pagemap,    page_tables: pagemap / PAGEMAP_SCAN, PROCMAP_QUERY,
 #                _maps,       the tracking userfaultfd; every /proc descriptor
 #                _track       reopened after a fork in one place
@@ -165,6 +167,7 @@ cdef class Core                    # below, once the records of its parts are kn
 include "_base.pxd"
 include "_numa.pxd"
 include "_frames.pxd"
+include "_shared.pxd"
 include "_pagemap.pxd"
 include "_barrier.pxd"
 include "_remap.pxd"
@@ -178,6 +181,7 @@ cdef class Core:
     cdef pd_xxh3_fn xxh3
     cdef node_map nodes                # NUMA nodes (_numa)
     cdef frame_store store             # the frame store (_frames)
+    cdef shared_store shm              # the store's records, if shared by processes (_shared)
     cdef page_tables tables            # reading the page tables (_pagemap, _maps, _track)
     cdef write_barrier wb              # the write barrier (_barrier)
     cdef scan_state scan               # the scan in progress (_scan)
@@ -185,6 +189,7 @@ cdef class Core:
     cdef readonly bint forked_child    # this process is a child forked with the arena
     cdef readonly object merge_refusal  # why this process may not merge (a forked
                                         # child without a tier of its own), or None
+    cdef int fork_slot                 # the member slot fork_prepare() took for the child
     cdef object simulated_nodes        # the writable uint16 buffer nodes.simulated is, or None
     # counters of the last pass, after KSM
     cdef readonly uint64_t full_scans, pages_unshared, pages_volatile
@@ -192,6 +197,9 @@ cdef class Core:
     cdef void check_range(self, size_t first, size_t n) except *
     cdef check_can_merge(self)
     cdef void note_huge(self, const pass_stats *full, const pass_stats *step) noexcept
+    cdef open_shared(self, int records_fd, int frames_fd, uint32_t zero_checksum)
+    cdef fork_shared(self, bint in_child)
+    cdef leave_store_unmerged(self)
 
 
 cdef class PageOwner:

@@ -17,6 +17,7 @@ from pydedup._os cimport *
 include "_base.pxi"
 include "_numa.pxi"
 include "_frames.pxi"
+include "_shared.pxi"
 include "_pagemap.pxi"
 include "_maps.pxi"
 include "_track.pxi"

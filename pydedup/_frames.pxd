@@ -14,6 +14,16 @@ cdef struct frame_tier:            # one memfd of the frame store
     char *view                     # read-only shared window on the memfd from frame
                                    # first_frame: frame f at (f - first_frame) * page_size
 
+# In a store shared by processes: what frame_store holds that its members keep
+# in common, in the shared mapping (frames_load, frames_save).
+cdef struct frames_common:
+    uint32_t frames_in_use
+    uint32_t frame_high
+    uint32_t frame_cursor
+    uint32_t stable_mask
+    uint64_t norphans
+    uint32_t merge_across_nodes
+
 cdef struct frame_store:           # Core.store
     size_t page_size
     size_t nslots                  # frame slots: as many as arena pages
@@ -33,6 +43,12 @@ cdef struct frame_store:           # Core.store
     uint32_t zero_colours          # zero frames are kept apart by page colour
     bint merge_across_nodes        # one stable tree; else one a node (KSM's knob):
                                    # changes only while no frame is in use
+    frames_common *common          # a store shared by processes (_shared.pxi): the
+                                   # fields they keep in common, loaded into this
+                                   # record under the store's lock; NULL: private
+    uint32_t *ledger               # shared: this member's references, one a frame
+                                   # (sum over members == mapcount); NULL: private
+
 
 cdef int frames_open(frame_store *fs, size_t page_size, size_t nslots,
                      uint32_t zero_checksum) noexcept nogil
@@ -68,3 +84,15 @@ cdef char *frames_top_view(frame_store *fs) noexcept nogil
 cdef uint32_t frames_high(frame_store *fs) noexcept nogil
 cdef size_t frames_metadata_bytes(frame_store *fs) noexcept nogil
 cdef bint merges_across_nodes(frame_store *fs) noexcept nogil
+cdef int frames_open_shared(frame_store *fs, size_t page_size, size_t nslots,
+                            uint32_t zero_checksum, int fd, frames_common *common,
+                            frame_item *frames, uint32_t *stable, uint32_t *orphans,
+                            uint32_t *ledger) noexcept nogil
+cdef void frames_load(frame_store *fs) noexcept nogil
+cdef void frames_save(frame_store *fs) noexcept nogil
+cdef void frames_use_ledger(frame_store *fs, uint32_t *ledger) noexcept nogil
+cdef void frames_drop_ledger(frame_store *fs, uint32_t *ledger) noexcept nogil
+cdef void frames_copy_ledger(frame_store *fs, uint32_t *to) noexcept nogil
+cdef void frames_recount(frame_store *fs, uint32_t **ledgers, int n) noexcept nogil
+cdef bint frames_shared(frame_store *fs) noexcept nogil
+cdef uint32_t frames_ledger_count(frame_store *fs, uint32_t f) noexcept nogil

@@ -41,6 +41,9 @@ cdef void frames_close(frame_store *fs) noexcept nogil:
     cdef int t
     for t in range(fs.ntiers):
         close_tier(fs, &fs.tiers[t])
+    if fs.common != NULL:               # the shared mapping is _shared.pxi's to unmap
+        fs.frames, fs.stable, fs.orphans, fs.ledger, fs.common = NULL, NULL, NULL, NULL, NULL
+        return
     if fs.frames != NULL and <void *>fs.frames != MAP_FAILED:
         munmap(fs.frames, fs.nslots * sizeof(frame_item))
     fs.frames = NULL
@@ -208,6 +211,8 @@ cdef uint32_t frame_alloc(frame_store *fs, uint32_t hint) noexcept nogil:
     fs.frame_cursor = f + 1 if f + 1 < nslots else 0
     if f >= fs.frame_high:
         fs.frame_high = f + 1
+        if fs.common != NULL:           # at once: a member dying now leaves its record
+            fs.common.frame_high = f + 1    # below the high the next one repairs up to
     return f
 
 
@@ -237,6 +242,8 @@ cdef uint16_t frame_node(frame_store *fs, uint32_t f) noexcept nogil:
 cdef void frame_get(frame_store *fs, uint32_t f) noexcept nogil:
     PD_ASSERT(f < fs.frame_high, "frame_get: a frame below frame_high")
     fs.frames[f].mapcount += 1
+    if fs.ledger != NULL:
+        fs.ledger[f] += 1
 
 
 cdef void frame_put(frame_store *fs, uint32_t f) noexcept nogil:
@@ -246,9 +253,13 @@ cdef void frame_put(frame_store *fs, uint32_t f) noexcept nogil:
     PD_ASSERT(f < fs.frame_high and fs.frames[f].mapcount > 0,
               "frame_put: a frame some page maps")
     fs.frames[f].mapcount -= 1
+    if fs.ledger != NULL:
+        fs.ledger[f] -= 1
     if fs.frames[f].mapcount != 0:
         return
-    if fs.norphans == fs.orphans_cap:
+    if fs.norphans == fs.orphans_cap and fs.common != NULL:
+        reclaim_frames(fs)              # a shared list does not grow
+    elif fs.norphans == fs.orphans_cap:
         grown = <uint32_t *>realloc(fs.orphans, 2 * fs.orphans_cap * sizeof(uint32_t))
         if grown == NULL:
             reclaim_frames(fs)          # empties the list instead
@@ -305,8 +316,12 @@ cdef void stable_tree_grow(frame_store *fs) noexcept nogil:
     """Double the buckets so chains stay short. Without memory, keep going
     with longer chains: slower, never wrong."""
     cdef uint32_t mask = 2 * fs.stable_mask + 1
-    cdef uint32_t *heads = <uint32_t *>malloc((<size_t>mask + 1) * sizeof(uint32_t))
+    cdef uint32_t *heads
     cdef uint32_t b, f, next_f
+    if fs.common != NULL:
+        stable_tree_split(fs)
+        return
+    heads = <uint32_t *>malloc((<size_t>mask + 1) * sizeof(uint32_t))
     if heads == NULL:
         return
     memset(heads, 0xFF, (<size_t>mask + 1) * sizeof(uint32_t))
@@ -542,5 +557,158 @@ cdef void punch_refilled(frame_store *fs, uint32_t lo, uint32_t hi) noexcept nog
 cdef size_t frames_metadata_bytes(frame_store *fs) noexcept nogil:
     """Memory the store's bookkeeping holds: frame slots ever used, bucket
     heads, the orphan list."""
+    if fs.common != NULL:               # shared: the orphan list is as long as the slots,
+        return (fs.frame_high * (sizeof(frame_item) + sizeof(uint32_t))   # this one's ledger
+                + (fs.stable_mask + 1) * sizeof(uint32_t))
     return (fs.frame_high * sizeof(frame_item) + (fs.stable_mask + 1) * sizeof(uint32_t)
             + fs.orphans_cap * sizeof(uint32_t))
+
+
+# -- a store shared by processes (_shared.pxi holds the mapping and the lock) --
+#
+# The frame table, the stable tree's buckets, the orphan list and one ledger
+# per member live in a memfd every member maps. The record's own fields that
+# the members keep in common (frames_common) are loaded under the store's
+# lock and saved before it is released, so every function above works on a
+# shared store unchanged. A member's ledger counts the references its pages
+# hold, frame by frame: mapcount is their sum, and a dead member's ledger is
+# given back (frames_drop_ledger) or, if it died holding the lock, every
+# mapcount is counted again from the living ones (frames_recount).
+
+cdef int frames_open_shared(frame_store *fs, size_t page_size, size_t nslots,
+                            uint32_t zero_checksum, int fd, frames_common *common,
+                            frame_item *frames, uint32_t *stable, uint32_t *orphans,
+                            uint32_t *ledger) noexcept nogil:
+    """A store whose records are in shared memory (formatted by
+    _shared.pxi) and whose frames are in memfd `fd` (this record's own
+    descriptor from now on). 0 or an errno."""
+    PD_ASSERT(0 < nslots < NO_FRAME and common != NULL, "frames_open_shared: a shared mapping")
+    memset(fs, 0, sizeof(frame_store))
+    fs.page_size = page_size
+    fs.nslots = nslots
+    fs.tiers[0] = frame_tier(0, fd, <char *>MAP_FAILED)
+    fs.ntiers = 1
+    fs.zero_checksum = zero_checksum
+    fs.zero_colours = 1
+    fs.common, fs.frames, fs.stable, fs.orphans, fs.ledger = common, frames, stable, orphans, ledger
+    fs.orphans_cap = nslots
+    frames_load(fs)
+    fs.tiers[0].view = <char *>mmap(NULL, nslots * page_size, PROT_READ,
+                                    MAP_SHARED | MAP_NORESERVE, fd, 0)
+    if <void *>fs.tiers[0].view == MAP_FAILED:
+        return errno
+    return 0
+
+
+cdef void frames_load(frame_store *fs) noexcept nogil:
+    """Under the store's lock: the fields the members keep in common, as
+    the last one to hold the lock left them."""
+    cdef frames_common *c = fs.common
+    fs.frames_in_use, fs.frame_high, fs.frame_cursor = c.frames_in_use, c.frame_high, c.frame_cursor
+    fs.stable_mask, fs.norphans = c.stable_mask, c.norphans
+    fs.merge_across_nodes = c.merge_across_nodes != 0
+
+
+cdef void frames_save(frame_store *fs) noexcept nogil:
+    """Before the store's lock is released."""
+    cdef frames_common *c = fs.common
+    c.frames_in_use, c.frame_high, c.frame_cursor = fs.frames_in_use, fs.frame_high, fs.frame_cursor
+    c.stable_mask, c.norphans = fs.stable_mask, fs.norphans
+    c.merge_across_nodes = fs.merge_across_nodes
+
+
+cdef void frames_use_ledger(frame_store *fs, uint32_t *ledger) noexcept nogil:
+    """This process's references are counted in `ledger` from now on (a
+    forked child takes the ledger its parent filled for it)."""
+    fs.ledger = ledger
+
+
+cdef bint frames_shared(frame_store *fs) noexcept nogil:
+    """Whether other processes may use this store (_shared.pxi)."""
+    return fs.common != NULL
+
+
+cdef uint32_t frames_ledger_count(frame_store *fs, uint32_t f) noexcept nogil:
+    """This member's references to frame f (its mapcount in a private store)."""
+    return fs.ledger[f] if fs.ledger != NULL else fs.frames[f].mapcount
+
+
+cdef void frames_drop_ledger(frame_store *fs, uint32_t *ledger) noexcept nogil:
+    """A member is gone, and its pages with it: its references are given
+    back, and frames no one maps any more are reclaimed."""
+    cdef uint32_t f, n
+    for f in range(fs.frame_high):
+        n = ledger[f]
+        if n == 0:
+            continue
+        ledger[f] = 0
+        n = min(n, fs.frames[f].mapcount)
+        fs.frames[f].mapcount -= n
+        if fs.frames[f].mapcount == 0:
+            if fs.norphans == fs.orphans_cap:
+                reclaim_frames(fs)
+            fs.orphans[fs.norphans] = f
+            fs.norphans += 1
+    reclaim_frames(fs)
+
+
+cdef void frames_copy_ledger(frame_store *fs, uint32_t *to) noexcept nogil:
+    """A fork: the child's pages map what this process's map, so the
+    child's ledger (`to`) holds the same references, counted in the
+    mapcounts too."""
+    cdef uint32_t f
+    for f in range(fs.frame_high):
+        to[f] = fs.ledger[f]
+        fs.frames[f].mapcount += fs.ledger[f]
+
+
+cdef void frames_recount(frame_store *fs, uint32_t **ledgers, int n) noexcept nogil:
+    """A member died holding the lock, in the middle of anything: the
+    store is made whole again from what cannot be half-done, the living
+    members' ledgers. Every mapcount is their sum; the stable tree is
+    built again from the frames in use; every other slot is punched (a
+    frame the dead member was writing, or had orphaned)."""
+    cdef uint32_t f, run_first = 0, run_len = 0
+    cdef uint64_t count
+    cdef int m
+    memset(fs.stable, 0xFF, (<size_t>fs.stable_mask + 1) * sizeof(uint32_t))
+    fs.frames_in_use = 0
+    fs.norphans = 0
+    for f in range(fs.frame_high):
+        count = 0
+        for m in range(n):
+            count += ledgers[m][f]
+        fs.frames[f].mapcount = <uint32_t>count
+        if count:
+            fs.frames_in_use += 1
+            stable_tree_link(fs, fs.stable, fs.stable_mask, f)
+            continue
+        if run_len and f == run_first + run_len:
+            run_len += 1
+            continue
+        if run_len:
+            punch_frames(fs, run_first, run_len)
+        run_first, run_len = f, 1
+    if run_len:
+        punch_frames(fs, run_first, run_len)
+    while fs.frames_in_use > fs.stable_mask:
+        stable_tree_split(fs)
+
+
+cdef void stable_tree_split(frame_store *fs) noexcept nogil:
+    """Double a shared table's buckets where they are (its memory is
+    reserved for the most buckets it can need): bucket b's chain splits
+    between b and b + the old count."""
+    cdef uint32_t old = fs.stable_mask + 1, mask = 2 * fs.stable_mask + 1
+    cdef uint32_t b, f, next_f
+    if <size_t>mask + 1 > 2 * fs.nslots:
+        return
+    memset(&fs.stable[old], 0xFF, <size_t>old * sizeof(uint32_t))
+    for b in range(old):
+        f = fs.stable[b]
+        fs.stable[b] = NO_FRAME
+        while f != NO_FRAME:
+            next_f = fs.frames[f].next
+            stable_tree_link(fs, fs.stable, mask, f)
+            f = next_f
+    fs.stable_mask = mask

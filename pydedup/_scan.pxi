@@ -186,6 +186,15 @@ cdef void cmp_and_merge_page(Core c, size_t p, bint written, scan_knobs *k,
         f = stable_tree_search(&c.store, page, checksum, it.node, k.max_page_sharing)
         if f != NO_FRAME:
             f = tile_start(&c.store, f, k.max_page_sharing)
+    if f == NO_FRAME and frames_shared(&c.store):
+        # Shared by processes: content of no frame yet becomes one at once
+        # (the page's own memory is freed by the remap), so that a page of
+        # another member finds it; the unstable tree is this process's.
+        f = new_stable_frame(c, page, checksum, it.node, c.scan.last_new_frame + 1, st)
+        if f == NO_FRAME:
+            st.skipped_no_memory += 1
+            return
+        c.scan.last_new_frame = f
     if f == NO_FRAME:
         q = unstable_tree_search_insert(c, p)
         if q == NO_PAGE:

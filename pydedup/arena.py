@@ -75,6 +75,7 @@ class Arena:
     alloc_cache = _Knob[Union[int, str]]()    # bytes, or "auto"
     huge_pages = _Knob[str]()
     huge_split_min_pages = _Knob[int]()
+    shared = _Knob[str]()
 
     def __init__(self, size: int | None = None, **knob_values: Any) -> None:
         self._knobs = knobs.initial(knob_values)
@@ -85,14 +86,16 @@ class Arena:
         self._warned: set[str] = set()   # fallback reasons a FallbackWarning has named
         self._merged_once = False        # the first merge() publishes (publish.py)
         self._scan_helper_cpu = 0.0      # CPU seconds of the last scan step's hashing threads
-        self._pages: Pages | None = _reserve(size)
+        self._store: Any = None          # pydedup.shared.Store, with `shared`
+        self._pages: Pages | None = self._reserve_shared(size) if self.shared else _reserve(size)
         core = self._live().core
         _choose_barrier(core, self.barrier)
         core.set_tracking(self.track_writes)
         core.zero_colours = self.zero_page_colours
         self._topology = numa.topology()
         core.set_nodes(len(self._topology.nodes))
-        core.set_merge_across_nodes(self.merge_across_nodes)
+        with self._locked():             # a shared store's knob is the store's: under its lock
+            core.set_merge_across_nodes(self.merge_across_nodes)
         self._huge_state = _choose_huge_pages(self._live(), self.huge_pages, self.huge_split_min_pages)
         self._lo = core.base_address
         self._hi = self._lo + core.npages * PAGE_SIZE
@@ -110,6 +113,12 @@ class Arena:
     def _set_knob(self, name: str, value: Any) -> None:
         if name == "run":
             self._run_scanner(value)
+            return
+        if name == "shared":
+            self._live()                 # a closed arena: ValueError, as for every knob
+            if value != self.shared:
+                raise ValueError("knob shared is set when the arena is made: "
+                                 "pydedup.Arena(shared=...) or PYDEDUP_SHARED")
             return
         if name in ("alloc_threshold", "alloc_cache"):
             if self.closed:
@@ -164,6 +173,24 @@ class Arena:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self._hi - self._lo:,} bytes reserved"
         return f"<pydedup.Arena {state}>"
+
+    def _reserve_shared(self, size: int | None) -> Pages:
+        """The arena's pages on shared store `shared`; where the kernel or
+        the store cannot have it, a warning and a store of its own."""
+        from pydedup import shared
+        try:
+            store = shared.join(self.shared)
+        except shared.SharedStoreError:
+            raise
+        except OSError as e:
+            warnings.warn(f"pydedup: shared store {self.shared!r} is not possible here ({e}); "
+                          f"this arena keeps a store of its own", RuntimeWarning, stacklevel=3)
+            self._knobs["shared"] = ""
+            return _reserve(size)
+        pages = _reserve(size, store.fds)
+        shared.claim(self.shared, pages)
+        self._store = store
+        return pages
 
     def _live(self) -> Pages:
         pages = self._pages
@@ -355,6 +382,7 @@ class Arena:
         start = time.perf_counter()
         self._flush_allocator_cache()
         with self._locked() as core:
+            core.sweep_members()         # a shared store: what dead members held, back
             st = core.merge(self.use_zero_pages, self.max_page_sharing, self._mapping_budget(),
                             self.tile_pages, self.threads)
             self._advise_kernel_ksm(core)
@@ -425,6 +453,8 @@ class Arena:
         with self._locked() as core:
             # The budget is read once a scan: /proc/self/maps is not free.
             budget = self._mapping_budget() if core.scan_cursor == 0 else 0
+            if core.scan_cursor == 0:
+                core.sweep_members()     # a shared store: what dead members held, back
             step, scan_done = core.scan_batch(self.pages_to_scan, self.use_zero_pages,
                                               self.max_page_sharing, budget, self.tile_pages,
                                               self.threads)
@@ -498,20 +528,32 @@ class Arena:
             return ArrayStats.made_from(dict(c, pages=n, page_size=PAGE_SIZE))
         self._flush_allocator_cache()
         with self._locked() as core:
+            core.sweep_members()
             core.refresh(0, core.high_water)
             c = core.counts(0, core.high_water)
             store = os.fstat(core.memfd)
+            members = core.shared_counts()
+            usage = (procfs.mapped_file_usage(self._lo, self._hi, store.st_ino) if core.shared
+                     else (0, 0))
+            # A shared store: this arena's frames, and their memory (the
+            # store holds other members' frames too: shared_frames).
+            frames = core.member_frames() if core.shared else core.frames_in_use
+            store_bytes = frames * PAGE_SIZE if core.shared else store.st_blocks * 512
             readings = dict(
-                c, frames=core.frames_in_use, metadata=core.metadata_bytes(),
+                c, frames=frames, metadata=core.metadata_bytes(),
                 full_scans=core.full_scans, unshared=core.pages_unshared,
                 volatile=core.pages_volatile, barrier=core.barrier_name,
-                frame_store_bytes=store.st_blocks * 512,
+                frame_store_bytes=store_bytes, shared_frames=core.frames_in_use if core.shared else 0,
                 window_pss=procfs.frame_store_pss(self._lo, self._hi, store.st_ino),
                 frames_by_node=core.frames_by_node(), **core.tile_counts(),
                 ksm_stat=procfs.ksm_stat(),
                 mappings=procfs.count_mappings(self._lo, self._hi)[1],
                 reserved=self._hi - self._lo, page_size=PAGE_SIZE,
-                huge_pages=self._huge_state, **core.huge_counts())
+                huge_pages=self._huge_state, **core.huge_counts(),
+                shared_store=self.shared, shared_members=members["members"],
+                shared_pages=members["pages_with_others"], shared_rss=usage[0],
+                shared_pss=usage[1], shared_repairs=members["repairs"],
+                members_lost=members["members_lost"])
             smaps = procfs.smaps_fields(self._lo, self._hi, (b"Pss", b"AnonHugePages"))
         stats = ArenaStats.made_from(dict(readings, **smaps))
         self._publisher.publish(stats, self._scanner)
@@ -551,7 +593,7 @@ class Arena:
         return first, (hi - self._lo + PAGE_SIZE - 1) // PAGE_SIZE - first
 
 
-def _reserve(size: int | None) -> Pages:
+def _reserve(size: int | None, shared: tuple[int, int] | None = None) -> Pages:
     """Reserve `size` bytes, or by default as much as can be had up to the
     default: strict overcommit (vm.overcommit_memory=2) refuses big ones."""
     if size is not None:
@@ -561,11 +603,11 @@ def _reserve(size: int | None) -> Pages:
             whole = -(-size // PAGE_SIZE) * PAGE_SIZE
             raise ValueError(f"size must be a whole number of pages ({PAGE_SIZE} bytes), not "
                              f"{size}; {whole} is the next one up")
-        return Pages(size // PAGE_SIZE)
+        return Pages(size // PAGE_SIZE, shared)
     size = min(4 * procfs.physical_memory(), MAX_DEFAULT_RESERVATION)
     while True:
         try:
-            return Pages(size // PAGE_SIZE)
+            return Pages(size // PAGE_SIZE, shared)
         except MemoryError:
             if size <= MIN_RESERVATION:
                 raise

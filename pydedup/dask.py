@@ -15,6 +15,11 @@ decisions, so the worker's monitor gets the meter as that method. In a
 nanny, it makes the terminate check (`distributed.worker.memory.terminate`)
 read the worker process's PSS instead of its RSS.
 
+The workers of a cluster on one machine share a frame store (issue 16),
+named after the scheduler's address (cluster_store()), so data every worker
+holds is kept once: `pydedup: {shared: name}` names another, `''` none;
+PYDEDUP_SHARED does the same.
+
 Tasks run in the worker's thread pool under a copy of the context of the
 asyncio task that runs them (distributed.utils.run_in_executor_with_context),
 and numpy's handler is a context variable: so the handler is set in the
@@ -30,6 +35,7 @@ once and runs plain, still reporting PSS.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import time
@@ -96,9 +102,26 @@ def stats() -> dict[str, Any]:
 
 # -- the worker ---------------------------------------------------------------------
 
+def cluster_store(scheduler_address: str) -> str:
+    """The shared store the workers of one cluster name (issue 16): those on
+    one machine then keep data they all hold once. From the scheduler's
+    address, so another cluster on the machine has its own."""
+    return "dask-" + hashlib.sha1(scheduler_address.encode()).hexdigest()[:16]
+
+
+def _worker_knobs(worker: Any) -> dict[str, Any]:
+    """The knobs from Dask's configuration, and `shared` the cluster's store
+    unless the configuration or PYDEDUP_SHARED names one ('' for none)."""
+    values = knobs_from_config()
+    address = getattr(getattr(worker, "scheduler", None), "address", None)
+    if "shared" not in values and "PYDEDUP_SHARED" not in os.environ and isinstance(address, str):
+        values["shared"] = cluster_store(address)
+    return values
+
+
 def _setup_worker(worker: Any) -> None:
     global _meter
-    arena = workers.worker_init(**knobs_from_config())
+    arena = workers.worker_init(**_worker_knobs(worker))
     if arena is not None:
         # This context (the worker's start) is what the event loop's later
         # tasks copy; worker_init() may have run in another one before.

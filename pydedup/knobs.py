@@ -3,6 +3,7 @@ counterpart. Defaults can be overridden with PYDEDUP_<NAME> environment
 variables; a bad value, from either place, raises ValueError naming the knob."""
 import numbers
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -51,6 +52,12 @@ def _auto_or(parse_number):
     def parse(value):
         return value if isinstance(value, str) and value == "auto" else parse_number(value)
     return parse
+
+
+def _store_name(value):
+    if isinstance(value, str) and (value == "" or re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value)):
+        return value
+    raise ValueError
 
 
 def _one_of(*choices):
@@ -113,6 +120,14 @@ KNOBS = {knob.name: knob for knob in (
          "whole, its matching pages left unmerged and counted "
          "(skipped['huge_page']). A huge page all of whose pages match goes "
          "whole, whatever this says."),
+    Knob("shared", lambda: "", _store_name,
+         "'' or a name of 1 to 64 letters, digits, '.', '_', '-'", "",
+         "A frame store shared with the other processes of this user on this "
+         "machine that name the same store (PYDEDUP_SHARED for pool workers): "
+         "identical pages of all of them map the same frames, copy-on-write. "
+         "'' (the default): the arena's own store. Set when the arena is made; "
+         "one arena per store in a process. Where sharing cannot work, the "
+         "arena warns and keeps a store of its own."),
     Knob("run", lambda: 0, _one_of_integers(0, 1, 2), "0, 1 or 2", "run",
          "The background scanner: 0 stops it, 1 runs it, 2 stops it and "
          "unmerges every page (the arena's pages, not the process's)."),

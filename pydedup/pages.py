@@ -32,8 +32,10 @@ def _xxh3_address() -> int:
 
 
 class Pages(PageOwner):
-    def __init__(self, npages: int):
-        self.core = Core(npages, _xxh3_address())
+    def __init__(self, npages: int, shared: tuple[int, int] | None = None):
+        # shared: the (records, frames) memfds of a store shared by
+        # processes (pydedup/shared.py); the core takes copies of its own.
+        self.core = Core(npages, _xxh3_address(), shared)
         self.extents = Extents(npages)
         self._lock = threading.Lock()
         self._holder: int | None = None     # the thread holding _lock, for numpy's allocator
@@ -47,17 +49,29 @@ class Pages(PageOwner):
         _LIVE.add(self)
 
     @contextmanager
-    def locked(self):
+    def locked(self, store: bool = True):
+        # store: the operation touches the frame store; a shared store's
+        # lock (_shared.pxi) is then taken after ours. Allocations do not:
+        # they need not wait for another process's merge.
+        store = store or not self.core.shared
         with self._lock:
             self._holder = threading.get_ident()
+            if store:
+                self.core.lock_store()
             try:
-                self._release_given_back()
+                if store:
+                    self._release_given_back()
                 yield self.core
-                self._release_given_back()
+                if store:
+                    self._release_given_back()
             finally:
                 self._holder = None
-                if self.debug_checks:     # after a failed operation too: it must not corrupt
-                    self._check_invariants()
+                try:
+                    if self.debug_checks and store:   # after a failed operation too: it must not corrupt
+                        self._check_invariants()
+                finally:
+                    if store:
+                        self.core.unlock_store()
         if self._given_back:
             self._release_if_free()
 
@@ -65,7 +79,11 @@ class Pages(PageOwner):
         """Raise pydedup._fast.InvariantError if the core's records, the
         frame store, the process's mappings or the free extents disagree."""
         with self._lock:
-            self._check_invariants()
+            self.core.lock_store()
+            try:
+                self._check_invariants()
+            finally:
+                self.core.unlock_store()
 
     def _check_invariants(self):
         high_water = self.core.high_water
@@ -117,7 +135,7 @@ class Pages(PageOwner):
         if self._holder == threading.get_ident():
             self.busy_refusals += 1
             return None
-        with self.locked() as core:
+        with self.locked(store=False) as core:
             first = self._take_free(npages)
             if first is not None:
                 core.adopt(first, npages)
@@ -158,7 +176,7 @@ class Pages(PageOwner):
         are free (an allocation grown in place)."""
         if self._holder == threading.get_ident():
             return False
-        with self.locked() as core:
+        with self.locked(store=False) as core:
             taken = self.extents.take_at(first, npages)
             if taken:
                 core.adopt(first, npages)
@@ -174,7 +192,13 @@ class Pages(PageOwner):
         if self._lock.acquire(blocking=False):
             self._holder = threading.get_ident()
             try:
-                self._release_given_back()
+                # Not waiting for another process's merge: the next
+                # operation releases what stays queued.
+                if self.core.lock_store(False):
+                    try:
+                        self._release_given_back()
+                    finally:
+                        self.core.unlock_store()
             finally:
                 self._holder = None
                 self._lock.release()
@@ -204,6 +228,7 @@ def _before_fork():
     _forking[:] = list(_LIVE)
     for pages in _forking:
         pages._lock.acquire()
+        pages.core.fork_prepare()       # a shared store: the child's member slot
 
 
 def _after_fork(in_child: bool):

@@ -174,3 +174,25 @@ def numpy_madvises_hugepage() -> bool:
     if get is not None:
         return bool(get())
     return os.environ.get("NUMPY_MADVISE_HUGEPAGE", "1") != "0"
+
+
+def mapped_file_usage(lo: int, hi: int, inode: int) -> tuple[int, int]:
+    """(Rss, Pss) in bytes of the mappings of file `inode` inside [lo, hi):
+    for a shared frame store, Rss is the memory its frames hold for this
+    arena, Pss this process's share of it (a frame other processes map too
+    is divided among them)."""
+    rss = pss = 0
+    with open("/proc/self/smaps", "rb") as f:
+        text = f.read()
+    headers = list(_SMAPS_HEADER.finditer(text))
+    for i, header in enumerate(headers):
+        fields = header.group(0).split()
+        if len(fields) < 5 or int(fields[4]) != inode or not lo <= int(header.group(1), 16) < hi:
+            continue
+        end = headers[i + 1].start() if i + 1 < len(headers) else len(text)
+        for line in text[header.end():end].splitlines():
+            if line.startswith(b"Rss:"):
+                rss += int(line.split()[1]) * 1024
+            elif line.startswith(b"Pss:"):
+                pss += int(line.split()[1]) * 1024
+    return rss, pss

@@ -245,6 +245,31 @@ class ArenaStats(_Readable):
         "huge pages merges split since the arena began"))
     frames_by_node: dict[int, int] = field(metadata=counter(
         "`{node: frames in use written on it}`"))
+    shared_store: str = field(metadata=counter(
+        "the shared store the arena's frames are in (knob `shared`), or `\"\"`"))
+    shared_members: list[int] = field(metadata=counter(
+        "pids of the processes on that store, this one first (`[]` unshared)"))
+    shared_frames: int = field(metadata=counter(
+        "frames in use in the whole shared store, every member's; with a shared store, "
+        "`pages_shared`, `frames_in_use` and `frame_store_bytes` count the frames this "
+        "arena maps"))
+    shared_pages: int = field(metadata=counter(
+        "merged pages of this arena on frames that other members map too"))
+    shared_bytes: int = field(metadata=counter(
+        "`shared_pages * page_size`", value=lambda r: r["shared_pages"] * r["page_size"]))
+    shared_rss_bytes: int = field(metadata=counter(
+        "measured: Rss of the arena's mappings of the shared store's frames (`/proc/self/smaps`)",
+        value=_reading("shared_rss")))
+    shared_pss_bytes: int = field(metadata=counter(
+        "measured: Pss of the same: a frame mapped k times (by members' arenas, and by the "
+        "read-only windows their cores compare frames through) counts 1/k of a page in "
+        "each; `shared_rss_bytes - shared_pss_bytes` is what other mappings carry for this "
+        "arena", value=_reading("shared_pss")))
+    shared_repairs: int = field(metadata=counter(
+        "times a member of the store died holding its lock, and the next one repaired the "
+        "records"))
+    members_lost: int = field(metadata=counter(
+        "members of the store that died and whose frame references were given back"))
 
     @classmethod
     def made_from(cls, readings: Readings) -> ArenaStats:

@@ -168,6 +168,28 @@ def test_stats_from_the_client(client):
         assert {"pages_shared", "pages_sharing", "pss_bytes_saved"} <= c.keys()
 
 
+def hold_same_data_and_merge():
+    arena = pydedup.installed_arena()
+    _HELD.append(arena.array(np.random.default_rng(11).random(MiB)))    # 8 MiB, on every worker
+    arena.merge()
+
+
+def shared_counters():
+    s = pydedup.installed_arena().stats()
+    return s.shared_store, s.shared_members, s.shared_pages
+
+
+def test_workers_of_a_cluster_share_one_frame_store(client):
+    client.run(hold_same_data_and_merge)
+    counters = client.run(shared_counters)
+    pids = set(client.run(os.getpid).values())
+    stores = {store for store, _, _ in counters.values()}
+    assert len(stores) == 1 and stores.pop().startswith("dask-")
+    for _store, members, shared_pages in counters.values():
+        assert pids <= set(members)
+        assert shared_pages >= 8 * MiB // os.sysconf("SC_PAGE_SIZE")   # the data all hold, once
+
+
 def over_by_rss(n_mib, copies, seconds):
     """Hold data and `copies` copies of it, merged as they are made, reading
     every page again and again for `seconds`: RSS counts each copy, PSS one."""

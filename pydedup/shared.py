@@ -1,0 +1,283 @@
+"""Where the processes of one user find a shared frame store (issue 16).
+
+A store is two memfds: its frames, and its records (the frame table, the
+stable tree, one ledger a member, the lock: pydedup/_shared.pxi). They are
+never named in a file system: a member passes them to the next over an
+abstract unix socket, ``\\0pydedup.<uid>.<name>``, with SCM_RIGHTS, so they
+vanish with their last holder, even if every member was killed.
+
+- The first process to name a store makes it and serves the socket from a
+  thread. Every other member connects, checks who serves (SO_PEERCRED:
+  the same user, in the same pid namespace) and receives the memfds; the
+  server checks the same of the client and refuses anyone else.
+- Every member keeps its connection open. When the server dies, the others
+  see the connection close and one of them binds the name again, so a
+  process that starts later still joins the living members. A process that
+  starts after all of them died finds no one and makes a new, empty store.
+- The uid is part of the name, so another user naming the same store gets
+  one of their own; a process of another user that connects to this one's
+  socket anyway is refused (and told so).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import select
+import socket
+import struct
+import threading
+import time
+import weakref
+
+from pydedup._fast import Core
+
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_HELLO = b"pydedup-store 1 "    # then the server's pid, as it sees it
+_REFUSED = b"pydedup-refused "
+
+
+class SharedStoreError(OSError):
+    """A shared store could not be joined (another user's, a refused peer)."""
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"a shared store's name is 1 to 64 letters, digits, '.', '_' or '-', "
+                         f"not {name!r}")
+    return name
+
+
+def address(name: str, uid: int | None = None) -> bytes:
+    """The abstract socket address of store `name` of user `uid`."""
+    return f"\0pydedup.{os.getuid() if uid is None else uid}.{name}".encode()
+
+
+def _peer(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end, as the kernel says."""
+    return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                               struct.calcsize("3i")))
+
+
+class Store:
+    """This process's handle on a shared store: the two memfds, and the
+    socket through which it serves them or is connected to the server."""
+
+    def __init__(self, name: str, records: int, frames: int):
+        self.name = name
+        self.records, self.frames = records, frames     # memfds this object owns
+        self.serving = False
+        self._sock: socket.socket | None = None
+        self._clients: list[socket.socket] = []
+        self._thread: threading.Thread | None = None
+        self._stop = False
+
+    @property
+    def fds(self) -> tuple[int, int]:
+        return self.records, self.frames
+
+    def identity(self) -> int:
+        """The records memfd's inode: two handles name the same store iff equal."""
+        return os.fstat(self.records).st_ino
+
+    # -- serving -----------------------------------------------------------
+
+    def _try_serve(self) -> bool:
+        """Bind the name and serve from a thread; False if someone else has it."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(address(self.name))
+        except OSError as e:
+            sock.close()
+            if e.errno == errno.EADDRINUSE:
+                return False
+            raise
+        sock.listen(64)
+        self._sock, self.serving = sock, True
+        return True
+
+    def _serve(self, sock: socket.socket) -> None:
+        while not self._stop:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            pid, uid, _ = _peer(conn)
+            try:
+                if uid != os.getuid():
+                    conn.sendall(_REFUSED + b"another user's store")
+                    conn.close()
+                    continue
+                socket.send_fds(conn, [_HELLO + str(os.getpid()).encode()],
+                                [self.records, self.frames])
+            except OSError:
+                conn.close()
+                continue
+            self._clients = self._living_clients() + [conn]
+
+    def _living_clients(self) -> list[socket.socket]:
+        """The connections of members still alive: a member's end closes with
+        its process (members never send), so a readable one has gone."""
+        if not self._clients:
+            return []
+        gone, _, _ = select.select(self._clients, [], [], 0)
+        for conn in gone:
+            conn.close()
+        return [c for c in self._clients if c not in gone]
+
+    # -- watching the server -------------------------------------------------
+
+    def _watch(self, conn: socket.socket) -> None:
+        """Wait for the server to go; then serve the name, or connect to
+        whoever does now, so later processes still find the members."""
+        while not self._stop:
+            try:
+                while conn.recv(4096):
+                    pass
+            except OSError:
+                pass
+            conn.close()
+            if self._stop:
+                return
+            for _ in range(100):
+                if self._try_serve():
+                    assert self._sock is not None
+                    self._serve(self._sock)
+                    return
+                try:
+                    conn, fds, _ = _connect(self.name)
+                except OSError:         # no one serves yet, or its server just went
+                    time.sleep(0.01)
+                    continue
+                for fd in fds:
+                    os.close(fd)
+                break
+            else:
+                return
+
+    def _start(self, target, arg) -> None:
+        self._thread = threading.Thread(target=target, args=(arg,), daemon=True,
+                                        name=f"pydedup-store-{self.name}")
+        self._thread.start()
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: the sockets are the parent's; let them go (the
+        child keeps the memfds; it is a member through its parent's slot)."""
+        for sock in [self._sock, *self._clients]:
+            if sock is not None:
+                sock.close()
+        self._sock, self._clients, self.serving, self._thread = None, [], False, None
+
+
+def _connect(name: str) -> tuple[socket.socket, list[int], int]:
+    """Connect to the server of `name` and receive its memfds; raises
+    ConnectionRefusedError if no one serves it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(address(name))
+        pid, uid, _ = _peer(sock)
+        if uid != os.getuid():
+            raise SharedStoreError(errno.EPERM, f"the socket of shared store {name!r} is served "
+                                                f"by uid {uid}, not this user: not joined")
+        message, fds, _, _ = socket.recv_fds(sock, 256, 2)
+        for fd in fds:                  # not for programs this process may exec
+            os.set_inheritable(fd, False)
+        if message.startswith(_REFUSED):
+            raise SharedStoreError(errno.EPERM, f"shared store {name!r} refused this process: "
+                                                f"{message[len(_REFUSED):].decode()}")
+        if not message.startswith(_HELLO) or len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            raise SharedStoreError(errno.EPROTO, f"shared store {name!r}: not a pydedup store")
+        if int(message[len(_HELLO):]) != pid:
+            for fd in fds:
+                os.close(fd)
+            raise SharedStoreError(errno.EPERM, f"shared store {name!r} is served from another "
+                                                f"pid namespace: not joined")
+        return sock, fds, os.fstat(fds[0]).st_ino
+    except BaseException:
+        sock.close()
+        raise
+
+
+_STORES: dict[str, Store] = {}
+_IN_USE: weakref.WeakValueDictionary[str, object] = weakref.WeakValueDictionary()
+_lock = threading.Lock()
+
+
+def join(name: str) -> Store:
+    """This process's handle on store `name`: joined if a member serves it,
+    else made (and served) here."""
+    check_name(name)
+    with _lock:
+        store = _STORES.get(name)
+        if store is not None:
+            if store._thread is None:       # a forked child: watch again
+                _rejoin(store)
+            return store
+        store = _find_or_make(name)
+        _STORES[name] = store
+        return store
+
+
+def _rejoin(store: Store) -> None:
+    try:
+        conn, fds, _ = _connect(store.name)
+    except OSError:
+        if store._try_serve():
+            store._start(store._serve, store._sock)
+        return
+    for fd in fds:
+        os.close(fd)
+    store._start(store._watch, conn)
+
+
+def _find_or_make(name: str) -> Store:
+    for _ in range(200):
+        try:
+            conn, (records, frames), _ = _connect(name)
+        except SharedStoreError:
+            raise
+        except (ConnectionRefusedError, ConnectionResetError, BrokenPipeError):
+            pass                        # no one serves it, or its server is going
+        else:
+            store = Store(name, records, frames)
+            store._start(store._watch, conn)
+            return store
+        records = os.memfd_create("pydedup-records", os.MFD_CLOEXEC)
+        frames = os.memfd_create("pydedup-frames", os.MFD_CLOEXEC)
+        try:
+            Core.format_shared(records)
+            os.ftruncate(frames, Core.shared_slots() * os.sysconf("SC_PAGE_SIZE"))
+        except BaseException:
+            os.close(records)
+            os.close(frames)
+            raise
+        store = Store(name, records, frames)
+        if store._try_serve():
+            assert store._sock is not None
+            store._start(store._serve, store._sock)
+            return store
+        os.close(records)                   # someone else made it first: join theirs
+        os.close(frames)
+        time.sleep(0.005)
+    raise SharedStoreError(errno.ETIMEDOUT, f"shared store {name!r}: its socket is bound but "
+                                            f"no one serves it")
+
+
+def claim(name: str, owner: object) -> None:
+    """One arena per store in a process (a second would wait for the first's
+    lock in the same thread): raise if a live arena of this process holds it."""
+    with _lock:
+        if _IN_USE.get(name) is not None:
+            raise ValueError(f"this process has an arena on shared store {name!r} already; "
+                             f"a process holds one arena per store")
+        _IN_USE[name] = owner
+
+
+def _after_fork_in_child() -> None:
+    for store in _STORES.values():
+        store.forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,88 @@
+"""A member of a shared store for tests/test_shared.py, run as its own
+process: `python shared_member.py NAME SEED MIB`. It loads MIB MiB of
+random data made from SEED into an arena on store NAME (or, with NAME "-",
+the store PYDEDUP_SHARED names), then answers one command a line on stdin
+with one JSON line on stdout."""
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+import pydedup
+from pydedup import procfs
+
+
+def main():
+    name, seed, mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    arena = pydedup.Arena(size=1 << 30) if name == "-" else pydedup.Arena(size=1 << 30, shared=name)
+    data = np.random.default_rng(seed).integers(0, 2**63, mib * 2**20 // 8, dtype=np.uint64)
+    x = arena.array(data)
+    pages = arena._live()
+    say(dict(pid=os.getpid(), ready=True, shared=arena.shared))
+    for line in sys.stdin:
+        cmd, *args = line.split()
+        if cmd == "merge":
+            r = arena.merge()
+            say(dict(merged=r.pages_merged, frames_new=r.frames_new))
+        elif cmd == "loop":             # merge again and again, changing pages between
+            i = 0
+            while True:
+                x[(i * 512) % x.size] += 1
+                arena.merge()
+                i += 1
+        elif cmd == "scan":             # the background scanner, until all is shared
+            arena.run = 1
+            deadline = time.monotonic() + 20
+            while arena.stats().shared_pages < x.nbytes // 4096 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            arena.run = 0
+            say(dict(shared_pages=arena.stats().shared_pages))
+        elif cmd == "touch":            # read every page: merged pages map their frames
+            say(dict(sum=int(x.sum(dtype=np.uint64))))
+        elif cmd == "pss":
+            say(dict(pss=procfs.process_pss()))
+        elif cmd == "stats":
+            s = arena.stats()
+            say(dict(members=s.shared_members, shared_pages=s.shared_pages,
+                     frames=s.frames_in_use, lost=s.members_lost,
+                     repairs=s.shared_repairs, store=s.shared_store,
+                     rss=s.shared_rss_bytes, pss=s.shared_pss_bytes))
+        elif cmd == "check":
+            pages.check_invariants()
+            say(dict(checked=True))
+        elif cmd == "write":            # write: x[i] = v
+            x[int(args[0])] = int(args[1])
+            say(dict(written=True))
+        elif cmd == "verify":           # x equals the data, but for the writes listed
+            expect = data.copy()
+            for pair in args:
+                i, v = pair.split("=")
+                expect[int(i)] = int(v)
+            say(dict(equal=bool(np.array_equal(x, expect))))
+        elif cmd == "fork":             # a forked child checks, writes, merges, exits
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    ok = np.array_equal(x, data)
+                    x[1] = 7
+                    arena.merge()
+                    pages.check_invariants()
+                    ok = ok and x[1] == 7 and np.array_equal(x[2:], data[2:])
+                    code = 0 if ok and arena.stats().shared_members[0] == os.getpid() else 2
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            say(dict(child=os.waitstatus_to_exitcode(status)))
+        elif cmd == "quit":
+            return
+
+
+def say(message):
+    print(json.dumps(message), flush=True)
+
+
+if __name__ == "__main__":
+    main()

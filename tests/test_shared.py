@@ -1,0 +1,292 @@
+"""A frame store shared by processes (issue 16): members are real spawned
+processes (tests/shared_member.py), so what is checked is what the kernel
+does: their PSS, their pages after a kill -9, the files left behind."""
+import json
+import os
+import pathlib
+import random
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+import pydedup
+from pydedup import procfs, shared
+
+MEMBER = pathlib.Path(__file__).with_name("shared_member.py")
+MIB = 16
+
+
+class Member:
+    def __init__(self, name, seed=1, mib=MIB, env=None):
+        self.proc = subprocess.Popen([sys.executable, str(MEMBER), name, str(seed), str(mib)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})})
+        self.pid = self.proc.pid
+        hello = self.read()
+        assert hello["ready"], hello
+        self.store = hello["shared"]
+
+    def read(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"member {self.pid} ended: {self.proc.wait()}")
+        return json.loads(line)
+
+    def ask(self, command):
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def send(self, command):
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.send("quit")
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def store_name():
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def members():
+    started = []
+    yield lambda *a, **k: started.append(Member(*a, **k)) or started[-1]
+    for m in started:
+        m.close()
+
+
+def pss_of(pid):
+    return procfs.process_pss(pid)
+
+
+def test_two_processes_with_the_same_data_merge_and_their_pss_drops(store_name, members):
+    a = members(store_name)
+    b = members(store_name)
+    for m in (a, b):
+        m.ask("touch")
+    before = pss_of(a.pid) + pss_of(b.pid)
+    assert a.ask("merge")["merged"] == MIB * 256          # its unique pages become frames
+    assert b.ask("merge")["frames_new"] == 0              # b's pages all find a's frames
+    for m in (a, b):
+        m.ask("touch")
+    after = pss_of(a.pid) + pss_of(b.pid)
+    # One copy of the data less, give or take a few pages of bookkeeping.
+    assert before - after > 0.8 * MIB * 2**20, (before, after)
+    s = b.ask("stats")
+    assert s["members"][0] == b.pid and a.pid in s["members"]
+    assert s["shared_pages"] == MIB * 256
+    # Each frame is divided among the mappings of it: both arenas, and the
+    # windows (views) through which each core compared it.
+    assert s["rss"] == MIB * 2**20 and 0 < s["pss"] <= MIB * 2**19
+    for m in (a, b):
+        assert m.ask("check")["checked"]
+        assert m.ask("verify")["equal"]
+
+
+def test_writes_stay_private(store_name, members):
+    a = members(store_name)
+    b = members(store_name)
+    a.ask("merge")
+    b.ask("merge")
+    assert a.ask("write 0 12345")["written"]
+    assert a.ask("verify 0=12345")["equal"]
+    assert b.ask("verify")["equal"]
+    b.ask("merge")
+    a.ask("merge")
+    assert b.ask("verify")["equal"] and a.ask("verify 0=12345")["equal"]
+    assert a.ask("check")["checked"] and b.ask("check")["checked"]
+
+
+def test_the_background_scanner_merges_with_other_members(store_name, members):
+    a = members(store_name)
+    b = members(store_name)
+    a.ask("merge")
+    assert b.ask("scan")["shared_pages"] == MIB * 256
+    assert b.ask("verify")["equal"] and b.ask("check")["checked"]
+    assert a.ask("check")["checked"]
+
+
+def test_different_data_is_not_shared(store_name, members):
+    a = members(store_name, seed=1)
+    b = members(store_name, seed=2)
+    a.ask("merge")
+    b.ask("merge")
+    assert b.ask("stats")["shared_pages"] == 0
+    assert a.ask("verify")["equal"] and b.ask("verify")["equal"]
+
+
+def test_the_environment_names_the_store(store_name, members):
+    a = members(store_name)
+    b = members("-", env={"PYDEDUP_SHARED": store_name})
+    assert b.store == store_name
+    a.ask("merge")
+    assert b.ask("merge")["frames_new"] == 0
+    assert set(b.ask("stats")["members"]) == {a.pid, b.pid}
+
+
+def test_a_member_killed_outside_a_merge_loses_the_others_nothing(store_name, members):
+    a = members(store_name)
+    b = members(store_name)
+    a.ask("merge")
+    b.ask("merge")
+    b.kill()
+    s = a.ask("stats")
+    assert s["members"] == [a.pid] and s["lost"] == 1
+    assert a.ask("verify")["equal"] and a.ask("check")["checked"]
+    c = members(store_name)                              # the server changed: still found
+    assert c.ask("merge")["frames_new"] == 0
+    assert c.ask("verify")["equal"] and c.ask("check")["checked"]
+
+
+def test_when_the_serving_member_dies_another_serves_the_store(store_name, members):
+    a = members(store_name)             # the first: it serves the socket
+    b = members(store_name)
+    a.ask("merge")
+    b.ask("merge")
+    a.kill()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # b sees a's connection close and binds the name
+        c = members(store_name)
+        if b.pid in c.ask("stats")["members"]:
+            break
+        c.close()
+    assert c.ask("merge")["frames_new"] == 0          # b's frames (a's data, kept)
+    assert set(c.ask("stats")["members"]) == {b.pid, c.pid}
+    assert b.ask("verify")["equal"] and c.ask("check")["checked"]
+
+
+def test_a_member_killed_inside_merges_leaves_no_lock_held(store_name, members):
+    a = members(store_name)
+    a.ask("merge")
+    kills = 4
+    for _ in range(kills):
+        b = members(store_name)
+        b.send("loop")                  # merges without end, the lock held most of the time
+        time.sleep(0.2 + random.random() * 0.3)
+        b.kill()
+        assert a.ask("merge")["merged"] >= 0            # returns: the lock was not left held
+        assert a.ask("verify")["equal"]
+        assert a.ask("check")["checked"]
+    s = a.ask("stats")
+    assert s["members"] == [a.pid] and s["lost"] == kills
+    assert s["repairs"] >= 1            # a kill landed with the lock held, and was repaired
+    c = members(store_name)
+    assert c.ask("merge")["frames_new"] == 0
+    assert c.ask("check")["checked"] and c.ask("verify")["equal"]
+
+
+def _files_in(*dirs):
+    return {str(p) for d in dirs for p in pathlib.Path(d).iterdir()
+            if pathlib.Path(d).is_dir()}
+
+
+def test_nothing_is_left_behind_and_the_next_member_starts_clean(store_name, members):
+    dirs = [d for d in ("/dev/shm", "/tmp") if os.path.isdir(d)]
+    before = _files_in(*dirs)
+    a = members(store_name)
+    b = members(store_name)
+    a.ask("merge")
+    b.ask("merge")
+    a.kill()
+    b.kill()
+    assert {f for f in _files_in(*dirs) - before if "pydedup" in f} == set()
+    c = members(store_name, seed=3)
+    s = c.ask("stats")
+    assert s["members"] == [c.pid] and s["frames"] == 0 and s["lost"] == 0
+
+
+def test_a_forked_child_of_a_member_is_a_member(store_name, members):
+    a = members(store_name)
+    b = members(store_name)
+    a.ask("merge")
+    b.ask("merge")
+    assert b.ask("fork")["child"] == 0
+    assert b.ask("verify")["equal"] and b.ask("check")["checked"]
+    s = b.ask("stats")
+    assert sorted(s["members"]) == sorted([a.pid, b.pid])   # the child left when it ended
+    assert a.ask("check")["checked"]
+
+
+def test_in_process_arena_on_a_store(store_name):
+    arena = pydedup.Arena(size=1 << 28, shared=store_name)
+    x = arena.full(4096 * 64, 3.0)
+    y = arena.array(x)
+    arena.merge()
+    arena._live().check_invariants()
+    s = arena.stats()
+    assert s.shared_store == store_name and s.shared_members == [os.getpid()]
+    assert s.shared_pages == 0           # no other process maps its frames
+    y[0] = 1.0
+    assert x[0] == 3.0
+    with pytest.raises(ValueError, match="one arena per store"):
+        pydedup.Arena(size=1 << 28, shared=store_name)
+    with pytest.raises(ValueError, match="set when the arena is made"):
+        arena.shared = "other"
+    arena.close()
+
+
+def test_the_command_line_shows_the_store_and_its_members(store_name, members, tmp_path,
+                                                         monkeypatch, capsys):
+    from pydedup.__main__ import main
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    other = members(store_name)
+    arena = pydedup.Arena(size=1 << 28, shared=store_name)
+    arena.stats()
+    assert main(["stats", str(os.getpid()), "--wait", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"shared store {store_name!r}, members (pids): {os.getpid()}, {other.pid}" in out
+    arena.close()
+
+
+def test_a_bad_name_is_refused():
+    with pytest.raises(ValueError, match="knob shared"):
+        pydedup.Arena(size=1 << 28, shared="no/slashes")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as uid 65534")
+def test_another_user_cannot_join(store_name):
+    import socket
+    import traceback
+    arena = pydedup.Arena(size=1 << 28, shared=store_name)
+    arena.merge()
+    roots = arena._store.identity()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            # Straight to root's socket: refused, and given no memfd.
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(shared.address(store_name, uid=0))
+            answer, fds, _, _ = socket.recv_fds(sock, 256, 2)
+            # By name: a store of its own (the uid is in the socket's name).
+            own = shared._find_or_make(store_name)
+            result = [answer.decode(), len(fds), own.identity() != roots]
+        except BaseException:
+            result = [traceback.format_exc(), -1, False]
+        os.write(write, json.dumps(result).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    answer, nfds, own_store = json.loads(os.read(read, 65536))
+    assert answer.startswith("pydedup-refused") and nfds == 0, answer
+    assert own_store
+    assert arena.stats().shared_members == [os.getpid()]
+    arena.close()
