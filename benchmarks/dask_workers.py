@@ -14,9 +14,9 @@ limit is set so that the data fits in it as PSS after merging but not as
 RSS: with `target: false` (spill by process memory only, at `spill`: 70%)
 plain Dask must spill and the preloaded workers need not.
 
-Sharing one copy of the dataset between the workers of a machine needs the
-shared frame store (issue 16); until then each worker holds its own copy, so
-the figure to compare with one copy is per worker.
+With the preload, the workers of one cluster share a frame store
+(`pydedup.dask.cluster_store()`, issue 16), so data that every worker holds
+counts about once in the sum.
 """
 from __future__ import annotations
 
