@@ -533,8 +533,7 @@ class Arena:
             c = core.counts(0, core.high_water)
             store = os.fstat(core.memfd)
             members = core.shared_counts()
-            usage = (procfs.mapped_file_usage(self._lo, self._hi, store.st_ino) if core.shared
-                     else (0, 0))
+            smaps = procfs.arena_smaps(self._lo, self._hi, store.st_ino)
             # A shared store: this arena's frames, and their memory (the
             # store holds other members' frames too: shared_frames).
             frames = core.member_frames() if core.shared else core.frames_in_use
@@ -544,18 +543,19 @@ class Arena:
                 full_scans=core.full_scans, unshared=core.pages_unshared,
                 volatile=core.pages_volatile, barrier=core.barrier_name,
                 frame_store_bytes=store_bytes, shared_frames=core.frames_in_use if core.shared else 0,
-                window_pss=procfs.frame_store_pss(self._lo, self._hi, store.st_ino),
+                window_pss=smaps["window_pss"],
                 frames_by_node=core.frames_by_node(), **core.tile_counts(),
                 ksm_stat=procfs.ksm_stat(),
-                mappings=procfs.count_mappings(self._lo, self._hi)[1],
+                mappings=smaps["mappings"],
                 reserved=self._hi - self._lo, page_size=PAGE_SIZE,
                 huge_pages=self._huge_state, **core.huge_counts(),
                 shared_store=self.shared, shared_members=members["members"],
-                shared_pages=members["pages_with_others"], shared_rss=usage[0],
-                shared_pss=usage[1], shared_repairs=members["repairs"],
-                members_lost=members["members_lost"])
-            smaps = procfs.smaps_fields(self._lo, self._hi, (b"Pss", b"AnonHugePages"))
-        stats = ArenaStats.made_from(dict(readings, **smaps))
+                shared_pages=members["pages_with_others"],
+                shared_rss=smaps["store_rss"] if core.shared else 0,
+                shared_pss=smaps["store_pss"] if core.shared else 0,
+                shared_repairs=members["repairs"], members_lost=members["members_lost"],
+                pss=smaps["pss"], anonhugepages=smaps["anonhugepages"])
+        stats = ArenaStats.made_from(readings)
         self._publisher.publish(stats, self._scanner)
         return stats
 

@@ -65,27 +65,46 @@ def smaps_fields(lo: int, hi: int, fields=(b"Pss", b"Pss_Anon", b"Pss_Shmem")):
     return {k.decode().lower(): v for k, v in sums.items()}
 
 
-def frame_store_pss(lo: int, hi: int, inode: int) -> int:
-    """Pss, in bytes, of the mappings of file `inode` (the frame store) that
-    lie outside [lo, hi): the window the core reads frames through holds a
-    share of every frame it has touched, which the arena's own Pss lacks."""
-    total = 0
+# The first line of a mapping's block in smaps: "start-end perms offset ...".
+_SMAPS_HEADER = re.compile(rb"^([0-9a-f]+)-[0-9a-f]+ [^\n]*$", re.MULTILINE)
+
+
+def arena_smaps(lo: int, hi: int, store_inode: int) -> dict:
+    """What stats() reads of /proc/self/smaps, from one read of it: a merge
+    cut into 100,000 mappings makes that file tens of megabytes, which the
+    kernel takes seconds to write. In bytes, but `mappings`:
+    - pss, anonhugepages: summed over the mappings inside [lo, hi);
+    - mappings: how many mappings lie inside [lo, hi);
+    - store_rss, store_pss: of the mappings of the frame store (file
+      `store_inode`) inside [lo, hi): for a shared store, the memory its
+      frames hold for this arena, and this process's share of it;
+    - window_pss: of the frame store's mappings outside [lo, hi): the window
+      the core reads frames through holds a share of every frame it touched,
+      which the arena's own Pss lacks."""
+    sums = dict.fromkeys(("pss", "anonhugepages", "mappings", "store_rss", "store_pss", "window_pss"), 0)
     with open("/proc/self/smaps", "rb") as f:
         text = f.read()
     headers = list(_SMAPS_HEADER.finditer(text))
     for i, header in enumerate(headers):
+        inside = lo <= int(header.group(1), 16) < hi
         fields = header.group(0).split()
-        if len(fields) < 5 or int(fields[4]) != inode or lo <= int(header.group(1), 16) < hi:
+        of_store = len(fields) >= 5 and int(fields[4]) == store_inode
+        if not inside and not of_store:
             continue
+        sums["mappings"] += inside
         end = headers[i + 1].start() if i + 1 < len(headers) else len(text)
         for line in text[header.end():end].splitlines():
-            if line.startswith(b"Pss:"):
-                total += int(line.split()[1]) * 1024
-    return total
-
-
-# The first line of a mapping's block in smaps: "start-end perms offset ...".
-_SMAPS_HEADER = re.compile(rb"^([0-9a-f]+)-[0-9a-f]+ [^\n]*$", re.MULTILINE)
+            name, _, rest = line.partition(b":")
+            if name not in (b"Rss", b"Pss", b"AnonHugePages"):
+                continue
+            value = int(rest.split()[0]) * 1024
+            if inside and name != b"Rss":
+                sums[name.decode().lower()] += value
+            if of_store and inside and name != b"AnonHugePages":
+                sums["store_" + name.decode().lower()] += value
+            elif of_store and name == b"Pss":
+                sums["window_pss"] += value
+    return sums
 
 
 def process_pss(pid: int | None = None) -> int:
@@ -174,25 +193,3 @@ def numpy_madvises_hugepage() -> bool:
     if get is not None:
         return bool(get())
     return os.environ.get("NUMPY_MADVISE_HUGEPAGE", "1") != "0"
-
-
-def mapped_file_usage(lo: int, hi: int, inode: int) -> tuple[int, int]:
-    """(Rss, Pss) in bytes of the mappings of file `inode` inside [lo, hi):
-    for a shared frame store, Rss is the memory its frames hold for this
-    arena, Pss this process's share of it (a frame other processes map too
-    is divided among them)."""
-    rss = pss = 0
-    with open("/proc/self/smaps", "rb") as f:
-        text = f.read()
-    headers = list(_SMAPS_HEADER.finditer(text))
-    for i, header in enumerate(headers):
-        fields = header.group(0).split()
-        if len(fields) < 5 or int(fields[4]) != inode or not lo <= int(header.group(1), 16) < hi:
-            continue
-        end = headers[i + 1].start() if i + 1 < len(headers) else len(text)
-        for line in text[header.end():end].splitlines():
-            if line.startswith(b"Rss:"):
-                rss += int(line.split()[1]) * 1024
-            elif line.startswith(b"Pss:"):
-                pss += int(line.split()[1]) * 1024
-    return rss, pss
