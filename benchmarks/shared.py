@@ -77,15 +77,15 @@ def member(method: str, name: str, mib: int, private_mib: int, index: int, copie
     conn.recv()                              # done
 
 
-def kernel_merge() -> float:
-    """Run ksmd (knobs set by the caller) until the system's counters hold
+def kernel_merge(kernel) -> float:
+    """Run ksmd (a KernelKSM, its knobs set) until the system's counters hold
     still over two full scans, at least three scans after the start; the
     seconds to its last change."""
     from pydedup.bench import ksm
     watch = ("pages_shared", "pages_sharing")
     scans0 = ksm.counters()["full_scans"]
     t0 = time.perf_counter()
-    ksm._write("run", "1")
+    kernel.set(run=1)
     last = None                              # (values, when, full_scans) at the last change
     while True:
         now, c = time.perf_counter(), ksm.counters()
@@ -95,7 +95,7 @@ def kernel_merge() -> float:
         if c["full_scans"] >= scans0 + ksm.SCANS_TO_MERGE and c["full_scans"] >= last[2] + 2:
             return last[1] - t0
         if now - t0 > 600:
-            raise ksm.KSMTimeout("kernel KSM did not settle in 600 s", None)
+            raise TimeoutError("kernel KSM did not settle in 600 s")
         time.sleep(0.02)
 
 
@@ -120,7 +120,7 @@ def run(method: str, n: int, mib: int, private_mib: int = 0, copies: int = 1,
             c.send("merge")
             seconds.append(c.recv())
         if method == "ksm":
-            seconds = [kernel_merge()]
+            seconds = [kernel_merge(kernel)]
         for c in pipes:
             c.send("measure")
         pss = sum(c.recv() for c in pipes)
@@ -134,9 +134,8 @@ def run(method: str, n: int, mib: int, private_mib: int = 0, copies: int = 1,
                 p.kill()
                 p.join()
     if method == "ksm":
-        from pydedup.bench import ksm
-        ksm._unmerge_all()                   # run=2: the next run starts with nothing merged
-        ksm._write("run", "0")
+        kernel.set(run=2)                    # unmerge all: the next run starts with nothing merged
+        kernel.set(run=0)
     return seconds, pss
 
 
