@@ -1,22 +1,35 @@
-"""Processes holding the same data, with and without a shared frame store (issue 16).
+"""Processes holding the same data: private arenas, a shared frame store
+(issue 16) and kernel KSM, in one run.
 
-    python benchmarks/shared.py [--mib 256] [--processes 1 2 4]
+    python benchmarks/shared.py [--mib 256] [--private-mib 64] [--processes 1 2 4 8]
 
 For each N, N spawned processes each load the same `--mib` MiB (random
-doubles from one seed) into an arena, private (`shared=""`) or on one
-shared store (`shared=<name>`), and merge, one process after the other.
+doubles from one seed), and, in the "mix" workload, also `--private-mib` MiB
+of their own (random doubles, a seed per process), then merge:
+
+- private: into an arena of their own (`shared=""`), merge() one process
+  after the other;
+- shared: into one shared store (`shared=<name>`), merge() one process after
+  the other;
+- kernel KSM (root only; skipped with the reason printed otherwise): plain
+  numpy arrays marked MADV_MERGEABLE, ksmd run at 10,000 pages / 0 ms until
+  the system's pages_shared and pages_sharing hold still over two full scans
+  (at least three scans: a page merges on ksmd's second visit). Every KSM knob
+  is restored on exit, on errors and Ctrl-C too (pydedup.bench.ksm.KernelKSM).
+
 Reported, in one run:
 
 - the PSS the N processes added together for the data (each process's PSS
   after the merge, every page read, less its PSS before the data), against
-  one copy of the data;
-- the seconds each merge() took per GiB of data, against the baseline
+  the ideal: one copy of the common data plus every process's private data;
+- the seconds each merge() took per GiB of the process's data, the first
+  process's and the joining processes' (mean), against the baselines
   measured in the same run: a private merge() of the same data in one
-  process (the data unique: hash and unstable tree only), and a private
-  merge() of two copies of it in one process (per GiB of the two), which
-  does the work a second member's shared merge does (search, compare,
-  remap);
-- all the N merges' seconds per GiB the N processes hold.
+  process (the data unique: hashing only, the work of a first member), and
+  a private merge() of two copies of it (per GiB of the two: search,
+  compare, remap, the work of a joining member);
+- all the N merges' seconds per GiB the N processes hold (for kernel KSM:
+  from run=1 to ksmd's last change, whole system, per GiB held).
 """
 from __future__ import annotations
 
@@ -29,21 +42,33 @@ import uuid
 import numpy as np
 
 MiB = 1 << 20
+KSM_KNOBS = dict(pages_to_scan=10_000, sleep_millisecs=0)
 
 
-def member(name: str, mib: int, copies: int, conn) -> None:
-    import pydedup
+def member(method: str, name: str, mib: int, private_mib: int, index: int, copies: int,
+           conn) -> None:
     from pydedup import procfs
-    arena = pydedup.Arena(size=4 << 30, shared=name)
     before = procfs.process_pss()
-    data = np.random.default_rng(0).random(mib * MiB // 8)
-    arrays = [arena.array(data) for _ in range(copies)]
-    del data
+    common = np.random.default_rng(0).random(mib * MiB // 8)
+    own = np.random.default_rng(1000 + index).random(private_mib * MiB // 8)
+    if method == "ksm":
+        from pydedup.bench import ksm
+        arrays = [common] + ([own] if private_mib else [])
+        ksm.mergeable(*arrays)                   # ksmd, run by the parent, merges them
+    else:
+        import pydedup
+        arena = pydedup.Arena(size=4 << 30, shared=name)
+        arrays = [arena.array(common) for _ in range(copies)]
+        if private_mib:
+            arrays.append(arena.array(own))
+    del common, own
     conn.send("loaded")
     conn.recv()                              # our turn to merge
-    start = time.perf_counter()
-    arena.merge()
-    seconds = time.perf_counter() - start
+    seconds = 0.0
+    if method != "ksm":
+        start = time.perf_counter()
+        arena.merge()
+        seconds = time.perf_counter() - start
     conn.send(seconds)
     conn.recv()                              # everyone merged: measure
     for a in arrays:
@@ -52,59 +77,121 @@ def member(name: str, mib: int, copies: int, conn) -> None:
     conn.recv()                              # done
 
 
-def run(n: int, name: str, mib: int, copies: int = 1) -> tuple[list[float], int]:
-    """Merge seconds of each process, and the PSS the n added together."""
+def kernel_merge(kernel) -> float:
+    """Run ksmd (a KernelKSM, its knobs set) until the system's counters hold
+    still over two full scans, at least three scans after the start; the
+    seconds to its last change."""
+    from pydedup.bench import ksm
+    watch = ("pages_shared", "pages_sharing")
+    scans0 = ksm.counters()["full_scans"]
+    t0 = time.perf_counter()
+    kernel.set(run=1)
+    last = None                              # (values, when, full_scans) at the last change
+    while True:
+        now, c = time.perf_counter(), ksm.counters()
+        values = tuple(c[k] for k in watch)
+        if last is None or values != last[0]:
+            last = (values, now, c["full_scans"])
+        if c["full_scans"] >= scans0 + ksm.SCANS_TO_MERGE and c["full_scans"] >= last[2] + 2:
+            return last[1] - t0
+        if now - t0 > 600:
+            raise TimeoutError("kernel KSM did not settle in 600 s")
+        time.sleep(0.02)
+
+
+def run(method: str, n: int, mib: int, private_mib: int = 0, copies: int = 1,
+        kernel=None) -> tuple[list[float], int]:
+    """Merge seconds of each process (kernel KSM: one figure, ksmd's), and
+    the PSS the n added together."""
+    name = f"bench-{uuid.uuid4().hex[:8]}" if method == "shared" else ""
     ctx = mp.get_context("spawn")
     pipes, procs = [], []
-    for _ in range(n):
-        ours, theirs = ctx.Pipe()
-        p = ctx.Process(target=member, args=(name, mib, copies, theirs))
-        p.start()
-        pipes.append(ours)
-        procs.append(p)
-    for c in pipes:
-        assert c.recv() == "loaded"
-    seconds = []
-    for c in pipes:
-        c.send("merge")
-        seconds.append(c.recv())
-    for c in pipes:
-        c.send("measure")
-    pss = sum(c.recv() for c in pipes)
-    for c in pipes:
-        c.send("done")
-    for p in procs:
-        p.join()
+    try:
+        for i in range(n):
+            ours, theirs = ctx.Pipe()
+            p = ctx.Process(target=member, args=(method, name, mib, private_mib, i, copies, theirs))
+            p.start()
+            pipes.append(ours)
+            procs.append(p)
+        for c in pipes:
+            assert c.recv() == "loaded"
+        seconds = []
+        for c in pipes:
+            c.send("merge")
+            seconds.append(c.recv())
+        if method == "ksm":
+            seconds = [kernel_merge(kernel)]
+        for c in pipes:
+            c.send("measure")
+        pss = sum(c.recv() for c in pipes)
+        for c in pipes:
+            c.send("done")
+        for p in procs:
+            p.join()
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if method == "ksm":
+        kernel.set(run=2)                    # unmerge all: the next run starts with nothing merged
+        kernel.set(run=0)
     return seconds, pss
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mib", type=int, default=256)
-    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--mib", type=int, default=256, help="the data all processes hold")
+    parser.add_argument("--private-mib", type=int, default=64,
+                        help="each process's own data in the mix workload (0: no mix)")
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4, 8])
     args = parser.parse_args()
     gib = args.mib / 1024
-    one, _ = run(1, "", args.mib)
-    two, _ = run(1, "", args.mib, copies=2)
+    from pydedup.bench import ksm
+    reason = ksm.available()
+    one, _ = run("private", 1, args.mib)
+    two, _ = run("private", 1, args.mib, copies=2)
     private_unique = one[0] / gib
     private_dup = two[0] / (2 * gib)
-    print(f"data: {args.mib} MiB a process; kernel {os.uname().release}, {os.cpu_count()} CPUs")
+    print(f"data: {args.mib} MiB common a process, mix: {args.private_mib} MiB private more; "
+          f"kernel {os.uname().release}, {os.cpu_count()} CPUs")
     print(f"baseline, one process, private: merge() {private_unique:.3f} s/GiB (unique data), "
           f"{private_dup:.3f} s/GiB (two copies)")
+    print("kernel KSM: " + (f"skipped: {reason}" if reason else
+                            "10,000 pages / 0 ms, knobs restored at the end"))
     print()
-    print("| processes | store | PSS added, all processes | x one copy | merge s/GiB: first, "
-          "others (mean) | others / private two copies | all merges, s/GiB held |")
-    print("|---|---|---|---|---|---|---|")
-    for n in args.processes:
-        for store in ("private", "shared"):
-            name = f"bench-{uuid.uuid4().hex[:8]}" if store == "shared" else ""
-            seconds, pss = run(n, name, args.mib)
-            per_gib = [s / gib for s in seconds]
-            rest = per_gib[1:]
-            rest_mean = sum(rest) / len(rest) if rest else float("nan")
-            print(f"| {n} | {store} | {pss / MiB:,.0f} MiB | {pss / (args.mib * MiB):.2f} | "
-                  f"{per_gib[0]:.3f}, {rest_mean:.3f} | {rest_mean / private_dup:.2f} | "
-                  f"{sum(seconds) / (n * gib):.3f} |")
+    print("| workload | processes | method | PSS added, all processes | x ideal | merge s/GiB: "
+          "first, joining (mean) | first / private unique | joining / private two copies "
+          "| all merges, s/GiB held |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    workloads = [("same", 0)] + ([("mix", args.private_mib)] if args.private_mib else [])
+    methods = ["private", "shared"] + ([] if reason else ["ksm"])
+
+    def table(kernel) -> None:
+        for label, private_mib in workloads:
+            each = (args.mib + private_mib) / 1024                 # GiB a process holds
+            for n in args.processes:
+                ideal = (args.mib + n * private_mib) * MiB
+                for method in methods:
+                    seconds, pss = run(method, n, args.mib, private_mib, kernel=kernel)
+                    if method == "ksm":
+                        merges = f"(ksmd) {seconds[0] / (n * each):.3f}"
+                        print(f"| {label} | {n} | kernel KSM | {pss / MiB:,.0f} MiB | "
+                              f"{pss / ideal:.2f} | - | - | - | {merges} |", flush=True)
+                        continue
+                    per_gib = [s / each for s in seconds]
+                    rest = per_gib[1:]
+                    rest_mean = sum(rest) / len(rest) if rest else float("nan")
+                    print(f"| {label} | {n} | {method} | {pss / MiB:,.0f} MiB | {pss / ideal:.2f} | "
+                          f"{per_gib[0]:.3f}, {rest_mean:.3f} | {per_gib[0] / private_unique:.2f} | "
+                          f"{rest_mean / private_dup:.2f} | {sum(seconds) / (n * each):.3f} |",
+                          flush=True)
+
+    if reason:
+        table(None)
+    else:
+        with ksm.KernelKSM(**KSM_KNOBS) as kernel:     # every knob restored, Ctrl-C too
+            table(kernel)
 
 
 if __name__ == "__main__":

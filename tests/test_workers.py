@@ -182,3 +182,49 @@ def test_pss_meter_of_an_ended_process_raises():
     meter = pydedup.workers.PssMeter(child.pid)
     with pytest.raises(OSError):
         meter()
+
+
+def on_the_store(seed):
+    """A pool task: make data (in the worker's arena), merge, and wait until
+    another worker on the same store maps the same frames (so the pool's two
+    tasks run in two workers); the data and what the arena's stats say."""
+    import time
+    arena = pydedup.installed_arena()
+    assert arena is not None, "worker_init() installed no arena"
+    a = np.random.default_rng(seed).random(1 << 19)           # 4 MiB
+    deadline = time.monotonic() + 30.0
+    while True:
+        arena.merge()
+        s = arena.stats()
+        if (len(s.shared_members) == 2 and s.shared_pages > 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return dict(pid=os.getpid(), store=s.shared_store, members=sorted(s.shared_members),
+                shared_pages=s.shared_pages, data=a)
+
+
+@pytest.mark.parametrize("how", ["initargs", "environment"])
+def test_pool_workers_share_one_store(how, monkeypatch):
+    """ProcessPoolExecutor (spawn) with pydedup.worker_init naming a shared
+    store, by argument or PYDEDUP_SHARED: two workers loading the same data
+    end up on one store, their pages on the same frames, the results exact."""
+    import functools
+    import uuid
+    name = f"test-pool-{uuid.uuid4().hex[:8]}"
+    if how == "environment":
+        monkeypatch.setenv("PYDEDUP_SHARED", name)
+        initializer = pydedup.worker_init
+    else:
+        initializer = functools.partial(pydedup.worker_init, shared=name)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=context,
+                                                initializer=initializer) as pool:
+        results = list(pool.map(on_the_store, [5, 5]))
+    pids = {r["pid"] for r in results}
+    assert len(pids) == 2 and os.getpid() not in pids, results
+    expected = np.random.default_rng(5).random(1 << 19)
+    for r in results:
+        assert r["store"] == name
+        assert r["members"] == sorted(pids), r["members"]
+        assert r["shared_pages"] > 0, r
+        assert np.array_equal(r["data"], expected)
