@@ -181,7 +181,7 @@ def run(gather_bytes=256 * MiB, gathers=4_000_000, matrix=(2048, 4096), repeat=3
     data = Data(n, rows_, cols, gathers)
     reason = None if kernel else "not asked for"
     reason = reason or ksm.available()
-    result = {"config": {"gather_bytes": n * 8, "gathers": gathers, "matrix": [rows_, cols],
+    result: dict = {"config": {"gather_bytes": n * 8, "gathers": gathers, "matrix": [rows_, cols],
                          "repeat": repeat, "thp": procfs.thp_mode(),
                          "numpy_madvise_hugepage": procfs.numpy_madvises_hugepage()},
               "rows": [], "skipped": {"kernel KSM": reason} if reason else {}}
