@@ -240,9 +240,9 @@ ACCESS_ROWS = ["arena, huge pages", "arena, huge pages", "arena, 4 KiB pages", "
 def test_access_rows_come_out_of_bench_with_every_operation(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(ksm, "available", lambda: "kernel KSM needs root: test")
     _, saved, _ = run_bench(tmp_path, "--workload", "structured", "--methods", "numpy",
-                            "--no-plot", "--access", "8MiB")
+                            "--no-plot", "--access", "9MiB")    # a matrix of no whole pages
     found = saved["access"]
-    assert found["config"]["gather_bytes"] == 4 << 20 and found["config"]["gathers"] > 0
+    assert found["config"]["gather_bytes"] == 9 << 19 and found["config"]["gathers"] > 0
     assert found["skipped"] == {"kernel KSM": "kernel KSM needs root: test"}
     for content in ("unique", "merged"):
         rows = [r for r in found["rows"] if r["data"] == content]

@@ -135,7 +135,7 @@ def arena_rows(data, content, numpy, repeat, progress):
     """Rows of the arena with huge pages and with 4 KiB pages, before and
     after a merge, against numpy's operations."""
     rows = []
-    reserve = (data.n + 2 * data.rows * data.cols) * 8 + 64 * MiB
+    reserve = -(-(data.n + 2 * data.rows * data.cols) * 8 // procfs.PAGE_SIZE) * procfs.PAGE_SIZE + 64 * MiB
     for label, knob in (("arena, huge pages", "on"), ("arena, 4 KiB pages", "off")):
         memory = Memory(knob, reserve)
         try:
