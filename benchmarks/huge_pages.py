@@ -1,6 +1,6 @@
 """Compute speed of arena arrays against numpy's, with and without huge pages.
 
-    python benchmarks/huge_pages.py [--full] [--repeat 3]
+    python benchmarks/huge_pages.py [--full] [--repeat 3] [--no-ksm]
 
 numpy asks for transparent huge pages for its big arrays; an arena with the
 `huge_pages` knob on gets them too, and keeps them through a merge that
@@ -16,7 +16,12 @@ the same run.
    - the arena with `huge_pages="off"` (4 KiB pages), before and after;
    - merged data: eight copies of one block, merged (the pages map frames of
      the frame store, 4 KiB each, whatever the knob), against numpy holding
-     the same eight copies.
+     the same eight copies;
+   - kernel KSM after merging numpy arrays of the same data (MADV_MERGEABLE,
+     10,000 pages / 0 ms until it settles; root only, every KSM knob
+     restored), with the huge pages left to it.
+   Each row shows the MiB of its arrays that huge pages back (AnonHugePages).
+   The measuring code is pydedup.bench.access (`python -m pydedup bench --access`).
    Target: unique data in the arena within 1.05x of numpy before and after.
 2. The split rule: 2 MiB blocks of which k pages are zero and the rest
    unique, merged with `huge_split_min_pages` 1 (split: the k pages saved)
@@ -27,7 +32,6 @@ the same run.
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -39,93 +43,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a c
 
 import pydedup  # noqa: E402
 from pydedup import procfs  # noqa: E402
+from pydedup.bench import access  # noqa: E402
+from pydedup.bench.access import paired_times  # noqa: E402
 
 MiB = 1 << 20
 PAGE = procfs.PAGE_SIZE
 
 
-def timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def operations(src, mat, out, idx):
-    """The three operations on one memory's arrays, by name."""
-    return {"gather": lambda: np.take(src, idx), "transpose": lambda: np.copyto(out, mat.T),
-            "sum": lambda: src.sum()}
-
-
-def paired_times(ours, numpy, repeat):
-    """{operation: (our best, numpy's best)}, the two timed alternately, so
-    that load from elsewhere on the machine weighs on both alike."""
-    found = {}
-    for name in ours:
-        mine, base = [], []
-        for _ in range(repeat):
-            base.append(timed(numpy[name]))
-            mine.append(timed(ours[name]))
-        found[name] = (min(mine), min(base))
-    return found
-
-
-class Memory:
-    """Where a row's arrays live: numpy's memory, or an arena."""
-
-    def __init__(self, huge_pages=None, size=0):
-        self.arena = None if huge_pages is None else pydedup.Arena(size, huge_pages=huge_pages)
-
-    def empty(self, shape):
-        return np.empty(shape) if self.arena is None else self.arena.empty(shape)
-
-    def huge_in_use(self):
-        return "-" if self.arena is None else self.arena.stats().huge_pages_in_use
-
-    def close(self):
-        if self.arena is not None:
-            self.arena.close()
-
-
-def arrays(memory, n, rows, cols, content, unique, block, matrix):
-    src, mat, out = memory.empty(n), memory.empty((rows, cols)), memory.empty((cols, rows))
-    if content == "unique":
-        src[:] = unique
-    else:
-        src.reshape(8, -1)[:] = block
-    mat[:] = matrix
-    out[:] = 0.0
-    return src, mat, out
-
-
 def access_rows(args):
-    n = args.gather_bytes // 8
+    """Part 1, measured by pydedup.bench.access (also `python -m pydedup
+    bench --access`): kernel KSM's rows need root, and are skipped with the
+    reason otherwise."""
     rows, cols = args.matrix
-    rng = np.random.default_rng(1)
-    idx = rng.integers(0, n, args.gathers)
-    unique = rng.random(n)
-    block = rng.random(n // 8)
-    matrix = rng.random((rows, cols))
-    reserve = (args.gather_bytes + 2 * rows * cols * 8) + 64 * MiB
-    print(f"1. access speed: gather {args.gathers:,} of {args.gather_bytes // MiB} MiB, "
-          f"transposed copy {rows} x {cols}, sum of {args.gather_bytes // MiB} MiB "
-          f"(best of {args.repeat}, timed alternately with numpy's; ratio: numpy's time = 1)")
-    print(f"{'memory':<36} {'data':<7} {'gather':>15} {'transpose':>15} {'sum':>15} {'huge pages':>10}")
-    for content in ("unique", "merged"):
-        numpy = operations(*arrays(Memory(), n, rows, cols, content, unique, block, matrix), idx)
-        for label, knob in (("arena, huge pages", "on"), ("arena, 4 KiB pages", "off")):
-            memory = Memory(knob, reserve)
-            src, mat, out = arrays(memory, n, rows, cols, content, unique, block, matrix)
-            for when in ("before merge", "after merge"):
-                if when == "after merge":
-                    memory.arena.merge()
-                found = paired_times(operations(src, mat, out, idx), numpy, args.repeat)
-                cells = " ".join(f"{mine:7.3f}s {mine / base:5.2f}x" for mine, base in found.values())
-                print(f"{label + ', ' + when:<36} {content:<7} {cells} {memory.huge_in_use():>10}")
-            del src, mat, out
-            memory.close()
-        cells = " ".join(f"{base:7.3f}s {1:5.2f}x" for _, base in found.values())
-        print(f"{'numpy (its last times)':<36} {content:<7} {cells} {'-':>10}")
-        del numpy
+    result = access.run(args.gather_bytes, args.gathers, (rows, cols), args.repeat,
+                        kernel=not args.no_ksm, progress=lambda m: print(m, file=sys.stderr))
+    print("1. " + access.table(result))
 
 
 def split_rows(args):
@@ -166,6 +98,7 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--k", type=int, nargs="*", default=[8, 32, 64, 128, 256])
     parser.add_argument("--split-blocks", type=int, default=512)
+    parser.add_argument("--no-ksm", action="store_true", help="leave out kernel KSM's rows")
     args = parser.parse_args()
     args.gather_bytes = 1 << 30
     args.gathers = 20_000_000

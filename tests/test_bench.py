@@ -230,3 +230,51 @@ def test_merge_rows_report_threads_and_phases(tmp_path, capsys):
         assert set(row["phase_cpu_seconds"]) == {"refresh", "decide", "apply"}
         assert row["merge_over_read_pass"] > 0
     assert "read passes" in capsys.readouterr().out
+
+
+# -- access speed (issue 20) --------------------------------------------------------------
+
+ACCESS_ROWS = ["arena, huge pages", "arena, huge pages", "arena, 4 KiB pages", "arena, 4 KiB pages"]
+
+
+def test_access_rows_come_out_of_bench_with_every_operation(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ksm, "available", lambda: "kernel KSM needs root: test")
+    _, saved, _ = run_bench(tmp_path, "--workload", "structured", "--methods", "numpy",
+                            "--no-plot", "--access", "9MiB")    # a matrix of no whole pages
+    found = saved["access"]
+    assert found["config"]["gather_bytes"] == 9 << 19 and found["config"]["gathers"] > 0
+    assert found["skipped"] == {"kernel KSM": "kernel KSM needs root: test"}
+    for content in ("unique", "merged"):
+        rows = [r for r in found["rows"] if r["data"] == content]
+        assert [r["memory"] for r in rows] == ACCESS_ROWS + ["numpy"]
+        assert [r["when"] for r in rows[:2]] == ["before merge", "after merge"]
+        for row in rows:
+            assert set(row["ops"]) == {"gather", "transpose", "sum"}
+            for op in row["ops"].values():
+                assert op["seconds"] > 0 and op["over_numpy"] == op["seconds"] / op["numpy_seconds"]
+        # huge_pages="off": not one byte of the arrays on a huge page
+        assert all(r["huge_bytes"] == 0 for r in rows if r["memory"] == "arena, 4 KiB pages")
+    printed = capsys.readouterr().out
+    assert "access speed: gather" in printed and "kernel KSM: skipped: kernel KSM needs root: test" in printed
+
+
+@pytest.mark.skipif(ksm.available() is not None, reason=str(ksm.available()))
+def test_access_rows_of_kernel_ksm_merge_and_restore_every_knob():
+    from pydedup.bench import access
+    before = ksm.knobs()
+    found = access.run(gather_bytes=4 << 20, gathers=1000, matrix=(64, 128), repeat=1)
+    assert ksm.knobs() == before
+    assert found["skipped"] == {}
+    rows = {r["data"]: r for r in found["rows"] if r["memory"] == "kernel KSM"}
+    assert set(rows) == {"unique", "merged"}
+    # seven of the eight copies of the gathered array's block merge, at least
+    assert rows["merged"]["ksm_merging_pages"] >= 7 * (4 << 20) // 8 // PAGE
+    assert "kernel KSM, merged:" in access.table(found)
+
+
+def test_access_refuses_sizes_that_are_not_positive(tmp_path):
+    from pydedup.bench import access
+    with pytest.raises(ValueError, match="must be positive"):
+        access.run(gather_bytes=1 << 20, gathers=10, matrix=(0, 4), kernel=False)
+    with pytest.raises(SystemExit):
+        bench.main(["--access", "0", "--out", str(tmp_path)])

@@ -167,6 +167,32 @@ def test_a_huge_page_with_as_many_matches_as_the_knob_is_split(rng):
         assert b" nh" in vm_flags(array)
 
 
+def test_a_huge_page_the_budget_cannot_fence_is_kept_whole(rng):
+    # Splitting a block whose zeros are zapped first fences it from khugepaged
+    # (MADV_NOHUGEPAGE: a mapping of its own). With the mapping budget spent,
+    # the fence cannot be paid: the block is kept whole, its targets counted.
+    # A block of zeros only needs no fence and still goes whole.
+    with huge_arena(huge_split_min_pages=64, max_mappings=0) as arena:
+        array = filled_huge(arena, 5, rng)
+        array.reshape(5, PER_HUGE, -1)[:4, 100:164] = 0    # 64 zero pages in each of four
+        array[4 * FLOATS:] = 0                              # the fifth: all zeros
+        expect = array.copy()
+        was_huge = huge_flags(arena, array).reshape(5, -1).all(axis=1)
+        if not was_huge[:4].any():
+            pytest.skip("the kernel gave none of the four blocks a huge page")
+        report = arena.merge()
+        kept = was_huge[:4].sum()
+        assert report.huge_pages_split == 0
+        assert report.huge_pages_kept == kept
+        assert report.skipped["huge_page"] == 64 * kept
+        assert report.pages_zeroed == 64 * (4 - kept) + PER_HUGE
+        now = huge_flags(arena, array).reshape(5, -1).all(axis=1)
+        assert (now[:4] == was_huge[:4]).all() and not now[4]
+        assert b" nh" not in vm_flags(array[:4 * FLOATS])
+        assert arena.stats().huge_pages_kept == kept
+        np.testing.assert_array_equal(array, expect)
+
+
 def vm_flags(array):
     lo = array.__array_interface__["data"][0]
     with open("/proc/self/smaps", "rb") as f:

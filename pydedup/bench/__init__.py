@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from pydedup.bench import methods, report, scaling, workloads
+from pydedup.bench import access, methods, report, scaling, workloads
 from pydedup.bench.workloads import parse_size  # noqa: F401 - public helper
 from pydedup.bench.zero_read import show_zero_read, zero_read
 
@@ -100,6 +100,11 @@ def main(argv=None):
     parser.add_argument("--zero-read", action="store_true",
                         help="also the read throughput of an all-zero array, never written, "
                              "written, merged to the zero page, merged to zero frames")
+    parser.add_argument("--access", nargs="?", const="256MiB", type=_workload_size, metavar="SIZE",
+                        help="also the access speed (issue 20: gather, transposed copy, sum) "
+                             "of numpy, the arena with and without huge pages before and after "
+                             "a merge, and kernel KSM after merging, on SIZE of data (default "
+                             "256MiB; pydedup.bench.access)")
     parser.add_argument("--scaling", metavar="SIZES",
                         help="instead of the methods: merge() of --workload (default "
                              "structured) at each of these comma-separated sizes, e.g. "
@@ -137,6 +142,9 @@ def main(argv=None):
     if args.zero_read:
         result["zero_read"] = zero_read(size, lambda m: print(m, file=sys.stderr))
         print(show_zero_read(result["zero_read"]))
+    if args.access:
+        result["access"] = _access(args.access)
+        print(access.table(result["access"]))
 
     os.makedirs(args.out, exist_ok=True)
     paths = [os.path.join(args.out, "bench.json")] + ([args.json] if args.json else [])
@@ -147,6 +155,16 @@ def main(argv=None):
     if not args.no_plot:
         print(report.plot(result["workloads"], os.path.join(args.out, "bench.png")))
     return result
+
+
+def _access(size):
+    """The access rows at SIZE: the gathered array is half of it, the matrix
+    and its transposed copy a quarter each; a gather of an eighth of the
+    elements."""
+    n = max(access.COPIES, size // 2 // 8)
+    rows = max(1, int((size // 8 // 8 // 2) ** 0.5))
+    return access.run(gather_bytes=n * 8, gathers=max(1, n // 8), matrix=(rows, 2 * rows),
+                      progress=lambda m: print(m, file=sys.stderr))
 
 
 def _scaling(args, parser):
