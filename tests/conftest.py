@@ -44,6 +44,16 @@ def arena():
     gc.collect()
 
 
+@pytest.fixture(params=["uffd", "mprotect"])
+def barrier(request):
+    """Each write barrier in turn (a test that takes this runs twice); uffd
+    skips where this process may not use userfaultfd."""
+    if request.param == "uffd" and not pydedup.features()["userfaultfd"]:
+        pytest.skip("this process may not use userfaultfd (it takes CAP_SYS_PTRACE or "
+                    "vm.unprivileged_userfaultfd=1)")
+    return request.param
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(20261121)

@@ -23,14 +23,6 @@ def uffd_allowed() -> bool:
     return pydedup.features()["userfaultfd"]
 
 
-@pytest.fixture(params=["uffd", "mprotect"])
-def barrier(request):
-    if request.param == "uffd" and not uffd_allowed():
-        pytest.skip("this process may not use userfaultfd (it takes CAP_SYS_PTRACE or "
-                    "vm.unprivileged_userfaultfd=1)")
-    return request.param
-
-
 class Writers:
     """Threads that keep rewriting regions of an array so that they stay
     mergeable (every page of a region holds the same value), each checking

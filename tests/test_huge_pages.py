@@ -258,11 +258,7 @@ def test_writes_after_a_merge_keep_huge_pages_and_are_seen(rng):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("barrier", ["uffd", "mprotect"])
 def test_no_write_is_lost_while_huge_pages_merge(barrier):
-    if barrier == "uffd" and not pydedup.features()["userfaultfd"]:
-        pytest.skip("this process may not use userfaultfd (it takes CAP_SYS_PTRACE or "
-                    "vm.unprivileged_userfaultfd=1)")
     with huge_arena(size=64 << 20, barrier=barrier, huge_split_min_pages=1) as arena:
         regions = 6
         array = arena.zeros(regions * FLOATS)       # each writer owns a whole huge page

@@ -35,16 +35,6 @@ def small_pages(monkeypatch):
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(params=["uffd", "mprotect"])
-def barrier(request):
-    # Both barriers write-protect a run before its remap, and both can cut
-    # mappings for it: the budget must hold with either.
-    if request.param == "uffd" and not pydedup.features()["userfaultfd"]:
-        pytest.skip("this process may not use userfaultfd (it takes CAP_SYS_PTRACE or "
-                    "vm.unprivileged_userfaultfd=1)")
-    return request.param
-
-
 def scattered_workload(arena, rng, pairs, zeros):
     """One array whose pages with a twin, and whose all-zero pages, each sit
     alone between unique random pages. So every page merged onto a frame is a

@@ -54,14 +54,6 @@ def page_view(arrays):
     return out
 
 
-@pytest.fixture(params=["uffd", "mprotect"])
-def barrier(request):
-    if request.param == "uffd" and not pydedup.features()["userfaultfd"]:
-        pytest.skip("this process may not use userfaultfd (it takes CAP_SYS_PTRACE or "
-                    "vm.unprivileged_userfaultfd=1)")
-    return request.param
-
-
 def test_a_threaded_merge_merges_what_one_thread_does(barrier):
     outcome = {}
     for threads in (1, 4):
