@@ -33,6 +33,11 @@ def _reading(name: str) -> Callable[[Readings], Any]:
     return lambda r: r[name]
 
 
+def _per_phase(reading: str) -> Callable[[Readings], dict[str, float]]:
+    """{phase: r["<phase>_<reading>"]} for the three phases of a pass."""
+    return lambda r: {phase: round(r[f"{phase}_{reading}"], 6) for phase in ("refresh", "decide", "apply")}
+
+
 class _Readable:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload]  # every subclass is a dataclass
@@ -105,15 +110,12 @@ class MergeReport(_Readable):
         "what the mapping budget had left at the end", value=_reading("mappings_left")))
     seconds: float = field(metadata=counter("wall time of the merge()"))
     phase_seconds: dict[str, float] = field(metadata=counter(
-        "seconds of each phase: `refresh`, `decide`, `apply`",
-        value=lambda r: {phase: round(r[f"{phase}_seconds"], 6)
-                         for phase in ("refresh", "decide", "apply")}))
+        "seconds of each phase: `refresh`, `decide`, `apply`", value=_per_phase("seconds")))
     threads: int = field(metadata=counter(
         "threads that read pages (zero tests, checksums): the `threads` knob"))
     phase_cpu_seconds: dict[str, float] = field(metadata=counter(
         "CPU seconds of each phase, every thread's: `refresh`, `decide`, `apply`",
-        value=lambda r: {phase: round(r[f"{phase}_cpu_seconds"], 6)
-                         for phase in ("refresh", "decide", "apply")}))
+        value=_per_phase("cpu_seconds")))
     helper_cpu_seconds: float = field(metadata=counter(
         "of `phase_cpu_seconds`, the CPU seconds of the threads other than the caller's"))
 

@@ -146,12 +146,7 @@ def main(argv=None):
         result["access"] = _access(args.access)
         print(access.table(result["access"]))
 
-    os.makedirs(args.out, exist_ok=True)
-    paths = [os.path.join(args.out, "bench.json")] + ([args.json] if args.json else [])
-    for path in paths:
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
-    print(f"figures: {', '.join(paths)}")
+    _write(result, args, "bench.json")
     if not args.no_plot:
         print(report.plot(result["workloads"], os.path.join(args.out, "bench.png")))
     return result
@@ -180,10 +175,15 @@ def _scaling(args, parser):
               "scaling": scaling.run(sizes, workload, args.seed, args.threads,
                                      lambda m: print(m, file=sys.stderr))}
     print(scaling.table(result["scaling"]))
+    _write(result, args, "scaling.json")
+    return result
+
+
+def _write(result, args, name):
+    """The figures as JSON: `name` in --out, and --json if given."""
     os.makedirs(args.out, exist_ok=True)
-    paths = [os.path.join(args.out, "scaling.json")] + ([args.json] if args.json else [])
+    paths = [os.path.join(args.out, name)] + ([args.json] if args.json else [])
     for path in paths:
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
     print(f"figures: {', '.join(paths)}")
-    return result
