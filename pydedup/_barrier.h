@@ -214,6 +214,15 @@ static int pd_uffd_write_protect(int fd, void *addr, size_t length)
     return ioctl(fd, UFFDIO_WRITEPROTECT, &wp) == 0 ? 0 : errno;
 }
 
+/* The protection off again, without waking anyone: for the asynchronous
+ * tracking userfaultfd, whose writers never wait. */
+static int pd_uffd_write_unprotect(int fd, void *addr, size_t length)
+{
+    struct uffdio_writeprotect wp = {
+        .range = { (uint64_t)(uintptr_t)addr, length }, .mode = UFFDIO_WRITEPROTECT_MODE_DONTWAKE };
+    return ioctl(fd, UFFDIO_WRITEPROTECT, &wp) == 0 ? 0 : errno;
+}
+
 static int pd_uffd_wake(int fd, void *addr, size_t length)
 {
     struct uffdio_range range = { (uint64_t)(uintptr_t)addr, length };

@@ -247,3 +247,12 @@ cdef bint barrier_may_refill(const write_barrier *b) noexcept nogil:
     (benchmarks/uffd_refill.c shows it without pydedup). The mprotect
     barrier changes no page table under a fault."""
     return b.mode == BARRIER_UFFD
+
+
+cdef bint barrier_keeps_tracking(const write_barrier *b) noexcept nogil:
+    """Whether written-page tracking (_track.pxi) still tells, of a run this
+    barrier holds, which pages were written since the pass read them:
+    mprotect leaves the pages' userfaultfd write-protect bits alone, while
+    the uffd barrier takes the range from the tracking userfaultfd, which
+    clears them."""
+    return b.mode == BARRIER_MPROTECT

@@ -420,6 +420,20 @@ cdef class Core:
             raise OSError(err, "PAGEMAP_SCAN cannot tell huge pages here")
         return bytes(out)
 
+    def written_map(self, size_t first, size_t n):
+        """One byte a page of [first, first + n): nonzero where the page may
+        have been written since the last pass read it, as the write tracking
+        tells (read_written); every page without tracking."""
+        cdef bytearray out = bytearray(n)
+        cdef int err
+        self.check_range(first, n)
+        if n == 0:
+            return bytes(out)
+        err = read_written(&self.tables, first, n, <uint8_t *><char *>out)
+        if err:
+            raise OSError(err, "PAGEMAP_SCAN cannot tell written pages here")
+        return bytes(out)
+
     cdef void note_huge(self, const pass_stats *full, const pass_stats *step) noexcept:
         """After a pass (`step`, NULL if its steps were counted already) or
         the end of a full scan (`full`): the huge-page counters."""

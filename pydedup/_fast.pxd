@@ -143,6 +143,7 @@ cdef struct pass_stats:            # what one merge pass did
     uint64_t volatile              # pages whose checksum changed since the last pass
     uint64_t skipped_unmergeable   # pages the user excluded
     uint64_t skipped_changed       # pages written between comparison and remap
+    uint64_t unwritten             # pages of held runs not compared again: unwritten since read
     uint64_t skipped_budget        # merges the mapping budget refused
     uint64_t skipped_no_memory     # merges refused because a frame could not be written
     uint64_t moved                 # merged pages found on another node than their frame's

@@ -88,4 +88,5 @@ cdef extern from "_barrier.h" nogil:
     int pd_uffd_register(int fd, void *addr, size_t length)
     int pd_uffd_unregister(int fd, void *addr, size_t length)
     int pd_uffd_write_protect(int fd, void *addr, size_t length)
+    int pd_uffd_write_unprotect(int fd, void *addr, size_t length)
     int pd_uffd_wake(int fd, void *addr, size_t length)

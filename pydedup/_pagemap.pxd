@@ -49,3 +49,6 @@ cdef void stop_tracking(page_tables *pt) noexcept nogil
 cdef bint tracking(page_tables *pt) noexcept nogil
 cdef void track_range(page_tables *pt, char *addr, size_t length) noexcept nogil
 cdef void untrack_range(page_tables *pt, char *addr, size_t length) noexcept nogil
+cdef int read_written(page_tables *pt, size_t first, size_t n, uint8_t *out) noexcept nogil
+cdef bint track_huge_pages(page_tables *pt) noexcept nogil
+cdef void spare_huge_pages_again(page_tables *pt, size_t first, size_t n) noexcept nogil

@@ -60,9 +60,10 @@ cdef void page_tables_close(page_tables *pt) noexcept nogil:
 
 
 cdef int scan_categories(page_tables *pt, size_t first, size_t n, uint8_t *out,
-                         uint64_t flags=0) noexcept nogil:
-    """PAGEMAP_SCAN; with PD_PM_SCAN_WP_MATCHING it also reports which pages
-    were written and write-protects them again (_track.pxi)."""
+                         uint64_t flags=0, uint64_t wanted=CATEGORIES) noexcept nogil:
+    """PAGEMAP_SCAN of the `wanted` categories; with PD_PM_SCAN_WP_MATCHING
+    it also reports which pages were written and write-protects them again
+    (_track.pxi)."""
     cdef pd_page_region regions[REGIONS_PER_CALL]
     cdef pd_pm_scan_arg arg
     cdef uint64_t start = <uint64_t>(pt.base + first * pt.page_size)
@@ -75,8 +76,8 @@ cdef int scan_categories(page_tables *pt, size_t first, size_t n, uint8_t *out,
     arg.vec = <uint64_t>regions
     arg.vec_len = REGIONS_PER_CALL
     arg.flags = flags
-    arg.category_anyof_mask = CATEGORIES
-    arg.return_mask = CATEGORIES | (PD_PAGE_IS_WRITTEN if flags else 0)
+    arg.category_anyof_mask = wanted
+    arg.return_mask = wanted | (PD_PAGE_IS_WRITTEN if flags else 0)
     if flags and pt.spare_huge:         # write-protect no huge page: see take_written
         arg.category_inverted = arg.category_mask = PD_PAGE_IS_HUGE
     while True:
@@ -142,32 +143,11 @@ cdef int read_huge(page_tables *pt, size_t first, size_t n, uint8_t *out) noexce
     """PD_PAGE_IS_HUGE on the pages of [first, first + n) that a huge page
     maps (PMD-mapped THP), 0 on the others; EOPNOTSUPP without PAGEMAP_SCAN,
     since /proc/self/pagemap does not tell (only kpageflags, root's)."""
-    cdef pd_page_region regions[REGIONS_PER_CALL]
-    cdef pd_pm_scan_arg arg
-    cdef uint64_t start = <uint64_t>(pt.base + first * pt.page_size)
-    cdef long found, i
     PD_ASSERT(first + n <= pt.npages, "read_huge: pages of the reservation")
     memset(out, 0, n)
     if not pt.has_pagemap_scan or pagemap_fd(pt) < 0:
         return EOPNOTSUPP
-    memset(&arg, 0, sizeof(arg))
-    arg.size = sizeof(arg)
-    arg.start = start
-    arg.end = start + n * pt.page_size
-    arg.vec = <uint64_t>regions
-    arg.vec_len = REGIONS_PER_CALL
-    arg.category_mask = PD_PAGE_IS_HUGE
-    arg.return_mask = PD_PAGE_IS_HUGE
-    while True:
-        found = ioctl(pt.pagemap.fd, PD_PAGEMAP_SCAN, &arg)
-        if found < 0:
-            return errno
-        for i in range(found):
-            memset(out + (regions[i].start - start) // pt.page_size, <int>PD_PAGE_IS_HUGE,
-                   (regions[i].end - regions[i].start) // pt.page_size)
-        if arg.walk_end >= arg.end or found < REGIONS_PER_CALL:
-            return 0
-        arg.start = arg.walk_end
+    return scan_categories(pt, first, n, out, 0, PD_PAGE_IS_HUGE)
 
 
 cdef int take_written(page_tables *pt, size_t first, size_t n, uint8_t *out) noexcept nogil:

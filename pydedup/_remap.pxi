@@ -146,12 +146,16 @@ cdef inline bint held_page_matches(Core c, const uint8_t *matches, size_t first,
 
 cdef uint8_t *match_run_ahead(Core c, size_t first, size_t n, run_kind kind,
                               pass_stats *st) noexcept nogil:
-    """still_matches() for every page of a held run at once, on st.threads
-    threads over slices of the run (_hash.h); NULL, and the pages are
-    compared one by one, for one thread, a short run, or no memory. The
-    barrier holds the run, so the answers hold until its remap."""
+    """still_matches() for every page of a held run at once: from the write
+    tracking where it tells (match_by_tracking), else on st.threads threads
+    over slices of the run (_hash.h); NULL, and the pages are compared one
+    by one, for one thread, a short run, or no memory. The barrier holds
+    the run, so the answers hold until its remap."""
     cdef pd_match_job job
     cdef double cpu
+    cdef uint8_t *known = match_by_tracking(c, first, n, kind, st)
+    if known != NULL:
+        return known
     if st.threads < 2 or n < MATCH_AHEAD_PAGES:
         return NULL
     job.match = <uint8_t *>malloc(n)
@@ -165,6 +169,32 @@ cdef uint8_t *match_run_ahead(Core c, size_t first, size_t n, run_kind kind,
     st.apply_cpu_seconds += cpu
     st.helper_cpu_seconds += cpu
     return job.match
+
+
+cdef uint8_t *match_by_tracking(Core c, size_t first, size_t n, run_kind kind,
+                                pass_stats *st) noexcept nogil:
+    """The answers for a held run without reading again the pages that the
+    write tracking shows unwritten since the pass read them: take_written
+    protected each page before the pass read it, so a write since would
+    show. Only the pages written since are compared. NULL where the
+    tracking cannot tell: it is off, or the barrier took it over."""
+    cdef uint8_t *known
+    cdef size_t j
+    if not (tracking(&c.tables) and barrier_keeps_tracking(&c.wb)):
+        return NULL
+    known = <uint8_t *>malloc(n)
+    if known == NULL:
+        return NULL
+    if read_written(&c.tables, first, n, known) != 0:
+        free(known)
+        return NULL
+    for j in range(n):
+        if known[j]:
+            known[j] = still_matches(c, first + j, kind)
+        else:
+            known[j] = 1
+            st.unwritten += 1
+    return known
 
 
 cdef void frames_under_broken_pages(Core c, size_t first, size_t n,

@@ -354,6 +354,7 @@ cdef int merge_pass(Core c, scan_knobs *k, pass_stats *st) noexcept nogil:
     cdef pass_stats abandoned
     cdef double refreshed, decided, started = now()
     cdef double cpu_refreshed, cpu_decided, cpu_started = pd_thread_cpu()
+    cdef bint huge_tracked
     cdef int err = prepare_barrier(&c.wb)
     PD_ASSERT(c.res.high_water <= c.res.npages, "merge_pass: high_water within the reservation")
     if err:
@@ -365,12 +366,15 @@ cdef int merge_pass(Core c, scan_knobs *k, pass_stats *st) noexcept nogil:
     cpu_refreshed = pd_thread_cpu()
     if err == 0:
         err = begin_scan(c)
+    huge_tracked = track_huge_pages_for_pass(c)
     if err == 0:
         err = scan_range(c, 0, c.res.high_water, k, st)
     decided = now()
     cpu_decided = pd_thread_cpu()
     keep_huge_pages(c, 0, c.res.high_water, st)
     apply_targets(c, st)                # also drops the targets of a failed scan
+    if huge_tracked:
+        spare_huge_pages_again(&c.tables, 0, c.res.high_water)
     if c.scan.unstable != NULL:
         end_scan(c, st)
     reclaim_frames(&c.store)
@@ -380,6 +384,13 @@ cdef int merge_pass(Core c, scan_knobs *k, pass_stats *st) noexcept nogil:
     st.apply_seconds = now() - decided
     note_cpu(st, cpu_started, cpu_refreshed, cpu_decided)
     return err
+
+
+cdef bint track_huge_pages_for_pass(Core c) noexcept nogil:
+    """Whether this pass protects huge pages for the write tracking too: only
+    where the barrier keeps the tracking, so that applying need not read
+    them again (match_by_tracking); spare_huge_pages_again() follows."""
+    return barrier_keeps_tracking(&c.wb) and track_huge_pages(&c.tables)
 
 
 cdef void note_cpu(pass_stats *st, double started, double refreshed,
@@ -397,6 +408,7 @@ cdef int scan_batch(Core c, size_t npages, scan_knobs *k, bint *scan_done) noexc
     in the scan's stats."""
     cdef pass_stats *st = &c.scan.stats
     cdef size_t first, end
+    cdef bint huge_tracked
     cdef int err = prepare_barrier(&c.wb)
     PD_ASSERT(c.scan.cursor <= c.res.high_water, "scan_batch: the cursor below high_water")
     scan_done[0] = False
@@ -407,10 +419,13 @@ cdef int scan_batch(Core c, size_t npages, scan_knobs *k, bint *scan_done) noexc
     first = c.scan.cursor
     end = min(c.res.high_water, huge_block_end(&c.huge, first + npages))
     err = refresh_states(c, first, end - first)
+    huge_tracked = track_huge_pages_for_pass(c)
     if err == 0:
         err = scan_range(c, first, end, k, st)
     keep_huge_pages(c, first, end, st)
     apply_targets(c, st)
+    if huge_tracked:
+        spare_huge_pages_again(&c.tables, first, end - first)
     reclaim_frames(&c.store)
     restore_policy(&c.nodes)
     c.scan.cursor = end

@@ -55,3 +55,56 @@ cdef void untrack_range(page_tables *pt, char *addr, size_t length) noexcept nog
               "untrack_range: a range of the reservation")
     if pt.track_uffd >= 0:
         pd_uffd_unregister(pt.track_uffd, addr, length)
+
+
+cdef int read_written(page_tables *pt, size_t first, size_t n, uint8_t *out) noexcept nogil:
+    """out[i] nonzero for each page of [first, first + n) that may have been
+    written since take_written protected it, 0 for each that was not: a
+    write would have made the kernel lift its protection. A page that no
+    longer holds memory of its own (dropped with MADV_DONTNEED since) counts
+    as written too. Protects nothing. Without tracking, every page counts
+    as written."""
+    cdef size_t i
+    cdef int err
+    PD_ASSERT(first + n <= pt.npages, "read_written: pages of the reservation")
+    memset(out, 1 if pt.track_uffd < 0 else 0, n)
+    if pt.track_uffd < 0:
+        return 0
+    if pagemap_fd(pt) < 0:
+        return EBADF
+    err = scan_categories(pt, first, n, out, 0, CATEGORIES | PD_PAGE_IS_WRITTEN)
+    for i in range(n):
+        out[i] = out[i] & PD_PAGE_IS_WRITTEN != 0 or not holds_own_memory(out[i])
+    return err
+
+
+cdef bint track_huge_pages(page_tables *pt) noexcept nogil:
+    """For one pass: take_written protects huge pages too, so that the pass
+    learns which of them were written since it read them. True if it
+    changed anything; spare_huge_pages_again() must then follow the pass."""
+    if not (pt.spare_huge and pt.track_uffd >= 0):
+        return False
+    pt.spare_huge = False
+    return True
+
+
+cdef void spare_huge_pages_again(page_tables *pt, size_t first, size_t n) noexcept nogil:
+    """After such a pass: the huge pages of [first, first + n) that are still
+    whole lose that protection, since a write into one would split it; they
+    count as written at the next pass, as spared huge pages do."""
+    cdef uint8_t *huge = <uint8_t *>malloc(n)
+    cdef size_t i = 0, j
+    pt.spare_huge = True
+    if huge == NULL or read_huge(pt, first, n, huge) != 0:
+        # Left protected, they stay correct: the first write splits one.
+        free(huge)
+        return
+    while i < n:
+        j = i
+        while j < n and huge[j]:
+            j += 1
+        if j > i:
+            pd_uffd_write_unprotect(pt.track_uffd, pt.base + (first + i) * pt.page_size,
+                                    (j - i) * pt.page_size)
+        i = j + 1
+    free(huge)

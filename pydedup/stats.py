@@ -88,6 +88,11 @@ class MergeReport(_Readable):
     pages_volatile: int = field(metadata=counter(
         "pages that changed since the last pass (merged anyway)", ksm="pages_volatile",
         value=_reading("volatile")))
+    pages_unwritten: int = field(metadata=counter(
+        "pages merged or zeroed without being read again under the barrier: the write "
+        "tracking showed them unwritten since the pass read them (the `mprotect` barrier "
+        "with `track_writes`; the `uffd` barrier takes the tracking over)",
+        value=_reading("unwritten")))
     pages_moved: int = field(metadata=counter(
         "merged pages whose frame was on another node than their own, with "
         "`merge_across_nodes` off: merged again on their node", value=_reading("moved")))

@@ -233,3 +233,54 @@ def test_the_barrier_survives_faulthandler_replacing_it():
                                                    after_arena="faulthandler.enable()"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["ok", "True"], result.stderr
+
+
+# -- the barrier's second look, and when the write tracking spares it ---------------
+
+def tracked_arena(barrier, **knobs):
+    arena = pydedup.Arena(size=64 << 20, barrier=barrier, **knobs)
+    if not testing.core(arena).tracking:
+        arena.close()
+        pytest.skip("written-page tracking is not available here (PAGEMAP_SCAN, userfaultfd)")
+    return arena
+
+
+def test_the_tracking_shows_each_page_written_since_a_pass_read_it(rng):
+    with contextlib.closing(tracked_arena("mprotect")) as arena:
+        a = arena.array(rng.random(8 * PAGE_FLOATS))
+        first, n = testing.page_range(arena, a)
+        arena.merge()                                 # reads every page: protects it
+        core = testing.core(arena)
+        assert not any(core.written_map(first, n))
+        a[3 * PAGE_FLOATS] = -1.0
+        a[5 * PAGE_FLOATS + 7] = -1.0
+        assert [i for i, w in enumerate(core.written_map(first, n)) if w] == [3, 5]
+
+
+def test_the_mprotect_barrier_does_not_read_again_what_no_one_wrote(barrier, rng):
+    """A merge reads each page, then holds each run under the barrier and
+    makes sure, right before its remap, that the run still holds what was
+    read. With the mprotect barrier the write tracking tells without
+    reading the pages again; the uffd barrier takes the range from the
+    tracking, which forgets, so it compares them."""
+    with contextlib.closing(tracked_arena(barrier)) as arena:
+        a = arena.array(rng.random(32 * PAGE_FLOATS))
+        b = arena.array(a)
+        z = arena.zeros(16 * PAGE_FLOATS)
+        z[:] = 0.0                                    # written: zero pages holding memory
+        report = arena.merge()
+        assert report.pages_merged == 64 and report.pages_zeroed == 16
+        assert report.pages_unwritten == (80 if barrier == "mprotect" else 0)
+        np.testing.assert_array_equal(a, b)
+        assert not z.any()
+        testing.check_invariants(arena)
+
+
+def test_without_tracking_every_held_page_is_read_again(rng):
+    with contextlib.closing(pydedup.Arena(size=64 << 20, barrier="mprotect",
+                                          track_writes=False)) as arena:
+        a = arena.array(rng.random(32 * PAGE_FLOATS))
+        b = arena.array(a)
+        report = arena.merge()
+        assert report.pages_merged == 64 and report.pages_unwritten == 0
+        np.testing.assert_array_equal(a, b)
