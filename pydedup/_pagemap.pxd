@@ -38,6 +38,7 @@ cdef int read_categories(page_tables *pt, size_t first, size_t n, uint8_t *out) 
 cdef int read_huge(page_tables *pt, size_t first, size_t n, uint8_t *out) noexcept nogil
 cdef bint holds_own_memory(uint8_t cats) noexcept nogil
 cdef int take_written(page_tables *pt, size_t first, size_t n, uint8_t *out) noexcept nogil
+cdef int read_written(page_tables *pt, size_t first, size_t n, uint8_t *out) noexcept nogil
 cdef int pagemap_entry(page_tables *pt, const void *addr, uint64_t *entry) noexcept nogil
 # _maps.pxi
 cdef int find_mapping(page_tables *pt, uint64_t addr, mapping *m) noexcept nogil
@@ -49,6 +50,5 @@ cdef void stop_tracking(page_tables *pt) noexcept nogil
 cdef bint tracking(page_tables *pt) noexcept nogil
 cdef void track_range(page_tables *pt, char *addr, size_t length) noexcept nogil
 cdef void untrack_range(page_tables *pt, char *addr, size_t length) noexcept nogil
-cdef int read_written(page_tables *pt, size_t first, size_t n, uint8_t *out) noexcept nogil
 cdef bint track_huge_pages(page_tables *pt) noexcept nogil
 cdef void spare_huge_pages_again(page_tables *pt, size_t first, size_t n) noexcept nogil

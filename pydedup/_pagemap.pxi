@@ -171,6 +171,27 @@ cdef int take_written(page_tables *pt, size_t first, size_t n, uint8_t *out) noe
     return err
 
 
+cdef int read_written(page_tables *pt, size_t first, size_t n, uint8_t *out) noexcept nogil:
+    """out[i] nonzero for each page of [first, first + n) that may have been
+    written since take_written protected it, 0 for each that was not: a
+    write would have made the kernel lift its protection. A page that no
+    longer holds memory of its own (dropped with MADV_DONTNEED since) counts
+    as written too. Protects nothing. Without tracking, every page counts
+    as written."""
+    cdef size_t i
+    cdef int err
+    PD_ASSERT(first + n <= pt.npages, "read_written: pages of the reservation")
+    memset(out, 1 if pt.track_uffd < 0 else 0, n)
+    if pt.track_uffd < 0:
+        return 0
+    if pagemap_fd(pt) < 0:
+        return EBADF
+    err = scan_categories(pt, first, n, out, 0, CATEGORIES | PD_PAGE_IS_WRITTEN)
+    for i in range(n):
+        out[i] = out[i] & PD_PAGE_IS_WRITTEN != 0 or not holds_own_memory(out[i])
+    return err
+
+
 cdef int huge_pages_written(page_tables *pt, size_t first, size_t n, uint8_t *out) noexcept nogil:
     """With spare_huge, the huge pages take_written's scan left out, as
     present and written. The kernel splits a huge page on the first write

@@ -57,27 +57,6 @@ cdef void untrack_range(page_tables *pt, char *addr, size_t length) noexcept nog
         pd_uffd_unregister(pt.track_uffd, addr, length)
 
 
-cdef int read_written(page_tables *pt, size_t first, size_t n, uint8_t *out) noexcept nogil:
-    """out[i] nonzero for each page of [first, first + n) that may have been
-    written since take_written protected it, 0 for each that was not: a
-    write would have made the kernel lift its protection. A page that no
-    longer holds memory of its own (dropped with MADV_DONTNEED since) counts
-    as written too. Protects nothing. Without tracking, every page counts
-    as written."""
-    cdef size_t i
-    cdef int err
-    PD_ASSERT(first + n <= pt.npages, "read_written: pages of the reservation")
-    memset(out, 1 if pt.track_uffd < 0 else 0, n)
-    if pt.track_uffd < 0:
-        return 0
-    if pagemap_fd(pt) < 0:
-        return EBADF
-    err = scan_categories(pt, first, n, out, 0, CATEGORIES | PD_PAGE_IS_WRITTEN)
-    for i in range(n):
-        out[i] = out[i] & PD_PAGE_IS_WRITTEN != 0 or not holds_own_memory(out[i])
-    return err
-
-
 cdef bint track_huge_pages(page_tables *pt) noexcept nogil:
     """For one pass: take_written protects huge pages too, so that the pass
     learns which of them were written since it read them. True if it

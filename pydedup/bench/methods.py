@@ -132,6 +132,7 @@ def pydedup_merge(build, size, **knobs):
                         "read_pass_seconds": read_before,
                         "mappings": stats.mappings,
                         "pages_skipped": report.skipped,
+                        "pages_unwritten": report.pages_unwritten,
                         "barrier": stats.barrier,
                     })
 
@@ -139,6 +140,18 @@ def pydedup_merge(build, size, **knobs):
 @method("merge-1thr", "pydedup Arena.merge() on one thread (threads=1)")
 def pydedup_merge_one_thread(build, size):
     return pydedup_merge(build, size, threads=1)
+
+
+@method("merge-mprotect", "pydedup Arena.merge() with the mprotect barrier, as an ordinary "
+                          "user has it (vm.unprivileged_userfaultfd=0): the write tracking spares "
+                          "the barrier's second look at each page")
+def pydedup_merge_mprotect(build, size):
+    return pydedup_merge(build, size, barrier="mprotect")
+
+
+@method("merge-mprotect-1thr", "merge-mprotect on one thread (threads=1)")
+def pydedup_merge_mprotect_one_thread(build, size):
+    return pydedup_merge(build, size, barrier="mprotect", threads=1)
 
 
 def wait_for_background_merge(arena, timeout=300.0):

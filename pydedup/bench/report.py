@@ -53,30 +53,36 @@ LEGEND = """\
 
 def table(workload: str, result: dict) -> str:
     rows = result["rows"]
+    w = name_width(rows)
     lines = [f"{workload}: {result['bytes'] / 2**30:.2f} GiB, at most "
              f"{result['theoretical_saved'] / MiB:.0f} MiB to save",
-             f"  {'method':<12}{'s':>8}{'CPU s':>8}{'PSS before':>12}{'after MiB':>10}"
+             f"  {'method':<{w}}{'s':>8}{'CPU s':>8}{'PSS before':>12}{'after MiB':>10}"
              f"{'saved/theor':>12}{'B/page':>8}{'read GiB/s':>11}{'1st write us':>13}"]
     for name, row in rows.items():
         if "skipped" in row:
-            lines.append(f"  {name:<12}skipped: {row['skipped']}")
+            lines.append(f"  {name:<{w}}skipped: {row['skipped']}")
             continue
         lines.append(
-            f"  {name:<12}{_num(row['seconds'], '8.2f')}{_num(row['cpu_seconds'], '8.2f')}"
+            f"  {name:<{w}}{_num(row['seconds'], '8.2f')}{_num(row['cpu_seconds'], '8.2f')}"
             f"{row['pss_before'] / MiB:12.1f}{row['pss_after'] / MiB:10.1f}"
             f"{100 * row['saved_over_theoretical']:11.2f}%{_num(row['metadata_bytes_per_page'], '8.2f')}"
             f"{row['read_gib_per_second']:11.1f}{row['first_write_us']:13.2f}")
     # the ratios that matter most; the JSON has them all
     keys = [k for k in SHOWN_RATIOS if any(k in row.get("ratios", {}) for row in rows.values())]
     if keys:
-        lines.append("  ratios      " + "".join(f"{k:>20}" for k in keys))
+        lines.append(f"  {'ratios':<{w}}" + "".join(f"{k:>20}" for k in keys))
         for name, row in rows.items():
             if "ratios" in row:
-                lines.append(f"  {name:<12}" + "".join(
+                lines.append(f"  {name:<{w}}" + "".join(
                     f"{_num(row['ratios'].get(k), '20.3f')}" for k in keys))
     lines += phases(rows)
     lines.append(LEGEND)
     return "\n".join(lines)
+
+
+def name_width(rows: dict) -> int:
+    """The width of the method column: its longest name and a space."""
+    return max([len(name) + 1 for name in rows] + [12])
 
 
 def phases(rows: dict) -> list[str]:
@@ -84,14 +90,15 @@ def phases(rows: dict) -> list[str]:
     threads, and the merge in read passes (numpy's OR-reduce over the same
     memory, in the same run)."""
     lines: list[str] = []
+    w = name_width(rows)
     for name, row in rows.items():
         if "phase_cpu_seconds" not in row:
             continue
         if not lines:
-            lines.append(f"  {'phases':<14}{'threads':>8}{'read passes':>12}   "
+            lines.append(f"  {'phases':<{w}}{'threads':>8}{'read passes':>12}   "
                          "refresh / decide / apply: wall s (CPU s)")
         wall, cpu = row["phase_seconds"], row["phase_cpu_seconds"]
-        lines.append(f"  {name:<14}{row['threads']:>8}{row['merge_over_read_pass']:>12.2f}   " + " / ".join(
+        lines.append(f"  {name:<{w}}{row['threads']:>8}{row['merge_over_read_pass']:>12.2f}   " + " / ".join(
             f"{wall[p]:.3f} ({cpu[p]:.3f})" for p in ("refresh", "decide", "apply")))
     return lines
 
