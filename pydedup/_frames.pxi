@@ -234,15 +234,6 @@ cdef uint32_t frame_mapcount(frame_store *fs, uint32_t f) noexcept nogil:
     return fs.frames[f].mapcount
 
 
-cdef bint frame_holds(frame_store *fs, uint32_t f, const char *page, uint32_t checksum) noexcept nogil:
-    """Whether frame f holds the content of `page`, whose checksum is given:
-    the checksums first, so that a frame written a moment ago is not
-    faulted into the view only to differ."""
-    PD_ASSERT(f < fs.frame_high, "frame_holds: a frame below frame_high")
-    return (fs.frames[f].checksum == checksum
-            and memcmp(page, frame_address(fs, f), fs.page_size) == 0)
-
-
 cdef uint16_t frame_node(frame_store *fs, uint32_t f) noexcept nogil:
     PD_ASSERT(f < fs.frame_high, "frame_node: a frame below frame_high")
     return fs.frames[f].node
