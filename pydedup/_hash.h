@@ -110,13 +110,12 @@ static void *pd_helper(void *arg)
     return NULL;
 }
 
-/* Run s on up to `threads` threads, the caller's one of them; the helpers'
- * CPU seconds. s is malloc'd and given away. */
-static double pd_run_shared(pd_shared *s, unsigned threads)
+/* Start s on up to `threads` - 1 helpers, which go on while the caller does
+ * other work; pd_finish_shared() joins them. s is malloc'd and given away. */
+static pd_shared *pd_start_shared(pd_shared *s, unsigned threads)
 {
     pthread_attr_t attr;
     pthread_t tid;
-    double cpu;
     unsigned t;
     if (threads > PD_MAX_THREADS)
         threads = PD_MAX_THREADS;
@@ -134,6 +133,14 @@ static double pd_run_shared(pd_shared *s, unsigned threads)
         }
         pthread_attr_destroy(&attr);
     }
+    return s;
+}
+
+/* The caller takes the grains left of a started s and waits for those the
+ * helpers took; the helpers' CPU seconds. s is given back. */
+static double pd_finish_shared(pd_shared *s)
+{
+    double cpu;
     pd_take_grains(s, 0);
     while (__atomic_load_n(&s->done, __ATOMIC_ACQUIRE) < s->n)
         sched_yield();                   /* a grain a helper took is under way */
@@ -142,10 +149,17 @@ static double pd_run_shared(pd_shared *s, unsigned threads)
     return cpu;
 }
 
-/* Zero-test and checksum job->n pages on up to `threads` threads (the
- * caller's one of them); the CPU seconds of the threads other than the
- * caller's. Without memory for the shared record, the caller alone. */
-static inline double pd_hash_pages(const pd_hash_job *job, unsigned threads)
+/* s on up to `threads` threads, the caller's one of them. */
+static double pd_run_shared(pd_shared *s, unsigned threads)
+{
+    return pd_finish_shared(pd_start_shared(s, threads));
+}
+
+/* Start zero-testing and checksumming job->n pages on `threads` - 1
+ * helpers, while the caller goes on; pd_hash_finish() has the caller join
+ * in and wait. Without memory for the shared record, the caller hashes
+ * them all now, and NULL is returned. */
+static inline pd_shared *pd_hash_start(const pd_hash_job *job, unsigned threads)
 {
     pd_shared *s = (pd_shared *)calloc(1, sizeof(pd_shared));
     if (s == NULL) {
@@ -154,12 +168,18 @@ static inline double pd_hash_pages(const pd_hash_job *job, unsigned threads)
         local.hash = *job;
         local.n = job->n;
         pd_do_grain(&local, 0, job->n);
-        return 0;
+        return NULL;
     }
     s->hash = *job;
     s->kind = 0;
     s->n = job->n;
-    return pd_run_shared(s, threads);
+    return pd_start_shared(s, threads);
+}
+
+/* The CPU seconds of the threads other than the caller's. */
+static inline double pd_hash_finish(pd_shared *s)
+{
+    return s != NULL ? pd_finish_shared(s) : 0;
 }
 
 /* The comparison under the barrier, on threads: match[i] = page i of `pages`

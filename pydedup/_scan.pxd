@@ -13,6 +13,12 @@ cdef struct scan_state:            # Core.scan: the scan in progress
     size_t run_pages               # its pages: how long its tile may grow (_frames.pxi tile_next)
     pass_stats stats               # what the background scan in progress did
     page_hashes ahead              # a chunk's zero tests and checksums, made on threads
+    page_hashes next_ahead         # the next chunk's, being made while the scan looks at it
+
+cdef struct chunk_tables:          # what the scan read of a chunk's page tables
+    size_t first, n                # its pages
+    uint8_t *cats                  # PAGE_IS_* of each, PAGE_IS_WRITTEN taken
+    uint16_t *nodes                # the NUMA node of each one's memory, or NULL
 
 cdef bint mergeable(const rmap_item *it) noexcept nogil
 cdef int refresh_states(Core c, size_t first, size_t n) noexcept nogil

@@ -277,77 +277,118 @@ cdef uint32_t tile_continuation(Core c, size_t p, const char *page, uint32_t che
 
 cdef int scan_range(Core c, size_t first, size_t end, scan_knobs *k,
                     pass_stats *st) noexcept nogil:
-    """Look at every mergeable page of [first, end) that holds memory."""
-    cdef uint8_t *cats = <uint8_t *>malloc(STATE_CHUNK)
+    """Look at every mergeable page of [first, end) that holds memory, a
+    chunk at a time. With threads, the helpers hash the next chunk's pages
+    while the caller looks at this one's: the trees, the new frames and the
+    targets stay in page order on the caller."""
+    cdef uint8_t *cats = <uint8_t *>malloc(2 * STATE_CHUNK)
     cdef uint16_t *nodes = NULL
-    cdef size_t p, n
+    cdef chunk_tables this, after
     cdef int err = 0
     st.threads = max(k.threads, 1)      # also for the remaps of the pass (_remap.pxi)
     if knows_nodes(&c.nodes):
-        nodes = <uint16_t *>malloc(STATE_CHUNK * sizeof(uint16_t))
+        nodes = <uint16_t *>malloc(2 * STATE_CHUNK * sizeof(uint16_t))
     if cats == NULL or (knows_nodes(&c.nodes) and nodes == NULL):
         free(cats)
         free(nodes)
         return ENOMEM
+    this = chunk_tables(first, min(end - first, <size_t>STATE_CHUNK), cats, nodes)
+    after = chunk_tables(0, 0, cats + STATE_CHUNK, NULL)
+    if nodes != NULL:
+        after.nodes = nodes + STATE_CHUNK
     open_ahead(c, k)
-    while first < end and err == 0:
-        n = min(end - first, <size_t>STATE_CHUNK)
-        err = take_written(&c.tables, first, n, cats)
-        if err == 0 and nodes != NULL:
-            read_nodes(&c.nodes, &c.res, first, n, cats, nodes)
-        if err == 0 and k.threads > 1:
-            hash_chunk_ahead(c, first, n, cats, k, st)
-        for p in range(first, first + n if err == 0 else first):
-            if (nodes != NULL and not merges_across_nodes(&c.store) and c.res.rmap[p].state == PAGE_MERGED
-                    and away_from_home(c, p, nodes[p - first]) and go_home(c, p, st) == 0):
-                cats[p - first] = PD_PAGE_IS_PRESENT | PD_PAGE_IS_WRITTEN
-                nodes[p - first] = c.res.rmap[p].node
-            if mergeable(&c.res.rmap[p]):
-                if holds_own_memory(cats[p - first]):
-                    st.scanned += 1
-                    if nodes != NULL and nodes[p - first] != NO_NODE:
-                        c.res.rmap[p].node = nodes[p - first]
-                    cmp_and_merge_page(c, p, cats[p - first] & PD_PAGE_IS_WRITTEN != 0, k, st)
-            elif c.res.rmap[p].state != PAGE_FREE and c.res.rmap[p].flags & PAGE_UNMERGEABLE:
-                st.skipped_unmergeable += 1
+    if this.n:
+        err = read_chunk(c, &this, &c.scan.ahead, k, st)
+    while this.n and err == 0:
+        finish_hashing(&c.scan.ahead, st)
+        after.first = this.first + this.n
+        after.n = min(end - after.first, <size_t>STATE_CHUNK)
+        if after.n:
+            err = read_chunk(c, &after, &c.scan.next_ahead, k, st)
+        scan_chunk(c, &this, k, st)
         hashes_forget(&c.scan.ahead)
-        first += n
+        this, after = after, this       # the next chunk, and its answers, are looked at now
+        c.scan.ahead, c.scan.next_ahead = c.scan.next_ahead, c.scan.ahead
     free(cats)
     free(nodes)
     hashes_close(&c.scan.ahead)
+    hashes_close(&c.scan.next_ahead)
     return err
 
 
+cdef int read_chunk(Core c, chunk_tables *chunk, page_hashes *hashes, scan_knobs *k,
+                    pass_stats *st) noexcept nogil:
+    """Read a chunk's page tables, taking the written bits, and with
+    threads start hashing the pages the scan will need hashed."""
+    cdef int err = take_written(&c.tables, chunk.first, chunk.n, chunk.cats)
+    if err == 0 and chunk.nodes != NULL:
+        read_nodes(&c.nodes, &c.res, chunk.first, chunk.n, chunk.cats, chunk.nodes)
+    if err == 0 and k.threads > 1:
+        hash_chunk_ahead(c, chunk, hashes, k)
+    return err
+
+
+cdef void scan_chunk(Core c, chunk_tables *chunk, scan_knobs *k, pass_stats *st) noexcept nogil:
+    """Give each mergeable page of the chunk that holds memory its target,
+    in page order."""
+    cdef size_t p, i
+    cdef uint8_t *cats = chunk.cats
+    cdef uint16_t *nodes = chunk.nodes
+    for p in range(chunk.first, chunk.first + chunk.n):
+        i = p - chunk.first
+        if (nodes != NULL and not merges_across_nodes(&c.store) and c.res.rmap[p].state == PAGE_MERGED
+                and away_from_home(c, p, nodes[i]) and go_home(c, p, st) == 0):
+            cats[i] = PD_PAGE_IS_PRESENT | PD_PAGE_IS_WRITTEN
+            nodes[i] = c.res.rmap[p].node
+        if mergeable(&c.res.rmap[p]):
+            if holds_own_memory(cats[i]):
+                st.scanned += 1
+                if nodes != NULL and nodes[i] != NO_NODE:
+                    c.res.rmap[p].node = nodes[i]
+                cmp_and_merge_page(c, p, cats[i] & PD_PAGE_IS_WRITTEN != 0, k, st)
+        elif c.res.rmap[p].state != PAGE_FREE and c.res.rmap[p].flags & PAGE_UNMERGEABLE:
+            st.skipped_unmergeable += 1
+
+
 cdef void open_ahead(Core c, scan_knobs *k) noexcept nogil:
-    """Room for a chunk's answers when pages are read on threads. Without
-    it (RLIMIT_DATA, say) the scan hashes each page itself, as on one
-    thread: the threads are a speed-up, never a reason to fail."""
-    if k.threads >= 2 and hashes_open(&c.scan.ahead, STATE_CHUNK) != 0:
+    """Room for two chunks' answers when pages are read on threads: the
+    chunk being looked at, and the next, being hashed. Without it
+    (RLIMIT_DATA, say) the scan hashes each page itself, as on one thread:
+    the threads are a speed-up, never a reason to fail."""
+    if k.threads >= 2 and (hashes_open(&c.scan.ahead, STATE_CHUNK) != 0
+                           or hashes_open(&c.scan.next_ahead, STATE_CHUNK) != 0):
         hashes_close(&c.scan.ahead)
+        hashes_close(&c.scan.next_ahead)
 
 
-cdef void hash_chunk_ahead(Core c, size_t first, size_t n, const uint8_t *cats,
-                           scan_knobs *k, pass_stats *st) noexcept nogil:
-    """The zero tests and checksums that cmp_and_merge_page will need for
-    pages [first, first + n), made now on k.threads threads: those of the
+cdef void hash_chunk_ahead(Core c, const chunk_tables *chunk, page_hashes *hashes,
+                           scan_knobs *k) noexcept nogil:
+    """Start making the zero tests and checksums that cmp_and_merge_page
+    will need for the chunk's pages, on k.threads threads: those of the
     mergeable pages holding memory that were written since their last
     checksum or never checksummed. (A page that go_home() gives a copy
-    after this is hashed again by the scan itself.)"""
-    cdef uint8_t *flags = <uint8_t *>malloc(n)
+    after this is hashed again by the scan itself.) Looking at the chunk
+    before changes no record of these pages, so the choice holds."""
+    cdef uint8_t *flags = <uint8_t *>malloc(chunk.n)
     cdef size_t i
-    cdef double cpu
     cdef rmap_item *it
-    if flags == NULL or c.scan.ahead.capacity < n:
+    if flags == NULL or hashes.capacity < chunk.n:
         free(flags)
         return                          # the scan hashes each page itself
-    for i in range(n):
-        it = &c.res.rmap[first + i]
-        flags[i] = (mergeable(it) and holds_own_memory(cats[i])
-                    and (cats[i] & PD_PAGE_IS_WRITTEN != 0 or not it.flags & PAGE_CHECKSUMMED))
-    cpu = hash_ahead(&c.scan.ahead, &c.res, c.xxh3, first, n, flags, k.threads)
+    for i in range(chunk.n):
+        it = &c.res.rmap[chunk.first + i]
+        flags[i] = (mergeable(it) and holds_own_memory(chunk.cats[i])
+                    and (chunk.cats[i] & PD_PAGE_IS_WRITTEN != 0 or not it.flags & PAGE_CHECKSUMMED))
+    hash_ahead_start(hashes, &c.res, c.xxh3, chunk.first, chunk.n, flags, k.threads)
+    free(flags)
+
+
+cdef void finish_hashing(page_hashes *hashes, pass_stats *st) noexcept nogil:
+    """The caller joins the helpers hashing the chunk it looks at next, and
+    their CPU time is the decision's."""
+    cdef double cpu = hash_ahead_finish(hashes)
     st.decide_cpu_seconds += cpu
     st.helper_cpu_seconds += cpu
-    free(flags)
 
 
 cdef int merge_pass(Core c, scan_knobs *k, pass_stats *st) noexcept nogil:
