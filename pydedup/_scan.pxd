@@ -2,7 +2,8 @@
 # use, its unstable tree and cursor, and the page states it brings up to date.
 
 cdef enum:
-    STATE_CHUNK = 65536            # pages whose categories are read at once
+    STATE_CHUNK = 16384            # pages whose categories are read at once: the next
+                                   # chunk is hashed while one is looked at
 
 cdef struct scan_state:            # Core.scan: the scan in progress
     uint32_t *unstable             # unstable-tree bucket heads; NULL between scans
