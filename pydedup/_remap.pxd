@@ -11,6 +11,8 @@ cdef enum run_kind:
 cdef enum:
     MAPPINGS_PER_REMAP = 2  # an mmap inside a mapping splits it in three
     MATCH_AHEAD_PAGES = 256  # runs this long are compared on threads (match_run_ahead)
+    TRACKED_RUN_PAGES = 8   # runs this long ask the write tracking (match_by_tracking): a
+                            # PAGEMAP_SCAN costs about what comparing 5 pages does
 
 cdef struct remap_cost:            # the mappings one remap of a run changes
     uint64_t lo, hi                # the window: the run and the mappings it touches

@@ -177,10 +177,11 @@ cdef uint8_t *match_by_tracking(Core c, size_t first, size_t n, run_kind kind,
     write tracking shows unwritten since the pass read them: take_written
     protected each page before the pass read it, so a write since would
     show. Only the pages written since are compared. NULL where the
-    tracking cannot tell: it is off, or the barrier took it over."""
+    tracking cannot tell (it is off, or the barrier took it over) or
+    asking it costs more than comparing a short run."""
     cdef uint8_t *known
     cdef size_t j
-    if not (tracking(&c.tables) and barrier_keeps_tracking(&c.wb)):
+    if n < TRACKED_RUN_PAGES or not (tracking(&c.tables) and barrier_keeps_tracking(&c.wb)):
         return NULL
     known = <uint8_t *>malloc(n)
     if known == NULL:
