@@ -15,6 +15,8 @@ from pydedup import testing
 from kernel import PAGE, frame_offsets, zero_page_mapped
 
 PAGE_FLOATS = PAGE // 8
+CHUNK_PAGES = 16384              # the scan's chunk (_scan.pxd STATE_CHUNK): one is hashed
+                                # on the helpers while the one before is looked at
 TIMING = {"seconds", "phase_seconds", "phase_cpu_seconds", "helper_cpu_seconds", "threads"}
 
 
@@ -33,7 +35,8 @@ def build(arena, seed=7):
     rng.random(out=filled)
     filled[50 * PAGE_FLOATS:700 * PAGE_FLOATS] = np.nan  # a run of one content
     distinct = rng.random((16, PAGE_FLOATS))
-    scattered = arena.empty(800 * PAGE_FLOATS)
+    arena.empty(CHUNK_PAGES * PAGE_FLOATS)               # never written: what follows is
+    scattered = arena.empty(800 * PAGE_FLOATS)           # in the scan's next chunk
     rng.random(out=scattered)
     pick = rng.permutation(800)[:400]
     scattered.reshape(800, PAGE_FLOATS)[pick] = distinct[rng.integers(0, 16, 400)]
@@ -57,7 +60,7 @@ def page_view(arrays):
 def test_a_threaded_merge_merges_what_one_thread_does(barrier):
     outcome = {}
     for threads in (1, 4):
-        with contextlib.closing(pydedup.Arena(size=64 << 20, threads=threads,
+        with contextlib.closing(pydedup.Arena(size=128 << 20, threads=threads,
                                               barrier=barrier)) as arena:
             arrays = build(arena)
             expected = [a.copy() for a in arrays]
@@ -80,8 +83,8 @@ def test_a_threaded_merge_merges_what_one_thread_does(barrier):
 def test_a_threaded_background_scan_merges_what_one_thread_does():
     outcome = {}
     for threads in (1, 3):
-        with contextlib.closing(pydedup.Arena(size=64 << 20, threads=threads,
-                                              pages_to_scan=1000, sleep_millisecs=0)) as arena:
+        with contextlib.closing(pydedup.Arena(size=128 << 20, threads=threads,
+                                              pages_to_scan=8000, sleep_millisecs=0)) as arena:
             arrays = build(arena, seed=11)
             merged = [testing.scan_step(arena)[0] for _ in range(12)]
             testing.check_invariants(arena)
@@ -174,7 +177,7 @@ def test_max_cpu_lengthens_the_scanners_sleep():
     sleep_millisecs."""
     sleeps = {}
     for max_cpu in (100, 1):
-        with contextlib.closing(pydedup.Arena(size=64 << 20, max_cpu=max_cpu,
+        with contextlib.closing(pydedup.Arena(size=128 << 20, max_cpu=max_cpu,
                                               sleep_millisecs=0, pages_to_scan=4000)) as arena:
             build(arena)
             sleeps[max_cpu] = testing.scan_step(arena)[1]
