@@ -24,6 +24,11 @@ cdef struct frames_common:
     uint64_t norphans
     uint32_t merge_across_nodes
 
+cdef struct written_from:          # new frames of a pass and the pages they were written from
+    const char *content            # the first page
+    uint32_t frame                 # the first frame
+    uint32_t n                     # consecutive frames, from consecutive pages
+
 cdef struct frame_store:           # Core.store
     size_t page_size
     size_t nslots                  # frame slots: as many as arena pages
@@ -48,6 +53,10 @@ cdef struct frame_store:           # Core.store
                                    # record under the store's lock; NULL: private
     uint32_t *ledger               # shared: this member's references, one a frame
                                    # (sum over members == mapcount); NULL: private
+    written_from *sources          # this pass's new frames and where they came from,
+    size_t nsources, sources_cap   # for the check that their pages held still
+    uint32_t untrusted_lo          # new frames [untrusted_lo, untrusted_hi) may hold
+    uint32_t untrusted_hi          # other content than their pages were compared with
 
 
 cdef int frames_open(frame_store *fs, size_t page_size, size_t nslots,
@@ -65,6 +74,10 @@ cdef bint same_tree(frame_store *fs, uint16_t a, uint16_t b) noexcept nogil
 cdef uint32_t zero_key(frame_store *fs, size_t vpn) noexcept nogil
 cdef void frames_set_across_nodes(frame_store *fs, bint value) noexcept nogil
 cdef uint32_t frame_mapcount(frame_store *fs, uint32_t f) noexcept nogil
+cdef void frames_forget_sources(frame_store *fs) noexcept nogil
+cdef const written_from *frames_sources(frame_store *fs, size_t *n) noexcept nogil
+cdef void frames_distrust(frame_store *fs, uint32_t first, uint32_t n) noexcept nogil
+cdef bint frames_trusted(frame_store *fs, uint32_t first, uint32_t n) noexcept nogil
 cdef uint16_t frame_node(frame_store *fs, uint32_t f) noexcept nogil
 cdef uint32_t frame_checksum(frame_store *fs, uint32_t f) noexcept nogil
 cdef void frame_get(frame_store *fs, uint32_t f) noexcept nogil

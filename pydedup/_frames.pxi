@@ -39,6 +39,8 @@ cdef int frames_open(frame_store *fs, size_t page_size, size_t nslots,
 
 cdef void frames_close(frame_store *fs) noexcept nogil:
     cdef int t
+    free(fs.sources)
+    fs.sources, fs.nsources, fs.sources_cap = NULL, 0, 0
     for t in range(fs.ntiers):
         close_tier(fs, &fs.tiers[t])
     if fs.common != NULL:               # the shared mapping is _shared.pxi's to unmap
@@ -234,6 +236,61 @@ cdef uint32_t frame_mapcount(frame_store *fs, uint32_t f) noexcept nogil:
     return fs.frames[f].mapcount
 
 
+# -- where a pass's new frames came from ---------------------------------------
+#
+# A page compared with a page that a new frame is then written from (the
+# unstable tree's pair) was compared with the frame's content only if that
+# page held still until the frame was written. The scan checks it after
+# deciding (the write tracking), and the barrier trusts the comparisons of
+# decided pages only with frames that passed (_remap.pxi match_by_tracking).
+
+cdef void frames_forget_sources(frame_store *fs) noexcept nogil:
+    """A pass begins: no new frames yet, none distrusted."""
+    fs.nsources = 0
+    fs.untrusted_lo = fs.untrusted_hi = 0
+
+
+cdef void note_source(frame_store *fs, uint32_t f, const char *content) noexcept nogil:
+    """New frame f was written from the page at `content`. Without memory
+    to note it, every frame is distrusted."""
+    cdef written_from *last = &fs.sources[fs.nsources - 1] if fs.nsources else NULL
+    cdef written_from *grown
+    cdef size_t cap = max(2 * fs.sources_cap, 64)
+    if last != NULL and f == last.frame + last.n and content == last.content + last.n * fs.page_size:
+        last.n += 1
+        return
+    if fs.nsources == fs.sources_cap:
+        grown = <written_from *>realloc(fs.sources, cap * sizeof(written_from))
+        if grown == NULL:
+            frames_distrust(fs, 0, <uint32_t>fs.nslots)
+            return
+        fs.sources, fs.sources_cap = grown, cap
+    fs.sources[fs.nsources] = written_from(content, f, 1)
+    fs.nsources += 1
+
+
+cdef const written_from *frames_sources(frame_store *fs, size_t *n) noexcept nogil:
+    """The runs of new frames of this pass, with the pages they came from."""
+    n[0] = fs.nsources
+    return fs.sources
+
+
+cdef void frames_distrust(frame_store *fs, uint32_t first, uint32_t n) noexcept nogil:
+    """Frames [first, first + n) may hold other content than the pages
+    they were written from were compared with."""
+    if fs.untrusted_lo == fs.untrusted_hi:
+        fs.untrusted_lo, fs.untrusted_hi = first, first + n
+    else:
+        fs.untrusted_lo = min(fs.untrusted_lo, first)
+        fs.untrusted_hi = max(fs.untrusted_hi, first + n)
+
+
+cdef bint frames_trusted(frame_store *fs, uint32_t first, uint32_t n) noexcept nogil:
+    """Whether frames [first, first + n) hold what the pass compared with
+    them: none is a new frame whose page changed before it was written."""
+    return first + n <= fs.untrusted_lo or first >= fs.untrusted_hi
+
+
 cdef uint16_t frame_node(frame_store *fs, uint32_t f) noexcept nogil:
     PD_ASSERT(f < fs.frame_high, "frame_node: a frame below frame_high")
     return fs.frames[f].node
@@ -306,6 +363,7 @@ cdef uint32_t stable_tree_add(frame_store *fs, const char *content, uint32_t che
     PD_ASSERT(fs.frame_high <= fs.nslots and content != NULL, "stable_tree_add: content")
     if f == NO_FRAME or frame_write(fs, f, content, node) != 0:
         return NO_FRAME
+    note_source(fs, f, content)
     fs.frames[f].checksum = checksum
     fs.frames[f].mapcount = 0
     fs.frames[f].tile_index = 0

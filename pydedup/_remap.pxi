@@ -183,6 +183,8 @@ cdef uint8_t *match_by_tracking(Core c, size_t first, size_t n, run_kind kind,
     cdef size_t j
     if n < TRACKED_RUN_PAGES or not (tracking(&c.tables) and barrier_keeps_tracking(&c.wb)):
         return NULL
+    if kind == RUN_FRAMES and not frames_trusted(&c.store, c.res.rmap[first].frame, <uint32_t>n):
+        return NULL                     # a new frame of them came from a page that changed
     known = <uint8_t *>malloc(n)
     if known == NULL:
         return NULL

@@ -409,11 +409,13 @@ cdef int merge_pass(Core c, scan_knobs *k, pass_stats *st) noexcept nogil:
     if err == 0:
         err = begin_scan(c)
     huge_tracked = track_huge_pages_for_pass(c)
+    frames_forget_sources(&c.store)
     if err == 0:
         err = scan_range(c, 0, c.res.high_water, k, st)
     decided = now()
     cpu_decided = pd_thread_cpu()
     keep_huge_pages(c, 0, c.res.high_water, st)
+    check_new_frames(c)
     apply_targets(c, st)                # also drops the targets of a failed scan
     if huge_tracked:
         spare_huge_pages_again(&c.tables, 0, c.res.high_water)
@@ -426,6 +428,33 @@ cdef int merge_pass(Core c, scan_knobs *k, pass_stats *st) noexcept nogil:
     st.apply_seconds = now() - decided
     note_cpu(st, cpu_started, cpu_refreshed, cpu_decided)
     return err
+
+
+cdef void check_new_frames(Core c) noexcept nogil:
+    """Before applying: a new frame holds what the pages were compared with
+    only if the page it was written from held still until it was written
+    (an unstable-tree pair compared the two pages, then wrote one of them).
+    The write tracking tells, for the pages the barrier will not compare
+    again (match_by_tracking); frames written from a page that was written
+    since it was read are distrusted, and their pages compared."""
+    cdef size_t i, j, nsources, first
+    cdef const written_from *s = frames_sources(&c.store, &nsources)
+    cdef uint8_t *written
+    if not (tracking(&c.tables) and barrier_keeps_tracking(&c.wb)):
+        return                          # every page is compared again anyway
+    for i in range(nsources):
+        first = (s[i].content - c.res.base) // c.res.page_size
+        PD_ASSERT(s[i].content >= c.res.base and first + s[i].n <= c.res.high_water,
+                  "check_new_frames: frames written from arena pages")
+        written = <uint8_t *>malloc(s[i].n)
+        if written == NULL or read_written(&c.tables, first, s[i].n, written) != 0:
+            frames_distrust(&c.store, s[i].frame, s[i].n)
+        else:
+            for j in range(s[i].n):
+                if written[j]:
+                    frames_distrust(&c.store, s[i].frame, s[i].n)
+                    break
+        free(written)
 
 
 cdef bint track_huge_pages_for_pass(Core c) noexcept nogil:
@@ -462,9 +491,11 @@ cdef int scan_batch(Core c, size_t npages, scan_knobs *k, bint *scan_done) noexc
     end = min(c.res.high_water, huge_block_end(&c.huge, first + npages))
     err = refresh_states(c, first, end - first)
     huge_tracked = track_huge_pages_for_pass(c)
+    frames_forget_sources(&c.store)
     if err == 0:
         err = scan_range(c, first, end, k, st)
     keep_huge_pages(c, first, end, st)
+    check_new_frames(c)
     apply_targets(c, st)
     if huge_tracked:
         spare_huge_pages_again(&c.tables, first, end - first)
