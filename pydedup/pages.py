@@ -54,10 +54,8 @@ class Pages(PageOwner):
         # lock (_shared.pxi) is then taken after ours. Allocations do not:
         # they need not wait for another process's merge.
         store = store or not self.core.shared
-        with self._lock:
+        with self._lock, self._store_locked(store):
             self._holder = threading.get_ident()
-            if store:
-                self.core.lock_store()
             try:
                 if store:
                     self._release_given_back()
@@ -66,24 +64,30 @@ class Pages(PageOwner):
                     self._release_given_back()
             finally:
                 self._holder = None
-                try:
-                    if self.debug_checks and store:   # after a failed operation too: it must not corrupt
-                        self._check_invariants()
-                finally:
-                    if store:
-                        self.core.unlock_store()
+                if self.debug_checks and store:   # after a failed operation too: it must not corrupt
+                    self._check_invariants()
         if self._given_back:
             self._release_if_free()
+
+    @contextmanager
+    def _store_locked(self, store: bool = True):
+        """The frame store's lock, if `store`: for a store shared by
+        processes, the robust mutex of its records; nothing to wait for in
+        a private one."""
+        if not store:
+            yield
+            return
+        self.core.lock_store()
+        try:
+            yield
+        finally:
+            self.core.unlock_store()
 
     def check_invariants(self):
         """Raise pydedup._fast.InvariantError if the core's records, the
         frame store, the process's mappings or the free extents disagree."""
-        with self._lock:
-            self.core.lock_store()
-            try:
-                self._check_invariants()
-            finally:
-                self.core.unlock_store()
+        with self._lock, self._store_locked():
+            self._check_invariants()
 
     def _check_invariants(self):
         high_water = self.core.high_water
