@@ -370,7 +370,7 @@ cdef int merge_pass(Core c, scan_knobs *k, pass_stats *st) noexcept nogil:
     decided = now()
     cpu_decided = pd_thread_cpu()
     keep_huge_pages(c, 0, c.res.high_water, st)
-    apply_targets(c, st)                # also drops the targets of a failed scan
+    apply_within_budget(c, k, st)       # also drops the targets of a failed scan
     if c.scan.unstable != NULL:
         end_scan(c, st)
     reclaim_frames(&c.store)
@@ -410,7 +410,7 @@ cdef int scan_batch(Core c, size_t npages, scan_knobs *k, bint *scan_done) noexc
     if err == 0:
         err = scan_range(c, first, end, k, st)
     keep_huge_pages(c, first, end, st)
-    apply_targets(c, st)
+    apply_within_budget(c, k, st)
     reclaim_frames(&c.store)
     restore_policy(&c.nodes)
     c.scan.cursor = end
