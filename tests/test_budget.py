@@ -198,3 +198,31 @@ def test_the_background_scanner_keeps_contents_whole_within_a_step(rng, kernel_k
         assert any(all(s) for s in states) and any(not any(s) for s in states)
         assert np.array_equal(a.view(np.uint64), expected.view(np.uint64))
         testing.check_invariants(arena)
+
+
+def test_huge_pages_split_for_their_matches_keep_contents_whole(rng, kernel_ksm_runs):
+    # The huge-page rule decides first (blocks with matches are split and
+    # fenced, a mapping each), then the budget: what is left of it is spent
+    # on whole contents.
+    if procfs.thp_mode() in ("never", "absent"):
+        pytest.skip("transparent huge pages are off here")
+    copies = [6, 10, 16, 24]
+    with contextlib.closing(pydedup.Arena(size=1 << 28, max_mappings=60, kernel_ksm=True,
+                                          huge_pages="on", huge_split_min_pages=1)) as arena:
+        a = arena.empty((2048, PAGE_FLOATS))         # 8 MiB: four huge pages
+        a[:] = rng.random(a.shape)
+        which = rng.permutation(np.repeat(np.arange(len(copies)), copies))
+        at = np.sort(rng.choice(np.arange(1, 2048, 2), which.size, replace=False))
+        a[at] = rng.random((len(copies), PAGE_FLOATS))[which]
+        rows = [at[which == i] for i in range(len(copies))]
+        expected = a.copy()
+        report = arena.merge()
+        if report.huge_pages_split == 0:
+            pytest.skip("the kernel gave the array no huge page")
+        states = [merged_rows(a, r) for r in rows]
+        assert all(all(s) or not any(s) for s in states)
+        assert report.contents_left == sum(not any(s) for s in states) > 0
+        assert any(all(s) for s in states)
+        assert arena.stats().mappings <= 60
+        assert np.array_equal(a.view(np.uint64), expected.view(np.uint64))
+        testing.check_invariants(arena)
