@@ -320,13 +320,16 @@ cdef class Core:
                 track_range(&self.tables, self.res.base, length)
 
     def merge(self, bint use_zero_pages, uint32_t max_page_sharing, long mappings_left,
-              uint32_t tile_pages=1, uint32_t threads=1):
+              uint32_t tile_pages=1, uint32_t threads=1, bint whole_contents=False):
         """One whole scan, now; returns what it did as a dict of pass_stats.
         Runs of one content map onto tiles of up to tile_pages frames; pages
-        are read on `threads` threads."""
+        are read on `threads` threads. whole_contents: kernel KSM takes what
+        the mapping budget leaves, so a content it cannot finish stays wholly
+        private (_budget.pxi)."""
         cdef pass_stats st
         cdef scan_knobs k = scan_knobs(use_zero_pages, max_page_sharing, True,
-                                       check_tile_pages(tile_pages), check_threads(threads))
+                                       check_tile_pages(tile_pages), check_threads(threads),
+                                       whole_contents)
         cdef int err
         self.check_can_merge()
         memset(&st, 0, sizeof(st))
@@ -342,14 +345,16 @@ cdef class Core:
         return st
 
     def scan_batch(self, size_t npages, bint use_zero_pages, uint32_t max_page_sharing,
-                   long mappings_left, uint32_t tile_pages=1, uint32_t threads=1):
+                   long mappings_left, uint32_t tile_pages=1, uint32_t threads=1,
+                   bint whole_contents=False):
         """The background scanner's step: the next npages of the scan in
         progress. mappings_left is the mapping budget of a scan, taken when
         one begins (at scan_cursor 0). Returns (this step's pass_stats,
         whether a scan ended)."""
         cdef pass_stats before = self.scan.stats
         cdef scan_knobs k = scan_knobs(use_zero_pages, max_page_sharing, False,
-                                       check_tile_pages(tile_pages), check_threads(threads))
+                                       check_tile_pages(tile_pages), check_threads(threads),
+                                       whole_contents)
         cdef bint scan_done = False
         cdef int err
         self.check_can_merge()

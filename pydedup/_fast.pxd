@@ -82,6 +82,8 @@
 #   barrier      _barrier     write_barrier: how a run is write-protected while
 #                             it is compared and remapped
 #   remap        _remap       applying a pass's targets in runs (no record)
+#   budget       _budget      spending the mapping budget on whole contents,
+#                             between deciding targets and applying them (no record)
 #   hash         _hash        page_hashes: zero tests and checksums of a chunk
 #                             of pages made ahead, on several threads
 #   scan         _scan        scan_state (KSM's ksm_scan): the unstable tree,
@@ -131,6 +133,8 @@ cdef struct scan_knobs:            # what a scan is asked to do
     bint merge_volatile            # merge pages that changed since the last scan too
     uint32_t tile_pages            # the longest tile (1: no tiles)
     uint32_t threads               # threads that read pages (_hash.pxi); 1: the caller's only
+    bint whole_contents            # kernel KSM takes what the mapping budget leaves: a
+                                   # content it cannot finish stays wholly private (_budget.pxi)
 
 cdef struct pass_stats:            # what one merge pass did
     uint64_t scanned               # pages looked at
@@ -160,6 +164,7 @@ cdef struct pass_stats:            # what one merge pass did
     double decide_cpu_seconds
     double apply_cpu_seconds
     double helper_cpu_seconds      # of those, the threads' other than the caller's
+    uint64_t contents_left         # contents the mapping budget could not merge whole (_budget.pxi)
 
 cdef class Core                    # below, once the records of its parts are known
 
@@ -173,6 +178,7 @@ include "_pagemap.pxd"
 include "_barrier.pxd"
 include "_remap.pxd"
 include "_huge.pxd"
+include "_budget.pxd"
 include "_hash.pxd"
 include "_scan.pxd"
 

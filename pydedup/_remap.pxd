@@ -19,5 +19,10 @@ cdef struct remap_cost:            # the mappings one remap of a run changes
     long before                    # mappings meeting the window before the remap
     long predicted                 # mappings the remap adds (negative: removes)
 
+cdef run_kind target_kind(Core c, size_t p) noexcept nogil
+cdef bint continues_run(Core c, size_t first, size_t n, uint32_t f) noexcept nogil
+cdef long worst_remap_cost(run_kind kind) noexcept nogil
+cdef bint predict_remap_cost(Core c, size_t first, size_t n, run_kind kind,
+                             remap_cost *cost) noexcept nogil
 cdef void drop_targets(Core c, size_t first, size_t n) noexcept nogil
 cdef void apply_targets(Core c, pass_stats *st) noexcept nogil

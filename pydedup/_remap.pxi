@@ -81,7 +81,7 @@ cdef void remap_run(Core c, size_t first, size_t n, run_kind kind, bint charge,
     settle_targets(c, first, n, kind, st)
 
 
-cdef inline long worst_remap_cost(run_kind kind) noexcept nogil:
+cdef long worst_remap_cost(run_kind kind) noexcept nogil:
     return 0 if kind == RUN_ZERO_ANON else MAPPINGS_PER_REMAP
 
 
@@ -232,7 +232,7 @@ cdef void frames_under_broken_pages(Core c, size_t first, size_t n,
         lo[0] = hi[0] = 0
 
 
-cdef inline bint continues_run(Core c, size_t first, size_t n, uint32_t f) noexcept nogil:
+cdef bint continues_run(Core c, size_t first, size_t n, uint32_t f) noexcept nogil:
     """Whether frame f follows the n frames of the run at page `first` in
     the same memfd, so that one mmap maps them all."""
     return f == c.res.rmap[first].frame + n and not tier_starts_at(&c.store, f)

@@ -416,7 +416,7 @@ cdef int merge_pass(Core c, scan_knobs *k, pass_stats *st) noexcept nogil:
     cpu_decided = pd_thread_cpu()
     keep_huge_pages(c, 0, c.res.high_water, st)
     check_new_frames(c)
-    apply_targets(c, st)                # also drops the targets of a failed scan
+    apply_within_budget(c, k, st)       # also drops the targets of a failed scan
     if huge_tracked:
         spare_huge_pages_again(&c.tables, 0, c.res.high_water)
     if c.scan.unstable != NULL:
@@ -496,7 +496,7 @@ cdef int scan_batch(Core c, size_t npages, scan_knobs *k, bint *scan_done) noexc
         err = scan_range(c, first, end, k, st)
     keep_huge_pages(c, first, end, st)
     check_new_frames(c)
-    apply_targets(c, st)
+    apply_within_budget(c, k, st)
     if huge_tracked:
         spare_huge_pages_again(&c.tables, first, end - first)
     reclaim_frames(&c.store)

@@ -384,12 +384,19 @@ class Arena:
         with self._locked() as core:
             core.sweep_members()         # a shared store: what dead members held, back
             st = core.merge(self.use_zero_pages, self.max_page_sharing, self._mapping_budget(),
-                            self.tile_pages, self.threads)
+                            self.tile_pages, self.threads, self._kernel_ksm_takes_the_rest())
             self._advise_kernel_ksm(core)
             self._live().keep_placements()
         report = MergeReport.made_from(dict(st, seconds=time.perf_counter() - start))
         self._publish_first_or_if_due()
         return report
+
+    def _kernel_ksm_takes_the_rest(self) -> bool:
+        """Whether kernel KSM merges what the mapping budget leaves (the
+        kernel_ksm knob on, ksmd running): then a pass leaves the contents
+        the budget cannot finish wholly private, for the kernel to merge
+        into one page each, rather than merge some of their copies."""
+        return self.kernel_ksm and procfs.ksm_running()
 
     def _advise_kernel_ksm(self, core: Core) -> None:
         """kernel_ksm: the arena marked for the kernel's KSM after a pass,
@@ -457,7 +464,7 @@ class Arena:
                 core.sweep_members()     # a shared store: what dead members held, back
             step, scan_done = core.scan_batch(self.pages_to_scan, self.use_zero_pages,
                                               self.max_page_sharing, budget, self.tile_pages,
-                                              self.threads)
+                                              self.threads, self._kernel_ksm_takes_the_rest())
             if scan_done:
                 self._advise_kernel_ksm(core)
             if step["merged"] or step["zeroed"]:

@@ -105,6 +105,11 @@ class MergeReport(_Readable):
         value=lambda r: {reason: r[f"skipped_{key}"] for reason, key in (
             ("unmergeable", "unmergeable"), ("changed", "changed"),
             ("mapping_budget", "budget"), ("no_memory", "no_memory"), ("huge_page", "huge"))}))
+    contents_left: int = field(metadata=counter(
+        "contents (pages of one content) the mapping budget could not merge whole: with "
+        "kernel KSM taking what is left (`kernel_ksm` on, ksmd running) none of their pages "
+        "is merged, so the kernel merges them all into one page; their pages are in "
+        "`skipped.mapping_budget`"))
     huge_pages_kept: int = field(metadata=counter(
         "huge pages kept whole although some of their pages matched (`huge_split_min_pages`)",
         value=_reading("huge_kept")))

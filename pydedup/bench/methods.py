@@ -11,6 +11,12 @@ metadata_bytes_per_page  bookkeeping per workload page (kernel KSM: its rmap
 read_gib_per_second    numpy read of every byte after merging, best of 3
 first_write_us         one byte written into each of 2,048 duplicated pages
 pss_samples            (seconds, PSS) every 50 ms while merging
+
+The merge and merge+ksm rows also give counted_over_theoretical: the same
+ratio from the counters (pydedup's bytes_saved; merge+ksm adds KSM's
+pages_sharing), which PSS's few MiB of noise cannot move. Not for kernel KSM
+alone: with huge pages the kernel (6.12+) maps zero-filled pages of an
+underused huge page to the zero page itself, and no KSM counter shows them.
 """
 import threading
 import time
@@ -134,6 +140,8 @@ def pydedup_merge(build, size, **knobs):
                         "pages_skipped": report.skipped,
                         "pages_unwritten": report.pages_unwritten,
                         "barrier": stats.barrier,
+                        "frames": stats.pages_shared,
+                        "counted_over_theoretical": _counted(workload, stats.bytes_saved, {}),
                     })
 
 
@@ -206,7 +214,8 @@ def _kernel_ksm(build, size, knobs):
             meta = (None if rmap_items is None
                     else rmap_items * KSM_RMAP_ITEM_BYTES / (workload.nbytes // PAGE))
             row = _row(workload, before, sampler, result.seconds, result.cpu_seconds, meta,
-                       {"knobs": knobs, "full_scans": result.full_scans})
+                       {"knobs": knobs, "full_scans": result.full_scans,
+                        "ksm_pages_shared": result.counters.get("pages_shared")})
             kernel.unmerge(*workload.arrays)
         return row
 
@@ -231,9 +240,25 @@ def pydedup_merge_then_kernel_ksm(build, size):
                        None if ksm_cpu is None else cpu + ksm_cpu,
                        stats.metadata_bytes / stats.pages_in_use, {
                            "mappings": stats.mappings, "pages_skipped": report.skipped,
-                           "kernel_ksm_pages": stats.kernel_ksm_pages})
+                           "kernel_ksm_pages": stats.kernel_ksm_pages,
+                           # what is kept of the duplicated content: pydedup's
+                           # frames and the kernel's KSM pages (pages_shared)
+                           "frames": stats.pages_shared,
+                           "ksm_pages_shared": result.counters.get("pages_shared"),
+                           "contents_left": getattr(report, "contents_left", None),
+                           "counted_over_theoretical": _counted(workload, stats.bytes_saved,
+                                                                result.counters)})
             arena.unmerge()
         return row
+
+
+def _counted(workload, pydedup_saved, ksm_counters):
+    """Saved over the theoretical from the counters, not PSS (which moves by
+    a few MiB between readings): pydedup's bytes_saved and the pages kernel
+    KSM saved (pages_sharing, and ksm_zero_pages: use_zero_pages), the
+    whole system's: the benchmark runs KSM alone (KernelKSM's lock)."""
+    pages = ksm_counters.get("pages_sharing", 0) + ksm_counters.get("ksm_zero_pages", 0)
+    return (pydedup_saved + pages * PAGE) / workload.theoretical_saved
 
 
 KSM_FAST = dict(pages_to_scan=10_000, sleep_millisecs=0, use_zero_pages=1)
