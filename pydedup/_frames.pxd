@@ -66,6 +66,7 @@ cdef uint32_t zero_key(frame_store *fs, size_t vpn) noexcept nogil
 cdef void frames_set_across_nodes(frame_store *fs, bint value) noexcept nogil
 cdef uint32_t frame_mapcount(frame_store *fs, uint32_t f) noexcept nogil
 cdef uint16_t frame_node(frame_store *fs, uint32_t f) noexcept nogil
+cdef uint32_t frame_checksum(frame_store *fs, uint32_t f) noexcept nogil
 cdef void frame_get(frame_store *fs, uint32_t f) noexcept nogil
 cdef void frame_put(frame_store *fs, uint32_t f) noexcept nogil
 cdef uint32_t stable_tree_search(frame_store *fs, const char *page, uint32_t checksum,

@@ -239,6 +239,14 @@ cdef uint16_t frame_node(frame_store *fs, uint32_t f) noexcept nogil:
     return fs.frames[f].node
 
 
+cdef uint32_t frame_checksum(frame_store *fs, uint32_t f) noexcept nogil:
+    """The stable-tree checksum of frame f's content: a page of other
+    checksum holds other content, and need not read the frame to know it
+    (a read of a frame not mapped yet in the view is a page fault)."""
+    PD_ASSERT(f < fs.frame_high, "frame_checksum: a frame below frame_high")
+    return fs.frames[f].checksum
+
+
 cdef void frame_get(frame_store *fs, uint32_t f) noexcept nogil:
     PD_ASSERT(f < fs.frame_high, "frame_get: a frame below frame_high")
     fs.frames[f].mapcount += 1

@@ -230,6 +230,7 @@ cdef uint32_t tile_restart(Core c, size_t p, const char *page, uint32_t checksum
                                                          and not prev.flags & PAGE_TARGET)):
         return NO_FRAME
     if (frame_mapcount(&c.store, prev.frame) == 0
+            or frame_checksum(&c.store, prev.frame) != checksum   # before the frame is read
             or memcmp(page, frame_address(&c.store, prev.frame), c.res.page_size) != 0
             or not same_tree(&c.store, frame_node(&c.store, prev.frame), c.res.rmap[p].node)):
         return NO_FRAME
