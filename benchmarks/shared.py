@@ -24,10 +24,12 @@ Reported, in one run:
   the ideal: one copy of the common data plus every process's private data;
 - the seconds each merge() took per GiB of the process's data, the first
   process's and the joining processes' (mean), against the baselines
-  measured in the same run: a private merge() of the same data in one
-  process (the data unique: hashing only, the work of a first member), and
-  a private merge() of two copies of it (per GiB of the two: search,
-  compare, remap, the work of a joining member);
+  measured in the same run (the median of three runs each): a private
+  merge() of the same data in one process (the data unique: hashing only),
+  and a private merge() of two copies of it (per GiB of the two: search,
+  compare, a frame written for every two pages, remap). A first member
+  writes a frame for every page of its data (content no frame holds yet);
+  a joining member searches, compares and remaps;
 - all the N merges' seconds per GiB the N processes hold (for kernel KSM:
   from run=1 to ksmd's last change, whole system, per GiB held).
 """
@@ -43,6 +45,7 @@ import numpy as np
 
 MiB = 1 << 20
 KSM_KNOBS = dict(pages_to_scan=10_000, sleep_millisecs=0)
+BASELINE_RUNS = 3
 
 
 def member(method: str, name: str, mib: int, private_mib: int, index: int, copies: int,
@@ -149,21 +152,24 @@ def main() -> None:
     gib = args.mib / 1024
     from pydedup.bench import ksm
     reason = ksm.available()
-    one, _ = run("private", 1, args.mib)
-    two, _ = run("private", 1, args.mib, copies=2)
-    private_unique = one[0] / gib
-    private_dup = two[0] / (2 * gib)
+    # The baselines are the median of BASELINE_RUNS runs each: every row is
+    # divided by them, and one run of a few hundred ms varies by 2x here.
+    one = sorted(run("private", 1, args.mib)[0][0] for _ in range(BASELINE_RUNS))
+    two = sorted(run("private", 1, args.mib, copies=2)[0][0] for _ in range(BASELINE_RUNS))
+    private_unique = one[BASELINE_RUNS // 2] / gib
+    private_dup = two[BASELINE_RUNS // 2] / (2 * gib)
     print(f"data: {args.mib} MiB common a process, mix: {args.private_mib} MiB private more; "
           f"kernel {os.uname().release}, {os.cpu_count()} CPUs")
-    print(f"baseline, one process, private: merge() {private_unique:.3f} s/GiB (unique data), "
-          f"{private_dup:.3f} s/GiB (two copies)")
+    print(f"baseline, one process, private, median of {BASELINE_RUNS}: merge() "
+          f"{private_unique:.3f} s/GiB (unique data), {private_dup:.3f} s/GiB (two copies)")
     print("kernel KSM: " + (f"skipped: {reason}" if reason else
                             "10,000 pages / 0 ms, knobs restored at the end"))
     print()
     print("| workload | processes | method | PSS added, all processes | x ideal | merge s/GiB: "
-          "first, joining (mean) | first / private unique | joining / private two copies "
+          "first, joining (mean) | first / private unique | first / private two copies "
+          "| joining / private two copies "
           "| all merges, s/GiB held |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     workloads = [("same", 0)] + ([("mix", args.private_mib)] if args.private_mib else [])
     methods = ["private", "shared"] + ([] if reason else ["ksm"])
 
@@ -177,14 +183,15 @@ def main() -> None:
                     if method == "ksm":
                         merges = f"(ksmd) {seconds[0] / (n * each):.3f}"
                         print(f"| {label} | {n} | kernel KSM | {pss / MiB:,.0f} MiB | "
-                              f"{pss / ideal:.2f} | - | - | - | {merges} |", flush=True)
+                              f"{pss / ideal:.2f} | - | - | - | - | {merges} |", flush=True)
                         continue
                     per_gib = [s / each for s in seconds]
                     rest = per_gib[1:]
                     rest_mean = sum(rest) / len(rest) if rest else float("nan")
                     print(f"| {label} | {n} | {method} | {pss / MiB:,.0f} MiB | {pss / ideal:.2f} | "
                           f"{per_gib[0]:.3f}, {rest_mean:.3f} | {per_gib[0] / private_unique:.2f} | "
-                          f"{rest_mean / private_dup:.2f} | {sum(seconds) / (n * each):.3f} |",
+                          f"{per_gib[0] / private_dup:.2f} | {rest_mean / private_dup:.2f} | "
+                          f"{sum(seconds) / (n * each):.3f} |",
                           flush=True)
 
     if reason:

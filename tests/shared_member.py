@@ -15,7 +15,6 @@ import numpy as np
 import pydedup
 from pydedup import procfs
 
-
 FSIZE = resource.getrlimit(resource.RLIMIT_FSIZE)
 
 
