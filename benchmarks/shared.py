@@ -1,7 +1,7 @@
 """Processes holding the same data: private arenas, a shared frame store
 (issue 16) and kernel KSM, in one run.
 
-    python benchmarks/shared.py [--mib 256] [--private-mib 64] [--processes 1 2 4 8]
+    python benchmarks/shared.py [--mib 256] [--private-mib 64] [--processes 1 2 4 8] [--cpu]
 
 For each N, N spawned processes each load the same `--mib` MiB (random
 doubles from one seed), and, in the "mix" workload, also `--private-mib` MiB
@@ -49,7 +49,7 @@ BASELINE_RUNS = 3
 
 
 def member(method: str, name: str, mib: int, private_mib: int, index: int, copies: int,
-           conn) -> None:
+           cpu: bool, conn) -> None:
     from pydedup import procfs
     before = procfs.process_pss()
     common = np.random.default_rng(0).random(mib * MiB // 8)
@@ -69,9 +69,10 @@ def member(method: str, name: str, mib: int, private_mib: int, index: int, copie
     conn.recv()                              # our turn to merge
     seconds = 0.0
     if method != "ksm":
-        start = time.perf_counter()
+        clock = time.process_time if cpu else time.perf_counter
+        start = clock()
         arena.merge()
-        seconds = time.perf_counter() - start
+        seconds = clock() - start
     conn.send(seconds)
     conn.recv()                              # everyone merged: measure
     for a in arrays:
@@ -103,7 +104,7 @@ def kernel_merge(kernel) -> float:
 
 
 def run(method: str, n: int, mib: int, private_mib: int = 0, copies: int = 1,
-        kernel=None) -> tuple[list[float], int]:
+        kernel=None, cpu: bool = False) -> tuple[list[float], int]:
     """Merge seconds of each process (kernel KSM: one figure, ksmd's), and
     the PSS the n added together."""
     name = f"bench-{uuid.uuid4().hex[:8]}" if method == "shared" else ""
@@ -112,7 +113,8 @@ def run(method: str, n: int, mib: int, private_mib: int = 0, copies: int = 1,
     try:
         for i in range(n):
             ours, theirs = ctx.Pipe()
-            p = ctx.Process(target=member, args=(method, name, mib, private_mib, i, copies, theirs))
+            p = ctx.Process(target=member, args=(method, name, mib, private_mib, i, copies, cpu,
+                                                           theirs))
             p.start()
             pipes.append(ours)
             procs.append(p)
@@ -148,18 +150,24 @@ def main() -> None:
     parser.add_argument("--private-mib", type=int, default=64,
                         help="each process's own data in the mix workload (0: no mix)")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--cpu", action="store_true",
+                        help="merge seconds as the CPU time of the merging process (all its "
+                             "threads, in the kernel too) instead of wall time: steadier on a "
+                             "machine others use")
     args = parser.parse_args()
     gib = args.mib / 1024
     from pydedup.bench import ksm
     reason = ksm.available()
     # The baselines are the median of BASELINE_RUNS runs each: every row is
     # divided by them, and one run of a few hundred ms varies by 2x here.
-    one = sorted(run("private", 1, args.mib)[0][0] for _ in range(BASELINE_RUNS))
-    two = sorted(run("private", 1, args.mib, copies=2)[0][0] for _ in range(BASELINE_RUNS))
+    one = sorted(run("private", 1, args.mib, cpu=args.cpu)[0][0] for _ in range(BASELINE_RUNS))
+    two = sorted(run("private", 1, args.mib, copies=2, cpu=args.cpu)[0][0]
+                 for _ in range(BASELINE_RUNS))
     private_unique = one[BASELINE_RUNS // 2] / gib
     private_dup = two[BASELINE_RUNS // 2] / (2 * gib)
     print(f"data: {args.mib} MiB common a process, mix: {args.private_mib} MiB private more; "
           f"kernel {os.uname().release}, {os.cpu_count()} CPUs")
+    print("merge seconds: " + ("CPU time of the merging process" if args.cpu else "wall time"))
     print(f"baseline, one process, private, median of {BASELINE_RUNS}: merge() "
           f"{private_unique:.3f} s/GiB (unique data), {private_dup:.3f} s/GiB (two copies)")
     print("kernel KSM: " + (f"skipped: {reason}" if reason else
@@ -179,7 +187,7 @@ def main() -> None:
             for n in args.processes:
                 ideal = (args.mib + n * private_mib) * MiB
                 for method in methods:
-                    seconds, pss = run(method, n, args.mib, private_mib, kernel=kernel)
+                    seconds, pss = run(method, n, args.mib, private_mib, kernel=kernel, cpu=args.cpu)
                     if method == "ksm":
                         merges = f"(ksmd) {seconds[0] / (n * each):.3f}"
                         print(f"| {label} | {n} | kernel KSM | {pss / MiB:,.0f} MiB | "
