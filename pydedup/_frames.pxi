@@ -66,9 +66,12 @@ cdef frame_tier *tier_of(frame_store *fs, uint32_t f) noexcept nogil:
 cdef char *frame_address(frame_store *fs, uint32_t f) noexcept nogil:
     """Where the store's read-only view shows frame f (and the frames after
     it in its tier: every frame is written first)."""
-    cdef frame_tier *t
     frames_write_behind(fs)
-    t = tier_of(fs, f)
+    return view_address(fs, f)
+
+
+cdef inline char *view_address(frame_store *fs, uint32_t f) noexcept nogil:
+    cdef frame_tier *t = tier_of(fs, f)
     return t.view + <size_t>(f - t.first_frame) * fs.page_size
 
 
@@ -328,10 +331,11 @@ cdef bint frame_unwritten(frame_store *fs, uint32_t f) noexcept nogil:
 cdef inline const char *frame_content(frame_store *fs, uint32_t f) noexcept nogil:
     """Where frame f's content can be compared now: the page it is being
     written from while it is not written yet (frames_write_behind), which is
-    what the write will copy, else the view. Reads one page, never a run."""
+    what the write will copy, else the view (a frame written already: the
+    frames not written yet stay so). Reads one page, never a run."""
     if fs.behind_n and fs.behind_first <= f < fs.behind_first + fs.behind_n:
         return fs.behind_content + <size_t>(f - fs.behind_first) * fs.page_size
-    return frame_address(fs, f)
+    return view_address(fs, f)
 
 
 cdef void frames_write_other_node(frame_store *fs, uint16_t node) noexcept nogil:
