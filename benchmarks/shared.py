@@ -1,7 +1,7 @@
 """Processes holding the same data: private arenas, a shared frame store
 (issue 16) and kernel KSM, in one run.
 
-    python benchmarks/shared.py [--mib 256] [--private-mib 64] [--processes 1 2 4 8]
+    python benchmarks/shared.py [--mib 256] [--private-mib 64] [--processes 1 2 4 8] [--cpu]
 
 For each N, N spawned processes each load the same `--mib` MiB (random
 doubles from one seed), and, in the "mix" workload, also `--private-mib` MiB
@@ -24,10 +24,12 @@ Reported, in one run:
   the ideal: one copy of the common data plus every process's private data;
 - the seconds each merge() took per GiB of the process's data, the first
   process's and the joining processes' (mean), against the baselines
-  measured in the same run: a private merge() of the same data in one
-  process (the data unique: hashing only, the work of a first member), and
-  a private merge() of two copies of it (per GiB of the two: search,
-  compare, remap, the work of a joining member);
+  measured in the same run (the median of three runs each): a private
+  merge() of the same data in one process (the data unique: hashing only),
+  and a private merge() of two copies of it (per GiB of the two: search,
+  compare, a frame written for every two pages, remap). A first member
+  writes a frame for every page of its data (content no frame holds yet);
+  a joining member searches, compares and remaps;
 - all the N merges' seconds per GiB the N processes hold (for kernel KSM:
   from run=1 to ksmd's last change, whole system, per GiB held).
 """
@@ -43,10 +45,11 @@ import numpy as np
 
 MiB = 1 << 20
 KSM_KNOBS = dict(pages_to_scan=10_000, sleep_millisecs=0)
+BASELINE_RUNS = 3
 
 
 def member(method: str, name: str, mib: int, private_mib: int, index: int, copies: int,
-           conn) -> None:
+           cpu: bool, conn) -> None:
     from pydedup import procfs
     before = procfs.process_pss()
     common = np.random.default_rng(0).random(mib * MiB // 8)
@@ -66,9 +69,10 @@ def member(method: str, name: str, mib: int, private_mib: int, index: int, copie
     conn.recv()                              # our turn to merge
     seconds = 0.0
     if method != "ksm":
-        start = time.perf_counter()
+        clock = time.process_time if cpu else time.perf_counter
+        start = clock()
         arena.merge()
-        seconds = time.perf_counter() - start
+        seconds = clock() - start
     conn.send(seconds)
     conn.recv()                              # everyone merged: measure
     for a in arrays:
@@ -100,7 +104,7 @@ def kernel_merge(kernel) -> float:
 
 
 def run(method: str, n: int, mib: int, private_mib: int = 0, copies: int = 1,
-        kernel=None) -> tuple[list[float], int]:
+        kernel=None, cpu: bool = False) -> tuple[list[float], int]:
     """Merge seconds of each process (kernel KSM: one figure, ksmd's), and
     the PSS the n added together."""
     name = f"bench-{uuid.uuid4().hex[:8]}" if method == "shared" else ""
@@ -109,7 +113,8 @@ def run(method: str, n: int, mib: int, private_mib: int = 0, copies: int = 1,
     try:
         for i in range(n):
             ours, theirs = ctx.Pipe()
-            p = ctx.Process(target=member, args=(method, name, mib, private_mib, i, copies, theirs))
+            p = ctx.Process(target=member, args=(method, name, mib, private_mib, i, copies, cpu,
+                                                           theirs))
             p.start()
             pipes.append(ours)
             procs.append(p)
@@ -145,25 +150,34 @@ def main() -> None:
     parser.add_argument("--private-mib", type=int, default=64,
                         help="each process's own data in the mix workload (0: no mix)")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--cpu", action="store_true",
+                        help="merge seconds as the CPU time of the merging process (all its "
+                             "threads, in the kernel too) instead of wall time: steadier on a "
+                             "machine others use")
     args = parser.parse_args()
     gib = args.mib / 1024
     from pydedup.bench import ksm
     reason = ksm.available()
-    one, _ = run("private", 1, args.mib)
-    two, _ = run("private", 1, args.mib, copies=2)
-    private_unique = one[0] / gib
-    private_dup = two[0] / (2 * gib)
+    # The baselines are the median of BASELINE_RUNS runs each: every row is
+    # divided by them, and one run of a few hundred ms varies by 2x here.
+    one = sorted(run("private", 1, args.mib, cpu=args.cpu)[0][0] for _ in range(BASELINE_RUNS))
+    two = sorted(run("private", 1, args.mib, copies=2, cpu=args.cpu)[0][0]
+                 for _ in range(BASELINE_RUNS))
+    private_unique = one[BASELINE_RUNS // 2] / gib
+    private_dup = two[BASELINE_RUNS // 2] / (2 * gib)
     print(f"data: {args.mib} MiB common a process, mix: {args.private_mib} MiB private more; "
           f"kernel {os.uname().release}, {os.cpu_count()} CPUs")
-    print(f"baseline, one process, private: merge() {private_unique:.3f} s/GiB (unique data), "
-          f"{private_dup:.3f} s/GiB (two copies)")
+    print("merge seconds: " + ("CPU time of the merging process" if args.cpu else "wall time"))
+    print(f"baseline, one process, private, median of {BASELINE_RUNS}: merge() "
+          f"{private_unique:.3f} s/GiB (unique data), {private_dup:.3f} s/GiB (two copies)")
     print("kernel KSM: " + (f"skipped: {reason}" if reason else
                             "10,000 pages / 0 ms, knobs restored at the end"))
     print()
     print("| workload | processes | method | PSS added, all processes | x ideal | merge s/GiB: "
-          "first, joining (mean) | first / private unique | joining / private two copies "
+          "first, joining (mean) | first / private unique | first / private two copies "
+          "| joining / private two copies "
           "| all merges, s/GiB held |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     workloads = [("same", 0)] + ([("mix", args.private_mib)] if args.private_mib else [])
     methods = ["private", "shared"] + ([] if reason else ["ksm"])
 
@@ -173,18 +187,19 @@ def main() -> None:
             for n in args.processes:
                 ideal = (args.mib + n * private_mib) * MiB
                 for method in methods:
-                    seconds, pss = run(method, n, args.mib, private_mib, kernel=kernel)
+                    seconds, pss = run(method, n, args.mib, private_mib, kernel=kernel, cpu=args.cpu)
                     if method == "ksm":
                         merges = f"(ksmd) {seconds[0] / (n * each):.3f}"
                         print(f"| {label} | {n} | kernel KSM | {pss / MiB:,.0f} MiB | "
-                              f"{pss / ideal:.2f} | - | - | - | {merges} |", flush=True)
+                              f"{pss / ideal:.2f} | - | - | - | - | {merges} |", flush=True)
                         continue
                     per_gib = [s / each for s in seconds]
                     rest = per_gib[1:]
                     rest_mean = sum(rest) / len(rest) if rest else float("nan")
                     print(f"| {label} | {n} | {method} | {pss / MiB:,.0f} MiB | {pss / ideal:.2f} | "
                           f"{per_gib[0]:.3f}, {rest_mean:.3f} | {per_gib[0] / private_unique:.2f} | "
-                          f"{rest_mean / private_dup:.2f} | {sum(seconds) / (n * each):.3f} |",
+                          f"{per_gib[0] / private_dup:.2f} | {rest_mean / private_dup:.2f} | "
+                          f"{sum(seconds) / (n * each):.3f} |",
                           flush=True)
 
     if reason:

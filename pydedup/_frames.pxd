@@ -7,6 +7,7 @@
 cdef enum:
     MAX_TIERS = 8                  # memfds of a frame store: one, plus one a fork level
     MAX_TILE_PAGES = 65536         # frame_item.tile_index is 16 bits
+    WRITE_BEHIND_PAGES = 1024      # new frames written with one pwrite, at most
 
 cdef struct frame_tier:            # one memfd of the frame store
     uint32_t first_frame           # frames [first_frame, next tier's first_frame) live here
@@ -57,6 +58,14 @@ cdef struct frame_store:           # Core.store
     size_t nsources, sources_cap   # for the check that their pages held still
     uint32_t untrusted_lo          # new frames [untrusted_lo, untrusted_hi) may hold
     uint32_t untrusted_hi          # other content than their pages were compared with
+    uint32_t behind_first          # new frames [behind_first, + behind_n) are not
+    uint32_t behind_n              # written yet: their content is at behind_content,
+    const char *behind_content     # page after page (arena pages, in place until the
+    uint16_t behind_node           # remap, which compares them with their frames again);
+                                   # one pwrite writes them before anything reads, maps,
+                                   # punches or shares a frame (frames_write_behind)
+    uint32_t unwritten_lo          # new frames [unwritten_lo, unwritten_hi) include those
+    uint32_t unwritten_hi          # a write behind failed for (frames_take_unwritten)
 
 
 cdef int frames_open(frame_store *fs, size_t page_size, size_t nslots,
@@ -80,6 +89,10 @@ cdef void frames_distrust(frame_store *fs, uint32_t first, uint32_t n) noexcept 
 cdef bint frames_trusted(frame_store *fs, uint32_t first, uint32_t n) noexcept nogil
 cdef uint16_t frame_node(frame_store *fs, uint32_t f) noexcept nogil
 cdef uint32_t frame_checksum(frame_store *fs, uint32_t f) noexcept nogil
+cdef int frames_write_behind(frame_store *fs) noexcept nogil
+cdef void frames_write_other_node(frame_store *fs, uint16_t node) noexcept nogil
+cdef bint frames_take_unwritten(frame_store *fs, uint32_t *lo, uint32_t *hi) noexcept nogil
+cdef bint frame_unwritten(frame_store *fs, uint32_t f) noexcept nogil
 cdef void frame_get(frame_store *fs, uint32_t f) noexcept nogil
 cdef void frame_put(frame_store *fs, uint32_t f) noexcept nogil
 cdef uint32_t stable_tree_search(frame_store *fs, const char *page, uint32_t checksum,

@@ -39,6 +39,7 @@ cdef int frames_open(frame_store *fs, size_t page_size, size_t nslots,
 
 cdef void frames_close(frame_store *fs) noexcept nogil:
     cdef int t
+    fs.behind_n = 0                     # no page maps a frame not written yet
     free(fs.sources)
     fs.sources, fs.nsources, fs.sources_cap = NULL, 0, 0
     for t in range(fs.ntiers):
@@ -65,18 +66,27 @@ cdef frame_tier *tier_of(frame_store *fs, uint32_t f) noexcept nogil:
 
 
 cdef char *frame_address(frame_store *fs, uint32_t f) noexcept nogil:
-    """Where the store's read-only view shows frame f."""
+    """Where the store's read-only view shows frame f (and the frames after
+    it in its tier: every frame is written first)."""
+    frames_write_behind(fs)
+    return view_address(fs, f)
+
+
+cdef inline char *view_address(frame_store *fs, uint32_t f) noexcept nogil:
     cdef frame_tier *t = tier_of(fs, f)
     return t.view + <size_t>(f - t.first_frame) * fs.page_size
 
 
 cdef int frame_fd(frame_store *fs, uint32_t f) noexcept nogil:
-    """The memfd holding frame f, at offset f * page_size."""
+    """The memfd holding frame f, at offset f * page_size (to be mapped:
+    every frame is written first)."""
+    frames_write_behind(fs)
     return tier_of(fs, f).fd
 
 
 cdef int frames_memfd(frame_store *fs) noexcept nogil:
     """The memfd new frames go to: the top tier's."""
+    frames_write_behind(fs)
     return fs.tiers[fs.ntiers - 1].fd
 
 
@@ -103,6 +113,7 @@ cdef bint tier_starts_at(frame_store *fs, uint32_t f) noexcept nogil:
 cdef void frames_fence(frame_store *fs) noexcept nogil:
     """A fork: the frames that exist now are shared with another process
     from here on, never punched or reused by this one."""
+    frames_write_behind(fs)
     fs.fork_fence = max(fs.fork_fence, fs.frame_high)
 
 
@@ -117,6 +128,7 @@ cdef int push_tier(frame_store *fs) noexcept nogil:
     cdef int fd
     cdef char *view
     PD_ASSERT(fs.frame_high <= fs.fork_fence, "push_tier: after frames_fence")
+    PD_ASSERT(fs.behind_n == 0, "push_tier: every frame written")
     if top.first_frame != first and fs.ntiers == MAX_TIERS:
         return -1
     fd = pd_memfd_create(b"pydedup-frames")
@@ -222,13 +234,117 @@ cdef int frame_write(frame_store *fs, uint32_t f, const char *content, uint16_t 
     """Fill a new frame, written for `node`; 0 or an errno. pwrite, not a
     store through the view: a full memory cgroup or tmpfs then answers ENOMEM
     or ENOSPC, not SIGBUS. The memory comes from the writing thread's policy
-    (_numa.pxi prefer_node)."""
-    cdef long done
-    done = pwrite(tier_of(fs, f).fd, content, fs.page_size, <long>f * fs.page_size)
+    (_numa.pxi prefer_node).
+
+    Written behind: a frame that follows the frames not written yet, with
+    content that follows theirs, for the same node, joins them, and one
+    pwrite writes them all when something first needs a frame's content
+    (frames_write_behind). A copied array's new frames cost a pwrite a
+    WRITE_BEHIND_PAGES instead of one a page, which was most of a first
+    shared member's merge. The error of a write is this frame's if it
+    writes the others first."""
+    cdef int err
     fs.frames[f].node = node
-    if done == <long>fs.page_size:
+    if fs.behind_n and not joins_behind(fs, f, content, node):
+        err = frames_write_behind(fs)
+        if err:
+            return err
+    if fs.behind_n == 0:
+        fs.behind_first, fs.behind_content, fs.behind_node = f, content, node
+    fs.behind_n += 1
+    return 0
+
+
+cdef inline bint joins_behind(frame_store *fs, uint32_t f, const char *content,
+                              uint16_t node) noexcept nogil:
+    """Whether new frame f may be written with the frames not written yet."""
+    return (fs.behind_n < WRITE_BEHIND_PAGES and f == fs.behind_first + fs.behind_n
+            and content == fs.behind_content + <size_t>fs.behind_n * fs.page_size
+            and node == fs.behind_node and not tier_starts_at(fs, f))
+
+
+cdef int frames_write_behind(frame_store *fs) noexcept nogil:
+    """Write the new frames not written yet, with one pwrite (more if it
+    writes less); 0 or an errno. A frame it cannot write holds a hole (it
+    reads as zeros): its pages are compared with it again before their
+    remap and keep their own memory, and it is reclaimed as a frame no page
+    maps. Anything that reads, maps, punches or shares frames calls it
+    first: frame_address, frame_fd, reclaim, the fork fence, the shared
+    store's unlock (frames_save)."""
+    cdef size_t ps = fs.page_size
+    cdef size_t left = <size_t>fs.behind_n * ps, at = 0
+    cdef long done = 0, first = <long>fs.behind_first * <long>ps
+    cdef uint32_t n = fs.behind_n, written
+    cdef int fd, err = 0
+    if n == 0:
         return 0
-    return errno if done < 0 else ENOMEM
+    fd = tier_of(fs, fs.behind_first).fd
+    fs.behind_n = 0                     # first: the errors below leave nothing behind
+    while left:
+        done = pwrite(fd, fs.behind_content + at, left, first + <long>at)
+        if done <= 0:
+            err = errno if done < 0 else ENOMEM
+            break
+        at += <size_t>done
+        left -= <size_t>done
+    if err == 0:
+        return 0
+    written = <uint32_t>(at // ps)      # a page written in part is not written
+    unwrite_frames(fs, fs.behind_first + written, n - written)
+    return err
+
+
+cdef void unwrite_frames(frame_store *fs, uint32_t first, uint32_t n) noexcept nogil:
+    """New frames [first, first + n) could not be written: out of the stable
+    tree (nothing finds them), with a checksum no page has (no tile takes
+    them), no memory, and noted for the scan, whose pages were given them
+    (frames_take_unwritten). They are no longer in use; their mapcount is
+    the pages' references, which the scan drops."""
+    cdef uint32_t f
+    for f in range(first, first + n):
+        if stable_tree_erase(fs, f):
+            fs.frames_in_use -= 1
+        fs.frames[f].checksum = ~fs.frames[f].checksum
+    punch_frames(fs, first, n)
+    if fs.unwritten_lo >= fs.unwritten_hi:
+        fs.unwritten_lo, fs.unwritten_hi = first, first + n
+    else:
+        fs.unwritten_lo = min(fs.unwritten_lo, first)
+        fs.unwritten_hi = max(fs.unwritten_hi, first + n)
+
+
+cdef bint frames_take_unwritten(frame_store *fs, uint32_t *lo, uint32_t *hi) noexcept nogil:
+    """After the scan has given pages their new frames: write them, and
+    whether some could not be; [lo, hi) then holds those (frame_unwritten
+    tells which), whose pages must keep their own memory."""
+    frames_write_behind(fs)
+    lo[0], hi[0] = fs.unwritten_lo, fs.unwritten_hi
+    fs.unwritten_lo = fs.unwritten_hi = 0
+    return lo[0] < hi[0]
+
+
+cdef bint frame_unwritten(frame_store *fs, uint32_t f) noexcept nogil:
+    """Whether frame f, of a range frames_take_unwritten() gave, is one that
+    could not be written: pages map it, and the stable tree no longer has
+    it (every other frame in use is in the tree)."""
+    return fs.frames[f].mapcount != 0 and not stable_tree_holds(fs, f)
+
+
+cdef inline const char *frame_content(frame_store *fs, uint32_t f) noexcept nogil:
+    """Where frame f's content can be compared now: the page it is being
+    written from while it is not written yet (frames_write_behind), which is
+    what the write will copy, else the view (a frame written already: the
+    frames not written yet stay so). Reads one page, never a run."""
+    if fs.behind_n and fs.behind_first <= f < fs.behind_first + fs.behind_n:
+        return fs.behind_content + <size_t>(f - fs.behind_first) * fs.page_size
+    return view_address(fs, f)
+
+
+cdef void frames_write_other_node(frame_store *fs, uint16_t node) noexcept nogil:
+    """Before the writing thread's memory policy changes for `node`: the
+    frames not written yet for another node are written under its policy."""
+    if fs.behind_n and fs.behind_node != node:
+        frames_write_behind(fs)
 
 
 cdef uint32_t frame_mapcount(frame_store *fs, uint32_t f) noexcept nogil:
@@ -348,7 +464,7 @@ cdef uint32_t stable_tree_search(frame_store *fs, const char *page, uint32_t che
         if (fs.frames[f].checksum == checksum
                 and same_tree(fs, fs.frames[f].node, node)
                 and fs.frames[f].mapcount < max_page_sharing
-                and memcmp(page, frame_address(fs, f), fs.page_size) == 0):
+                and memcmp(page, frame_content(fs, f), fs.page_size) == 0):
             return f
         f = fs.frames[f].next
     return NO_FRAME
@@ -456,7 +572,7 @@ cdef uint32_t tile_start(frame_store *fs, uint32_t f, uint32_t max_page_sharing)
     h = f - k
     if (fs.frames[h].tile_index == 0 and tier_of(fs, h) == tier_of(fs, f)
             and takes_one_more(fs, h, fs.frames[f].checksum, fs.frames[f].node, max_page_sharing)
-            and memcmp(frame_address(fs, h), frame_address(fs, f), fs.page_size) == 0):
+            and memcmp(frame_content(fs, h), frame_content(fs, f), fs.page_size) == 0):
         return h
     return f
 
@@ -504,9 +620,9 @@ cdef uint32_t tile_next(frame_store *fs, uint32_t g, const char *page, uint32_t 
         h = g + 1
         if (h < fs.frame_high and takes_one_more(fs, h, checksum, node, max_page_sharing)
                 and fs.frames[h].tile_index == k + 1
-                and memcmp(page, frame_address(fs, h), fs.page_size) == 0):
+                and memcmp(page, frame_content(fs, h), fs.page_size) == 0):
             return h
-        can_grow = slot_free_after(fs, g) and memcmp(page, frame_address(fs, g), fs.page_size) == 0
+        can_grow = slot_free_after(fs, g) and memcmp(page, frame_content(fs, g), fs.page_size) == 0
     grow[0] = can_grow and <size_t>(k + 1) * (k + 1) <= run_pages
     if grow[0] or k > g:
         return NO_FRAME
@@ -514,7 +630,7 @@ cdef uint32_t tile_next(frame_store *fs, uint32_t g, const char *page, uint32_t 
     if tier_of(fs, h) != tier_of(fs, g) or fs.frames[h].tile_index != 0:
         return NO_FRAME
     if takes_one_more(fs, h, checksum, node, max_page_sharing):
-        return h if memcmp(page, frame_address(fs, h), fs.page_size) == 0 else NO_FRAME
+        return h if memcmp(page, frame_content(fs, h), fs.page_size) == 0 else NO_FRAME
     grow[0] = can_grow                  # the first frame is full (max_page_sharing)
     if can_grow:
         return NO_FRAME
@@ -527,7 +643,7 @@ cdef uint32_t tile_next(frame_store *fs, uint32_t g, const char *page, uint32_t 
         if fs.frames[h].tile_index != h - (g - k):
             return NO_FRAME
         if takes_one_more(fs, h, checksum, node, max_page_sharing):
-            return h if memcmp(page, frame_address(fs, h), fs.page_size) == 0 else NO_FRAME
+            return h if memcmp(page, frame_content(fs, h), fs.page_size) == 0 else NO_FRAME
     return NO_FRAME
 
 
@@ -562,6 +678,7 @@ cdef int compare_frames(const void *a, const void *b) noexcept nogil:
 
 
 cdef void punch_frames(frame_store *fs, uint32_t first, uint32_t n) noexcept nogil:
+    frames_write_behind(fs)             # a hole written after it is punched holds memory
     if first < fs.fork_fence:           # another process may still map them
         n = first + n - fs.fork_fence if first + n > fs.fork_fence else 0
         first = fs.fork_fence
@@ -578,6 +695,7 @@ cdef void reclaim_frames(frame_store *fs) noexcept nogil:
     cdef size_t i
     cdef uint32_t f, run_first = 0, run_len = 0
     PD_ASSERT(fs.norphans <= fs.orphans_cap, "reclaim_frames: orphans in their list")
+    frames_write_behind(fs)             # the end of a pass: every frame written
     qsort(fs.orphans, fs.norphans, sizeof(uint32_t), compare_frames)
     for i in range(fs.norphans):
         f = fs.orphans[i]
@@ -606,6 +724,7 @@ cdef void punch_refilled(frame_store *fs, uint32_t lo, uint32_t hi) noexcept nog
     cdef long ps = <long>fs.page_size
     cdef long offset, data, hole, end
     cdef uint32_t f
+    frames_write_behind(fs)
     lo = max(lo, max(top.first_frame, fs.fork_fence))
     hi = min(hi, fs.frame_high)
     offset, end = <long>lo * ps, <long>hi * ps
@@ -676,8 +795,10 @@ cdef void frames_load(frame_store *fs) noexcept nogil:
 
 
 cdef void frames_save(frame_store *fs) noexcept nogil:
-    """Before the store's lock is released."""
+    """Before the store's lock is released: the frames this member added
+    are written, for the next to find."""
     cdef frames_common *c = fs.common
+    frames_write_behind(fs)
     c.frames_in_use, c.frame_high, c.frame_cursor = fs.frames_in_use, fs.frame_high, fs.frame_cursor
     c.stable_mask, c.norphans = fs.stable_mask, fs.norphans
     c.merge_across_nodes = fs.merge_across_nodes

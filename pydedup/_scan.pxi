@@ -139,6 +139,7 @@ cdef uint32_t new_stable_frame(Core c, const char *content, uint32_t checksum, u
     """A frame holding `content`, with memory of `node` and in its stable
     tree; NO_FRAME if the frame store cannot grow."""
     cdef uint32_t f
+    frames_write_other_node(&c.store, node)     # under their node's policy
     prefer_node(&c.nodes, node)
     f = stable_tree_add(&c.store, content, checksum, node, hint)
     st.frames_new += f != NO_FRAME
@@ -263,6 +264,7 @@ cdef uint32_t tile_continuation(Core c, size_t p, const char *page, uint32_t che
     f = tile_next(&c.store, g, page, checksum, c.res.rmap[p].node, k.max_page_sharing,
                   k.tile_pages, c.scan.run_pages, &grow)
     if grow:
+        frames_write_other_node(&c.store, frame_node(&c.store, g))
         prefer_node(&c.nodes, frame_node(&c.store, g))
         f = tile_grow(&c.store, g, page)
         if f != NO_FRAME:
@@ -313,6 +315,7 @@ cdef int scan_range(Core c, size_t first, size_t end, scan_knobs *k,
     free(nodes)
     hashes_close(&c.scan.ahead)
     hashes_close(&c.scan.next_ahead)
+    drop_unwritten(c, st)
     return err
 
 
@@ -348,6 +351,25 @@ cdef void scan_chunk(Core c, chunk_tables *chunk, scan_knobs *k, pass_stats *st)
                 cmp_and_merge_page(c, p, cats[i] & PD_PAGE_IS_WRITTEN != 0, k, st)
         elif c.res.rmap[p].state != PAGE_FREE and c.res.rmap[p].flags & PAGE_UNMERGEABLE:
             st.skipped_unmergeable += 1
+
+
+cdef void drop_unwritten(Core c, pass_stats *st) noexcept nogil:
+    """The new frames are written now (the frame store writes them behind,
+    a run with one pwrite: _frames.pxi frame_write). Pages given one that
+    could not be written (a full memory cgroup, RLIMIT_FSIZE) keep their
+    own memory, refused for want of it, and the frame is not new."""
+    cdef uint32_t lo, hi
+    cdef size_t p
+    cdef rmap_item *it
+    if not frames_take_unwritten(&c.store, &lo, &hi):
+        return
+    for p in range(c.res.high_water):
+        it = &c.res.rmap[p]
+        if it.flags & PAGE_TARGET and lo <= it.frame < hi and frame_unwritten(&c.store, it.frame):
+            it.flags &= ~PAGE_TARGET
+            frame_put(&c.store, it.frame)
+            st.skipped_no_memory += 1
+            st.frames_new -= frame_mapcount(&c.store, it.frame) == 0
 
 
 cdef void open_ahead(Core c, scan_knobs *k) noexcept nogil:
@@ -556,6 +578,7 @@ cdef int go_home(Core c, size_t p, pass_stats *st) noexcept nogil:
     cdef uint16_t home = (simulated_node(&c.nodes, p) if simulating(&c.nodes)
                           else c.res.rmap[p].node)
     cdef int err
+    frames_write_other_node(&c.store, home)
     prefer_node(&c.nodes, home)
     err = populate_write(&c.res, p, 1)
     if err:

@@ -5,6 +5,8 @@ the store PYDEDUP_SHARED names), then answers one command a line on stdin
 with one JSON line on stdout."""
 import json
 import os
+import resource
+import signal
 import sys
 import time
 
@@ -12,6 +14,8 @@ import numpy as np
 
 import pydedup
 from pydedup import procfs
+
+FSIZE = resource.getrlimit(resource.RLIMIT_FSIZE)
 
 
 def main():
@@ -25,7 +29,15 @@ def main():
         cmd, *args = line.split()
         if cmd == "merge":
             r = arena.merge()
-            say(dict(merged=r.pages_merged, frames_new=r.frames_new))
+            say(dict(merged=r.pages_merged, frames_new=r.frames_new,
+                     no_memory=r.skipped["no_memory"]))
+        elif cmd == "limit":            # pwrite into the frame store stops at frame args[0]
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)     # EFBIG instead of a kill
+            resource.setrlimit(resource.RLIMIT_FSIZE, (int(args[0]) * 4096, FSIZE[1]))
+            say(dict(limited=True))
+        elif cmd == "unlimit":
+            resource.setrlimit(resource.RLIMIT_FSIZE, FSIZE)
+            say(dict(limited=False))
         elif cmd == "loop":             # merge again and again, changing pages between
             i = 0
             while True:

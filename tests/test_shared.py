@@ -222,6 +222,28 @@ def test_a_forked_child_of_a_member_is_a_member(store_name, members):
     assert a.ask("check")["checked"]
 
 
+def test_frames_a_first_member_cannot_write_are_not_shared(store_name, members):
+    """A first member's new frames are written behind, a run at once; when
+    the frame store stops taking them (RLIMIT_FSIZE here, a full memory
+    cgroup in life), the pages whose frames were not written keep their own
+    memory, said in the report, and no other member finds those frames."""
+    pages = 256
+    a = members(store_name, seed=5, mib=1)
+    a.ask("limit 40")
+    first = a.ask("merge")
+    a.ask("unlimit")
+    assert (first["frames_new"], first["merged"], first["no_memory"]) == (40, 40, pages - 40)
+    assert a.ask("check")["checked"]            # no frame without memory, none leaked
+    assert a.ask("stats")["frames"] == 40
+    b = members(store_name, seed=5, mib=1)
+    joined = b.ask("merge")
+    assert joined["merged"] == pages and joined["frames_new"] == pages - 40
+    assert a.ask("merge")["merged"] == pages - 40
+    for m in (a, b):
+        assert m.ask("check")["checked"] and m.ask("verify")["equal"]
+        assert m.ask("stats")["shared_pages"] == pages
+
+
 def test_in_process_arena_on_a_store(store_name):
     arena = pydedup.Arena(size=1 << 28, shared=store_name)
     x = arena.full(4096 * 64, 3.0)
