@@ -300,13 +300,13 @@ cdef int scan_range(Core c, size_t first, size_t end, scan_knobs *k,
         after.nodes = nodes + STATE_CHUNK
     open_ahead(c, k)
     if this.n:
-        err = read_chunk(c, &this, &c.scan.ahead, k, st)
+        err = read_chunk(c, &this, &c.scan.ahead, k)
     while this.n and err == 0:
         finish_hashing(&c.scan.ahead, st)
         after.first = this.first + this.n
         after.n = min(end - after.first, <size_t>STATE_CHUNK)
         if after.n:
-            err = read_chunk(c, &after, &c.scan.next_ahead, k, st)
+            err = read_chunk(c, &after, &c.scan.next_ahead, k)
         scan_chunk(c, &this, k, st)
         hashes_forget(&c.scan.ahead)
         this, after = after, this       # the next chunk, and its answers, are looked at now
@@ -319,8 +319,7 @@ cdef int scan_range(Core c, size_t first, size_t end, scan_knobs *k,
     return err
 
 
-cdef int read_chunk(Core c, chunk_tables *chunk, page_hashes *hashes, scan_knobs *k,
-                    pass_stats *st) noexcept nogil:
+cdef int read_chunk(Core c, chunk_tables *chunk, page_hashes *hashes, scan_knobs *k) noexcept nogil:
     """Read a chunk's page tables, taking the written bits, and with
     threads start hashing the pages the scan will need hashed."""
     cdef int err = take_written(&c.tables, chunk.first, chunk.n, chunk.cats)
