@@ -3,11 +3,14 @@
  *
  * Plain C and pthreads, not OpenMP: libgomp keeps a pool of threads that is
  * not fork-safe, and pydedup forks. The threads here are started for one
- * call and never touch Python; a helper takes grains of pages until none is
- * left, writes only the answers of its grains, and leaves. The call returns
- * once every grain taken is done, so a helper can outlive it only by its
- * last look at the shared counter (and then frees the shared record if it
- * is the last): nothing of it matters to a fork. A page's zero test and its
+ * job (a chunk's hashing, started while the caller scans the chunk before,
+ * or a held run's comparison) and never touch Python; a helper takes
+ * grains of pages until none is left, writes only the answers of its
+ * grains, and leaves. The job's finish returns once every grain taken is
+ * done, so a helper can outlive it only by its last look at the shared
+ * counter (and then frees the shared record if it is the last), and a job
+ * ends inside the merge that started it, under the arena's lock, which a
+ * fork waits for: nothing of it matters to a fork. A page's zero test and its
  * checksum are one pass over the page (the zero test stops at the first
  * non-zero word, so the hash reads the page from L1). */
 #ifndef PYDEDUP_HASH_H
@@ -193,7 +196,8 @@ typedef struct {
     uint8_t *match;
 } pd_match_job;
 
-/* As pd_hash_pages: the CPU seconds of the threads other than the caller's. */
+/* On up to `threads` threads, the caller's one of them; the CPU seconds of
+ * the threads other than the caller's. */
 static inline double pd_match_pages(const pd_match_job *job, unsigned threads)
 {
     pd_shared local, *s = (pd_shared *)calloc(1, sizeof(pd_shared));
