@@ -280,6 +280,7 @@ cdef int frames_write_behind(frame_store *fs) noexcept nogil:
         return 0
     fd = tier_of(fs, fs.behind_first).fd
     fs.behind_n = 0                     # first: the errors below leave nothing behind
+    note_source(fs, fs.behind_first, fs.behind_content, n)
     while left:
         done = pwrite(fd, fs.behind_content + at, left, first + <long>at)
         if done <= 0:
@@ -306,11 +307,7 @@ cdef void unwrite_frames(frame_store *fs, uint32_t first, uint32_t n) noexcept n
             fs.frames_in_use -= 1
         fs.frames[f].checksum = ~fs.frames[f].checksum
     punch_frames(fs, first, n)
-    if fs.unwritten_lo >= fs.unwritten_hi:
-        fs.unwritten_lo, fs.unwritten_hi = first, first + n
-    else:
-        fs.unwritten_lo = min(fs.unwritten_lo, first)
-        fs.unwritten_hi = max(fs.unwritten_hi, first + n)
+    widen(&fs.unwritten_lo, &fs.unwritten_hi, first, n)
 
 
 cdef bint frames_take_unwritten(frame_store *fs, uint32_t *lo, uint32_t *hi) noexcept nogil:
@@ -366,22 +363,19 @@ cdef void frames_forget_sources(frame_store *fs) noexcept nogil:
     fs.untrusted_lo = fs.untrusted_hi = 0
 
 
-cdef void note_source(frame_store *fs, uint32_t f, const char *content) noexcept nogil:
-    """New frame f was written from the page at `content`. Without memory
-    to note it, every frame is distrusted."""
-    cdef written_from *last = &fs.sources[fs.nsources - 1] if fs.nsources else NULL
+cdef void note_source(frame_store *fs, uint32_t first, const char *content, uint32_t n) noexcept nogil:
+    """New frames [first, first + n) are being copied from the pages at
+    `content` (frames_write_behind). Without memory to note it, every frame
+    is distrusted."""
     cdef written_from *grown
     cdef size_t cap = max(2 * fs.sources_cap, 64)
-    if last != NULL and f == last.frame + last.n and content == last.content + last.n * fs.page_size:
-        last.n += 1
-        return
     if fs.nsources == fs.sources_cap:
         grown = <written_from *>realloc(fs.sources, cap * sizeof(written_from))
         if grown == NULL:
             frames_distrust(fs, 0, <uint32_t>fs.nslots)
             return
         fs.sources, fs.sources_cap = grown, cap
-    fs.sources[fs.nsources] = written_from(content, f, 1)
+    fs.sources[fs.nsources] = written_from(content, first, n)
     fs.nsources += 1
 
 
@@ -394,11 +388,15 @@ cdef const written_from *frames_sources(frame_store *fs, size_t *n) noexcept nog
 cdef void frames_distrust(frame_store *fs, uint32_t first, uint32_t n) noexcept nogil:
     """Frames [first, first + n) may hold other content than the pages
     they were written from were compared with."""
-    if fs.untrusted_lo == fs.untrusted_hi:
-        fs.untrusted_lo, fs.untrusted_hi = first, first + n
+    widen(&fs.untrusted_lo, &fs.untrusted_hi, first, n)
+
+
+cdef inline void widen(uint32_t *lo, uint32_t *hi, uint32_t first, uint32_t n) noexcept nogil:
+    """[lo, hi), empty if lo >= hi, grown to cover [first, first + n) too."""
+    if lo[0] >= hi[0]:
+        lo[0], hi[0] = first, first + n
     else:
-        fs.untrusted_lo = min(fs.untrusted_lo, first)
-        fs.untrusted_hi = max(fs.untrusted_hi, first + n)
+        lo[0], hi[0] = min(lo[0], first), max(hi[0], first + n)
 
 
 cdef bint frames_trusted(frame_store *fs, uint32_t first, uint32_t n) noexcept nogil:
@@ -479,7 +477,6 @@ cdef uint32_t stable_tree_add(frame_store *fs, const char *content, uint32_t che
     PD_ASSERT(fs.frame_high <= fs.nslots and content != NULL, "stable_tree_add: content")
     if f == NO_FRAME or frame_write(fs, f, content, node) != 0:
         return NO_FRAME
-    note_source(fs, f, content)
     fs.frames[f].checksum = checksum
     fs.frames[f].mapcount = 0
     fs.frames[f].tile_index = 0
