@@ -245,7 +245,7 @@ def pydedup_merge_then_kernel_ksm(build, size):
                            # frames and the kernel's KSM pages (pages_shared)
                            "frames": stats.pages_shared,
                            "ksm_pages_shared": result.counters.get("pages_shared"),
-                           "contents_left": getattr(report, "contents_left", None),
+                           "contents_left": report.contents_left,
                            "counted_over_theoretical": _counted(workload, stats.bytes_saved,
                                                                 result.counters)})
             arena.unmerge()
