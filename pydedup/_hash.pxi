@@ -1,103 +1,89 @@
 # The hash part (_hash.pxd): zero tests and checksums made ahead, on threads.
 
 cdef extern from "_hash.h" nogil:
-    ctypedef struct pd_hash_job:
-        const char *base
-        size_t page_size
-        const uint32_t *pages
-        size_t n
-        uint32_t *sums
-        uint8_t *zero
-        pd_xxh3_fn xxh3
-    pd_shared *pd_hash_start(const pd_hash_job *job, unsigned threads)
-    double pd_hash_finish(pd_shared *s)
+    pd_stream *pd_stream_open(const char *base, size_t page_size, pd_xxh3_fn xxh3,
+                              size_t capacity, unsigned threads)
+    int pd_stream_publish(pd_stream *s, size_t first, size_t n, const uint8_t *wanted,
+                          size_t *start, size_t *end)
+    void pd_stream_wait(pd_stream *s, size_t start, size_t end)
+    void pd_stream_answers(const pd_stream *s, size_t start, size_t end, size_t first,
+                           uint32_t *sums, uint8_t *zero)
+    void pd_stream_release(pd_stream *s, size_t end)
+    double pd_stream_close(pd_stream *s)
 
 
-cdef int hashes_open(page_hashes *h, size_t capacity) noexcept nogil:
-    """Room for the answers of `capacity` pages; 0 or ENOMEM. hashes_close()
-    undoes it, also after a failure."""
+cdef void hashes_open(page_hashes *h, const reservation *r, pd_xxh3_fn xxh3, size_t chunk_pages,
+                      size_t chunks_ahead, uint32_t threads) noexcept nogil:
+    """With threads, a stream for the pages of `chunks_ahead` chunks of
+    `chunk_pages`, hashed by threads - 1 helpers, and room for one chunk's
+    answers. Without memory for them (RLIMIT_DATA, say) the scan hashes
+    each page itself, as on one thread: the threads are a speed-up, never a
+    reason to fail. hashes_close() undoes it."""
     memset(h, 0, sizeof(page_hashes))
-    h.pages = <uint32_t *>malloc(capacity * sizeof(uint32_t))
-    h.sums = <uint32_t *>malloc(capacity * sizeof(uint32_t))
-    h.zero = <uint8_t *>malloc(2 * capacity)
-    if h.pages == NULL or h.sums == NULL or h.zero == NULL:
-        return ENOMEM
-    h.capacity = capacity
-    return 0
+    if threads < 2:
+        return
+    h.sums = <uint32_t *>malloc(chunk_pages * sizeof(uint32_t))
+    h.zero = <uint8_t *>malloc(chunk_pages)
+    h.capacity = chunk_pages
+    if h.sums != NULL and h.zero != NULL:
+        h.stream = pd_stream_open(page_address(r, 0), r.page_size, xxh3,
+                                  chunk_pages * chunks_ahead, threads)
+    if h.stream == NULL:
+        hashes_close(h)
 
 
-cdef void hashes_close(page_hashes *h) noexcept nogil:
-    hash_ahead_finish(h)                # threads still at it read into the arrays
-    free(h.pages)
+cdef double hashes_close(page_hashes *h) noexcept nogil:
+    """Ends the stream (what it was given is hashed first: its threads read
+    the arena's pages); the helpers' CPU seconds."""
+    cdef double cpu = pd_stream_close(h.stream) if h.stream != NULL else 0
     free(h.sums)
     free(h.zero)
     memset(h, 0, sizeof(page_hashes))
-
-
-cdef void hash_ahead_start(page_hashes *h, const reservation *r, pd_xxh3_fn xxh3, size_t first,
-                           size_t n, const uint8_t *wanted, uint32_t threads) noexcept nogil:
-    """Start zero-testing and checksumming the pages first + i of
-    [first, first + n) whose wanted[i] is set, on `threads` - 1 helpers,
-    while the caller goes on with other work (the scan of the chunk before);
-    hash_ahead_finish() has the caller join in, and makes the answers."""
-    cdef pd_hash_job job
-    cdef size_t i, count = 0
-    PD_ASSERT(n <= h.capacity and first + n <= r.npages and h.job == NULL,
-              "hash_ahead_start: a chunk of the reservation, no job under way")
-    for i in range(n):
-        h.zero[i] = HASH_NONE
-        if wanted[i]:
-            h.pages[count] = <uint32_t>i
-            count += 1
-    job.base = page_address(r, first)
-    job.page_size = r.page_size
-    job.pages = h.pages
-    job.n = count
-    job.sums = h.sums           # packed: answer k for pages[k], spread by the finish
-    job.zero = h.zero + h.capacity    # packed too, in the second half
-    job.xxh3 = xxh3
-    h.first, h.n, h.count = first, n, count
-    h.job = pd_hash_start(&job, threads)
-    if h.job == NULL:           # no memory for a job: the caller hashed them all
-        spread_answers(h)
-
-
-cdef double hash_ahead_finish(page_hashes *h) noexcept nogil:
-    """The caller hashes what the helpers have not taken, waits for them,
-    and the answers of the chunk hash_ahead_start() began are there; the
-    CPU seconds of the threads other than the caller's. Nothing to do if no
-    job is under way."""
-    cdef double cpu
-    if h.job == NULL:
-        return 0
-    cpu = pd_hash_finish(h.job)
-    h.job = NULL
-    spread_answers(h)
     return cpu
 
 
-cdef void spread_answers(page_hashes *h) noexcept nogil:
-    """The threads' packed answers (answer k for page h.pages[k]) out to
-    their pages, from the last: page h.pages[k] is never before k."""
-    cdef size_t i = h.count
-    cdef const uint8_t *packed_zero = h.zero + h.capacity
-    while i > 0:
-        i -= 1
-        h.sums[h.pages[i]] = h.sums[i]
-        h.zero[h.pages[i]] = packed_zero[i]
+cdef void hash_ahead(page_hashes *h, size_t first, size_t n, const uint8_t *wanted,
+                     hashed_span *span) noexcept nogil:
+    """Give the helpers the pages first + i of [first, first + n) whose
+    wanted[i] is set; span says where they are for hashes_take(). Without a
+    stream, nothing: the scan hashes them itself."""
+    cdef int err
+    span.start = span.end = 0
+    if h.stream == NULL:
+        return
+    PD_ASSERT(n <= h.capacity, "hash_ahead: a chunk at most")
+    err = pd_stream_publish(h.stream, first, n, wanted, &span.start, &span.end)
+    PD_ASSERT(err == 0, "hash_ahead: the stream has room for the chunks the scan reads ahead")
+
+
+cdef void hashes_take(page_hashes *h, size_t first, size_t n, const hashed_span *span) noexcept nogil:
+    """The answers for the chunk [first, first + n), which hash_ahead() gave
+    the stream as `span`: the caller hashes what the helpers have not
+    taken, and waits for the rest."""
+    cdef size_t i
+    if h.stream == NULL:
+        return
+    pd_stream_wait(h.stream, span.start, span.end)
+    for i in range(n):
+        h.zero[i] = HASH_NONE
+    pd_stream_answers(h.stream, span.start, span.end, first, h.sums, h.zero)
+    h.first, h.n = first, n
 
 
 cdef bint hashed_ahead(const page_hashes *h, size_t p, bint *zero,
                        uint32_t *checksum) noexcept nogil:
-    """Page p's answers, if hash_ahead_start() and _finish() made them:
-    True, and zero and checksum set (the checksum 0 for a zero page)."""
-    if h.n == 0 or h.job != NULL or p < h.first or p >= h.first + h.n or h.zero[p - h.first] == HASH_NONE:
+    """Page p's answers, if hashes_take() made them: True, and zero and
+    checksum set (the checksum 0 for a zero page)."""
+    if h.n == 0 or p < h.first or p >= h.first + h.n or h.zero[p - h.first] == HASH_NONE:
         return False
     zero[0] = h.zero[p - h.first]
     checksum[0] = h.sums[p - h.first]
     return True
 
 
-cdef void hashes_forget(page_hashes *h) noexcept nogil:
-    """No answers any more: the chunk is done."""
+cdef void hashes_forget(page_hashes *h, const hashed_span *span) noexcept nogil:
+    """No answers any more: the chunk is done, and its place in the stream
+    is free."""
     h.n = 0
+    if h.stream != NULL:
+        pd_stream_release(h.stream, span.end)

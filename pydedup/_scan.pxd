@@ -2,8 +2,9 @@
 # use, its unstable tree and cursor, and the page states it brings up to date.
 
 cdef enum:
-    STATE_CHUNK = 16384            # pages whose categories are read at once: the next
-                                   # chunk is hashed while one is looked at
+    STATE_CHUNK = 16384            # pages whose categories are read at once
+    CHUNKS_AHEAD = 4               # chunks read, and given to the hash stream, before
+                                   # the scan looks at the first of them
 
 cdef struct scan_state:            # Core.scan: the scan in progress
     uint32_t *unstable             # unstable-tree bucket heads; NULL between scans
@@ -13,13 +14,13 @@ cdef struct scan_state:            # Core.scan: the scan in progress
     size_t run_last                # the last page of the run of one content going on
     size_t run_pages               # its pages: how long its tile may grow (_frames.pxi tile_next)
     pass_stats stats               # what the background scan in progress did
-    page_hashes ahead              # a chunk's zero tests and checksums, made on threads
-    page_hashes next_ahead         # the next chunk's, being made while the scan looks at it
+    page_hashes hashes             # zero tests and checksums, made ahead on threads
 
 cdef struct chunk_tables:          # what the scan read of a chunk's page tables
     size_t first, n                # its pages
     uint8_t *cats                  # PAGE_IS_* of each, PAGE_IS_WRITTEN taken
     uint16_t *nodes                # the NUMA node of each one's memory, or NULL
+    hashed_span hashed             # its pages in the hash stream
 
 cdef bint mergeable(const rmap_item *it) noexcept nogil
 cdef int refresh_states(Core c, size_t first, size_t n) noexcept nogil

@@ -162,7 +162,7 @@ cdef void cmp_and_merge_page(Core c, size_t p, bint written, scan_knobs *k,
     cdef size_t q
     if written or not it.flags & PAGE_CHECKSUMMED:
         st.hashed += 1
-        if not hashed_ahead(&c.scan.ahead, p, &zero, &checksum):
+        if not hashed_ahead(&c.scan.hashes, p, &zero, &checksum):
             zero = pd_page_is_zero(page, c.res.page_size)
             checksum = 0 if zero else <uint32_t>c.xxh3(page, c.res.page_size)
         if zero:
@@ -280,53 +280,62 @@ cdef uint32_t tile_continuation(Core c, size_t p, const char *page, uint32_t che
 cdef int scan_range(Core c, size_t first, size_t end, scan_knobs *k,
                     pass_stats *st) noexcept nogil:
     """Look at every mergeable page of [first, end) that holds memory, a
-    chunk at a time. With threads, the helpers hash the next chunk's pages
-    while the caller looks at this one's: the trees, the new frames and the
-    targets stay in page order on the caller."""
-    cdef uint8_t *cats = <uint8_t *>malloc(2 * STATE_CHUNK)
+    chunk at a time. With threads, the page tables of up to CHUNKS_AHEAD
+    chunks are read ahead and their pages given to the hash stream, whose
+    helpers hash them while the caller looks at the first: the trees, the
+    new frames and the targets stay in page order on the caller."""
+    cdef uint8_t *cats = <uint8_t *>malloc(CHUNKS_AHEAD * STATE_CHUNK)
     cdef uint16_t *nodes = NULL
-    cdef chunk_tables this, after
+    cdef chunk_tables chunks[CHUNKS_AHEAD]
+    cdef chunk_tables *chunk
+    cdef size_t looked = 0, read = 0, i
+    cdef size_t next_first = first
+    cdef double cpu
     cdef int err = 0
     st.threads = max(k.threads, 1)      # also for the remaps of the pass (_remap.pxi)
     if knows_nodes(&c.nodes):
-        nodes = <uint16_t *>malloc(2 * STATE_CHUNK * sizeof(uint16_t))
+        nodes = <uint16_t *>malloc(CHUNKS_AHEAD * STATE_CHUNK * sizeof(uint16_t))
     if cats == NULL or (knows_nodes(&c.nodes) and nodes == NULL):
         free(cats)
         free(nodes)
         return ENOMEM
-    this = chunk_tables(first, min(end - first, <size_t>STATE_CHUNK), cats, nodes)
-    after = chunk_tables(0, 0, cats + STATE_CHUNK, NULL)
-    if nodes != NULL:
-        after.nodes = nodes + STATE_CHUNK
-    open_ahead(c, k)
-    if this.n:
-        err = read_chunk(c, &this, &c.scan.ahead, k)
-    while this.n and err == 0:
-        finish_hashing(&c.scan.ahead, st)
-        after.first = this.first + this.n
-        after.n = min(end - after.first, <size_t>STATE_CHUNK)
-        if after.n:
-            err = read_chunk(c, &after, &c.scan.next_ahead, k)
-        scan_chunk(c, &this, k, st)
-        hashes_forget(&c.scan.ahead)
-        this, after = after, this       # the next chunk, and its answers, are looked at now
-        c.scan.ahead, c.scan.next_ahead = c.scan.next_ahead, c.scan.ahead
+    memset(chunks, 0, sizeof(chunks))
+    for i in range(CHUNKS_AHEAD):
+        chunks[i].cats = cats + i * STATE_CHUNK
+        if nodes != NULL:
+            chunks[i].nodes = nodes + i * STATE_CHUNK
+    hashes_open(&c.scan.hashes, &c.res, c.xxh3, STATE_CHUNK, CHUNKS_AHEAD, k.threads)
+    while err == 0:
+        while err == 0 and next_first < end and read - looked < CHUNKS_AHEAD:
+            chunk = &chunks[read % CHUNKS_AHEAD]
+            chunk.first, chunk.n = next_first, min(end - next_first, <size_t>STATE_CHUNK)
+            err = read_chunk(c, chunk)
+            next_first += chunk.n
+            read += 1
+        if err or looked == read:
+            break
+        chunk = &chunks[looked % CHUNKS_AHEAD]
+        hashes_take(&c.scan.hashes, chunk.first, chunk.n, &chunk.hashed)
+        scan_chunk(c, chunk, k, st)
+        hashes_forget(&c.scan.hashes, &chunk.hashed)
+        looked += 1
+    cpu = hashes_close(&c.scan.hashes)  # the helpers' CPU time is the decision's
+    st.decide_cpu_seconds += cpu
+    st.helper_cpu_seconds += cpu
     free(cats)
     free(nodes)
-    hashes_close(&c.scan.ahead)
-    hashes_close(&c.scan.next_ahead)
     drop_unwritten(c, st)
     return err
 
 
-cdef int read_chunk(Core c, chunk_tables *chunk, page_hashes *hashes, scan_knobs *k) noexcept nogil:
-    """Read a chunk's page tables, taking the written bits, and with
-    threads start hashing the pages the scan will need hashed."""
+cdef int read_chunk(Core c, chunk_tables *chunk) noexcept nogil:
+    """Read a chunk's page tables, taking the written bits, and give the
+    hash stream the pages the scan will need hashed."""
     cdef int err = take_written(&c.tables, chunk.first, chunk.n, chunk.cats)
     if err == 0 and chunk.nodes != NULL:
         read_nodes(&c.nodes, &c.res, chunk.first, chunk.n, chunk.cats, chunk.nodes)
-    if err == 0 and k.threads > 1:
-        hash_chunk_ahead(c, chunk, hashes, k)
+    if err == 0:
+        hash_chunk_ahead(c, chunk)
     return err
 
 
@@ -371,45 +380,27 @@ cdef void drop_unwritten(Core c, pass_stats *st) noexcept nogil:
             st.frames_new -= frame_mapcount(&c.store, it.frame) == 0
 
 
-cdef void open_ahead(Core c, scan_knobs *k) noexcept nogil:
-    """Room for two chunks' answers when pages are read on threads: the
-    chunk being looked at, and the next, being hashed. Without it
-    (RLIMIT_DATA, say) the scan hashes each page itself, as on one thread:
-    the threads are a speed-up, never a reason to fail."""
-    if k.threads >= 2 and (hashes_open(&c.scan.ahead, STATE_CHUNK) != 0
-                           or hashes_open(&c.scan.next_ahead, STATE_CHUNK) != 0):
-        hashes_close(&c.scan.ahead)
-        hashes_close(&c.scan.next_ahead)
-
-
-cdef void hash_chunk_ahead(Core c, const chunk_tables *chunk, page_hashes *hashes,
-                           scan_knobs *k) noexcept nogil:
-    """Start making the zero tests and checksums that cmp_and_merge_page
-    will need for the chunk's pages, on k.threads threads: those of the
-    mergeable pages holding memory that were written since their last
-    checksum or never checksummed. (A page that go_home() gives a copy
-    after this is hashed again by the scan itself.) Looking at the chunk
-    before changes no record of these pages, so the choice holds."""
-    cdef uint8_t *flags = <uint8_t *>malloc(chunk.n)
+cdef void hash_chunk_ahead(Core c, chunk_tables *chunk) noexcept nogil:
+    """Give the hash stream the chunk's pages that cmp_and_merge_page will
+    need hashed: the mergeable pages holding memory that were written since
+    their last checksum or never checksummed. (A page that go_home() gives
+    a copy after this is hashed again by the scan itself.) Looking at the
+    chunks before changes no record of these pages, so the choice holds."""
+    cdef uint8_t *wanted
     cdef size_t i
     cdef rmap_item *it
-    if flags == NULL or hashes.capacity < chunk.n:
-        free(flags)
-        return                          # the scan hashes each page itself
+    chunk.hashed = hashed_span(0, 0)
+    if c.scan.hashes.stream == NULL:
+        return                          # one thread: the scan hashes each page itself
+    wanted = <uint8_t *>malloc(chunk.n)
+    if wanted == NULL:
+        return                          # the same
     for i in range(chunk.n):
         it = &c.res.rmap[chunk.first + i]
-        flags[i] = (mergeable(it) and holds_own_memory(chunk.cats[i])
-                    and (chunk.cats[i] & PD_PAGE_IS_WRITTEN != 0 or not it.flags & PAGE_CHECKSUMMED))
-    hash_ahead_start(hashes, &c.res, c.xxh3, chunk.first, chunk.n, flags, k.threads)
-    free(flags)
-
-
-cdef void finish_hashing(page_hashes *hashes, pass_stats *st) noexcept nogil:
-    """The caller joins the helpers hashing the chunk it looks at next, and
-    their CPU time is the decision's."""
-    cdef double cpu = hash_ahead_finish(hashes)
-    st.decide_cpu_seconds += cpu
-    st.helper_cpu_seconds += cpu
+        wanted[i] = (mergeable(it) and holds_own_memory(chunk.cats[i])
+                     and (chunk.cats[i] & PD_PAGE_IS_WRITTEN != 0 or not it.flags & PAGE_CHECKSUMMED))
+    hash_ahead(&c.scan.hashes, chunk.first, chunk.n, wanted, &chunk.hashed)
+    free(wanted)
 
 
 cdef int merge_pass(Core c, scan_knobs *k, pass_stats *st) noexcept nogil:

@@ -15,8 +15,8 @@ from pydedup import testing
 from kernel import PAGE, frame_offsets, zero_page_mapped
 
 PAGE_FLOATS = PAGE // 8
-CHUNK_PAGES = 16384              # the scan's chunk (_scan.pxd STATE_CHUNK): one is hashed
-                                # on the helpers while the one before is looked at
+CHUNK_PAGES = 16384              # the scan's chunk (_scan.pxd STATE_CHUNK): chunks are
+                                # hashed on the helpers while one before is looked at
 TIMING = {"seconds", "phase_seconds", "phase_cpu_seconds", "helper_cpu_seconds", "threads"}
 
 
