@@ -2,13 +2,57 @@
 # the operations pydedup/pages.py calls, each under the arena's lock.
 import os
 
-cdef uint32_t zero_page_checksum(pd_xxh3_fn xxh3, size_t page_size) except? 0:
+cdef uint32_t zero_page_checksum(size_t page_size) except? 0:
     cdef void *zeros = calloc(1, page_size)
     if zeros == NULL:
         raise MemoryError()
-    checksum = <uint32_t>xxh3(zeros, page_size)
+    checksum = <uint32_t>pd_page_checksum(zeros, page_size)
     free(zeros)
     return checksum
+
+
+def page_checksums(const unsigned char[::1] page):
+    """{version: checksum of `page`} for every version of the page checksum
+    this CPU runs (_checksum.h), fastest first: the scan uses the first,
+    and all must agree. `page`'s length is a multiple of 64 bytes."""
+    cdef const pd_checksum_version *v = pd_checksum_versions()
+    if page.shape[0] % 64:
+        raise ValueError(f"a page is a multiple of 64 bytes, not {page.shape[0]}")
+    out = {}
+    while v.name != NULL:
+        out[v.name.decode()] = v.fn(&page[0] if page.shape[0] else NULL, page.shape[0])
+        v += 1
+    return out
+
+
+def checksum_seconds(const unsigned char[::1] pages, size_t page_size, size_t rounds,
+                     size_t other_address=0, str other_name="other"):
+    """{version: seconds} to checksum `pages` one page at a time, `rounds`
+    times, by each version of the page checksum this CPU runs, and by the
+    function at `other_address` of the same C signature if one is given
+    (benchmarks/checksum.py times python-xxhash's XXH3 so)."""
+    cdef const pd_checksum_version *v = pd_checksum_versions()
+    cdef list versions = []
+    cdef pd_checksum_fn fn
+    cdef size_t r, p, npages = pages.shape[0] // page_size if page_size else 0
+    cdef double start
+    if page_size == 0 or page_size % 64 or npages == 0:
+        raise ValueError(f"pages holds whole pages of a multiple of 64 bytes, not {page_size}")
+    while v.name != NULL:
+        versions.append((v.name.decode(), <size_t>v.fn))
+        v += 1
+    if other_address:
+        versions.append((other_name, other_address))
+    out = {}
+    for name, address in versions:
+        fn = <pd_checksum_fn><size_t>address
+        start = now()
+        with nogil:
+            for r in range(rounds):
+                for p in range(npages):
+                    fn(&pages[p * page_size], page_size)   # opaque: not optimised away
+        out[name] = now() - start
+    return out
 
 
 cdef uint32_t check_threads(uint32_t threads) except 0:
@@ -33,7 +77,7 @@ cdef class Core:
     """The arena's pages and frames. `npages` pages of virtual memory are
     reserved at once; records and frames only cost memory once used."""
 
-    def __cinit__(self, size_t npages, size_t xxh3_address, tuple shared=None):
+    def __cinit__(self, size_t npages, tuple shared=None):
         cdef size_t page_size = sysconf(_SC_PAGESIZE)
         cdef int err
         self.res.base = <char *>MAP_FAILED
@@ -49,17 +93,16 @@ cdef class Core:
         if npages == 0 or npages >= NO_PAGE:
             raise ValueError(f"an arena holds 1 to {NO_PAGE - 1} pages, not {npages}")
         self.res.npages = npages
-        self.xxh3 = <pd_xxh3_fn>xxh3_address
         self.res.base = <char *>map_lazily_aligned(npages * page_size, HUGE_ALIGN)
         self.res.rmap = <rmap_item *>map_lazily(npages * sizeof(rmap_item))
         if MAP_FAILED in (<void *>self.res.base, <void *>self.res.rmap):
             raise MemoryError(f"cannot reserve {npages} pages of address space")
         madvise(self.res.base, npages * page_size, MADV_NOHUGEPAGE)  # huge pages: big arrays only (_huge.pxi)
         if shared is not None:
-            self.open_shared(shared[0], shared[1], zero_page_checksum(self.xxh3, page_size))
+            self.open_shared(shared[0], shared[1], zero_page_checksum(page_size))
             err = 0
         else:
-            err = frames_open(&self.store, page_size, npages, zero_page_checksum(self.xxh3, page_size))
+            err = frames_open(&self.store, page_size, npages, zero_page_checksum(page_size))
         if err == ENOMEM:
             raise MemoryError(f"cannot reserve the frame store of {npages} pages")
         if err:

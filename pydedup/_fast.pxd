@@ -92,7 +92,6 @@
 #   Block        _block       the buffer arrays are made on; PageOwner
 #   checks       _check       the invariant checker
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
-from pydedup._os cimport pd_xxh3_fn
 
 cdef enum:
     NO_PAGE = 0xFFFFFFFF           # end of an unstable-tree chain
@@ -113,7 +112,7 @@ cdef enum page_flag:
     PAGE_TARGET_ZERO = 1 << 4      # in a pass: will go to the zero page
 
 cdef struct rmap_item:             # 12 bytes, one per arena page
-    uint32_t checksum              # low 32 bits of xxh3 of the content
+    uint32_t checksum              # low 32 bits of the content's checksum (_checksum.h)
     uint32_t frame                 # MERGED: its frame; in a pass: see flags
     uint8_t state                  # page_state
     uint8_t flags                  # page_flag bits
@@ -185,7 +184,6 @@ include "_scan.pxd"
 
 cdef class Core:
     cdef reservation res               # the arena's pages and their rmap items (_base)
-    cdef pd_xxh3_fn xxh3
     cdef node_map nodes                # NUMA nodes (_numa)
     cdef frame_store store             # the frame store (_frames)
     cdef shared_store shm              # the store's records, if shared by processes (_shared)

@@ -10,7 +10,7 @@
  * outlive it only by its last look at the shared record (which the last one
  * out frees), and nothing of it matters to a fork. A page's zero test and
  * its checksum are one pass over the page (the zero test stops at the first
- * non-zero word, so the hash reads the page from L1). */
+ * non-zero word, so the checksum reads the page from L1). */
 #ifndef PYDEDUP_HASH_H
 #define PYDEDUP_HASH_H
 
@@ -22,6 +22,7 @@
 #include <string.h>
 #include <time.h>
 #include "_os.h"
+#include "_checksum.h"
 
 #define PD_MAX_THREADS 256
 
@@ -85,10 +86,9 @@ static inline void pd_add_cpu(uint64_t *ns, double since)
 typedef struct {
     const char *base;        /* the arena's first page */
     size_t page_size;
-    pd_xxh3_fn xxh3;
     size_t capacity;         /* ring positions, a multiple of PD_GRAIN */
     size_t *pages;           /* ring: the page (from base) at each position; PD_NO_PAGE pads */
-    uint32_t *sums;          /* ring: low 32 bits of xxh3; 0 for a zero page */
+    uint32_t *sums;          /* ring: low 32 bits of the checksum; 0 for a zero page */
     uint8_t *zero;           /* ring: 1 for an all-zero page */
     size_t *finished;        /* per grain of the ring: 1 + the position of the last grain done */
     size_t published;        /* positions that may be taken, whole grains */
@@ -137,7 +137,7 @@ static void pd_stream_hash_grain(pd_stream *s, size_t lo)
             continue;
         const char *page = s->base + s->pages[i] * ps;
         s->zero[i] = (uint8_t)pd_page_is_zero(page, ps);
-        s->sums[i] = s->zero[i] ? 0 : (uint32_t)s->xxh3(page, ps);
+        s->sums[i] = s->zero[i] ? 0 : (uint32_t)pd_page_checksum(page, ps);
     }
     __atomic_store_n(&s->finished[first / PD_GRAIN], lo + 1, __ATOMIC_RELEASE);
 }
@@ -170,8 +170,8 @@ static void pd_stream_wake(pd_stream *s)
 
 /* A stream of `capacity` positions (rounded up to whole grains) and
  * `threads` - 1 helpers, or NULL without memory for it. */
-static inline pd_stream *pd_stream_open(const char *base, size_t page_size, pd_xxh3_fn xxh3,
-                                        size_t capacity, unsigned threads)
+static inline pd_stream *pd_stream_open(const char *base, size_t page_size, size_t capacity,
+                                        unsigned threads)
 {
     pd_stream *s = (pd_stream *)calloc(1, sizeof(pd_stream));
     if (s == NULL)
@@ -188,7 +188,6 @@ static inline pd_stream *pd_stream_open(const char *base, size_t page_size, pd_x
     }
     s->base = base;
     s->page_size = page_size;
-    s->xxh3 = xxh3;
     s->capacity = capacity;
     if (threads > PD_MAX_THREADS)
         threads = PD_MAX_THREADS;

@@ -28,15 +28,15 @@ cdef struct page_hashes:           # scan_state.hashes: the answers for the chun
     pd_stream *stream              # the threads hashing ahead; NULL: the scan hashes itself
     size_t first                   # the chunk's first page
     size_t n                       # its pages; 0: no answers
-    uint32_t *sums                 # per chunk page: low 32 bits of xxh3 (0 if zero)
+    uint32_t *sums                 # per chunk page: low 32 bits of the checksum (0 if zero)
     uint8_t *zero                  # per chunk page: 1 zero, 0 not, HASH_NONE not hashed
     size_t capacity                # the pages of a chunk
 
 cdef struct hashed_span:           # where a chunk's pages are in the stream
     size_t start, end
 
-cdef void hashes_open(page_hashes *h, const reservation *r, pd_xxh3_fn xxh3, size_t chunk_pages,
-                      size_t chunks_ahead, uint32_t threads) noexcept nogil
+cdef void hashes_open(page_hashes *h, const reservation *r, size_t chunk_pages, size_t chunks_ahead,
+                      uint32_t threads) noexcept nogil
 cdef double hashes_close(page_hashes *h) noexcept nogil
 cdef void hash_ahead(page_hashes *h, size_t first, size_t n, const uint8_t *wanted,
                      hashed_span *span) noexcept nogil

@@ -1,8 +1,7 @@
 # The hash part (_hash.pxd): zero tests and checksums made ahead, on threads.
 
 cdef extern from "_hash.h" nogil:
-    pd_stream *pd_stream_open(const char *base, size_t page_size, pd_xxh3_fn xxh3,
-                              size_t capacity, unsigned threads)
+    pd_stream *pd_stream_open(const char *base, size_t page_size, size_t capacity, unsigned threads)
     int pd_stream_publish(pd_stream *s, size_t first, size_t n, const uint8_t *wanted,
                           size_t *start, size_t *end)
     void pd_stream_wait(pd_stream *s, size_t start, size_t end)
@@ -12,8 +11,8 @@ cdef extern from "_hash.h" nogil:
     double pd_stream_close(pd_stream *s)
 
 
-cdef void hashes_open(page_hashes *h, const reservation *r, pd_xxh3_fn xxh3, size_t chunk_pages,
-                      size_t chunks_ahead, uint32_t threads) noexcept nogil:
+cdef void hashes_open(page_hashes *h, const reservation *r, size_t chunk_pages, size_t chunks_ahead,
+                      uint32_t threads) noexcept nogil:
     """With threads, a stream for the pages of `chunks_ahead` chunks of
     `chunk_pages`, hashed by threads - 1 helpers, and room for one chunk's
     answers. Without memory for them (RLIMIT_DATA, say) the scan hashes
@@ -26,8 +25,7 @@ cdef void hashes_open(page_hashes *h, const reservation *r, pd_xxh3_fn xxh3, siz
     h.zero = <uint8_t *>malloc(chunk_pages)
     h.capacity = chunk_pages
     if h.sums != NULL and h.zero != NULL:
-        h.stream = pd_stream_open(page_address(r, 0), r.page_size, xxh3,
-                                  chunk_pages * chunks_ahead, threads)
+        h.stream = pd_stream_open(page_address(r, 0), r.page_size, chunk_pages * chunks_ahead, threads)
     if h.stream == NULL:
         hashes_close(h)
 

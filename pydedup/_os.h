@@ -114,6 +114,4 @@ static inline void pd_touch_write(void *page)
     __atomic_fetch_or((uint64_t *)page, 0, __ATOMIC_RELAXED);
 }
 
-typedef uint64_t (*pd_xxh3_fn)(const void *data, size_t len);
-
 #endif

@@ -59,7 +59,14 @@ cdef extern from "_os.h" nogil:
     int pd_memfd_create(const char *name)
     int pd_page_is_zero(const void *page, size_t size)
     void pd_touch_write(void *page)
-    ctypedef uint64_t (*pd_xxh3_fn)(const void *data, size_t length)
+
+cdef extern from "_checksum.h" nogil:
+    uint64_t pd_page_checksum(const void *page, size_t size)
+    ctypedef uint64_t (*pd_checksum_fn)(const void *data, size_t size)
+    ctypedef struct pd_checksum_version:
+        const char *name
+        pd_checksum_fn fn
+    const pd_checksum_version *pd_checksum_versions()
 
 cdef extern from "<sys/resource.h>" nogil:
     ctypedef unsigned long rlim_t

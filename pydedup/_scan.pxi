@@ -164,7 +164,7 @@ cdef void cmp_and_merge_page(Core c, size_t p, bint written, scan_knobs *k,
         st.hashed += 1
         if not hashed_ahead(&c.scan.hashes, p, &zero, &checksum):
             zero = pd_page_is_zero(page, c.res.page_size)
-            checksum = 0 if zero else <uint32_t>c.xxh3(page, c.res.page_size)
+            checksum = 0 if zero else <uint32_t>pd_page_checksum(page, c.res.page_size)
         if zero:
             checksum = page_zero_key(c, p)
         changed = not (it.flags & PAGE_CHECKSUMMED and it.checksum == checksum)
@@ -304,7 +304,7 @@ cdef int scan_range(Core c, size_t first, size_t end, scan_knobs *k,
         chunks[i].cats = cats + i * STATE_CHUNK
         if nodes != NULL:
             chunks[i].nodes = nodes + i * STATE_CHUNK
-    hashes_open(&c.scan.hashes, &c.res, c.xxh3, STATE_CHUNK, CHUNKS_AHEAD, k.threads)
+    hashes_open(&c.scan.hashes, &c.res, STATE_CHUNK, CHUNKS_AHEAD, k.threads)
     while err == 0:
         while err == 0 and next_first < end and read - looked < CHUNKS_AHEAD:
             chunk = &chunks[read % CHUNKS_AHEAD]

@@ -17,7 +17,7 @@ cdef extern from "_shared.h" nogil:
 
 cdef enum:
     SHARED_MAGIC = 0x31646470      # "pdd1"
-    SHARED_VERSION = 1
+    SHARED_VERSION = 2             # 2: frames keyed by pydedup's own checksum (_checksum.h)
     MAX_MEMBERS = 64               # member slots, each with a ledger
     SHARED_SLOTS = 1 << 25         # frame slots of a shared store (128 GiB of 4 KiB frames)
     MEMBER_FREE = 0

@@ -6,13 +6,10 @@ thread, in the middle of anything (a garbage collection inside a merge, say).
 So a Block only queues its pages; whoever holds the lock releases the queue,
 now if the lock is free, else when the current operation ends."""
 import collections
-import ctypes
 import os
 import threading
 import weakref
 from contextlib import contextmanager
-
-import xxhash._xxhash
 
 from pydedup._fast import DEBUG_CHECKS, Block, Core, PageOwner, check_invariants
 from pydedup.extents import Extents
@@ -22,20 +19,11 @@ HUGE_ARRAY_BYTES = 4 << 20
 MADV_HUGEPAGE for its allocations of 4 MiB and more (NPY_HUGEPAGE_THRESHOLD)."""
 
 
-def _xxh3_address() -> int:
-    """XXH3_64bits from python-xxhash's extension module, which exports it."""
-    library = ctypes.CDLL(xxhash._xxhash.__file__)
-    address = ctypes.cast(library.XXH3_64bits, ctypes.c_void_p).value
-    if not address:
-        raise ImportError("python-xxhash exports no XXH3_64bits")
-    return address
-
-
 class Pages(PageOwner):
     def __init__(self, npages: int, shared: tuple[int, int] | None = None):
         # shared: the (records, frames) memfds of a store shared by
         # processes (pydedup/shared.py); the core takes copies of its own.
-        self.core = Core(npages, _xxh3_address(), shared)
+        self.core = Core(npages, shared)
         self.extents = Extents(npages)
         self._lock = threading.Lock()
         self._holder: int | None = None     # the thread holding _lock, for numpy's allocator
