@@ -15,9 +15,12 @@
  * the checksum is the same on every CPU, as a store shared by processes
  * needs (tests/test_checksum.py compares them).
  *
- * python-xxhash's XXH3, used before, is built for SSE2 only; on AVX2 this
- * hashes a page in L1 1.45x as fast, and pages from memory 1.1x, where
- * both go at the speed of memory (benchmarks/checksum.py). */
+ * It replaces python-xxhash's XXH3, which pydedup took through a symbol
+ * that package's extension module happens to export, not an API of it.
+ * That build is SSE2 only; on AVX2 this hashes a page in L1 1.45x as fast.
+ * A page the scan hashes comes from memory, though (the zero test reads
+ * its first line only), where both read at the speed of memory
+ * (benchmarks/checksum.py). */
 #ifndef PYDEDUP_CHECKSUM_H
 #define PYDEDUP_CHECKSUM_H
 
