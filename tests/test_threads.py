@@ -80,6 +80,23 @@ def test_a_threaded_merge_merges_what_one_thread_does(barrier):
     assert outcome[1][0]["pages_merged"] > 0 and outcome[1][0]["pages_zeroed"] > 0
 
 
+def test_a_merge_over_more_chunks_than_the_hash_stream_holds_merges_what_one_thread_does():
+    # The helpers hash up to CHUNKS_AHEAD (4) chunks ahead in a ring that
+    # the scan reuses: 5.5 chunks of written pages wrap it.
+    npages = 11 * CHUNK_PAGES // 2
+    outcome = {}
+    for threads in (1, 2):
+        with contextlib.closing(pydedup.Arena(size=npages * PAGE + (8 << 20), threads=threads)) as arena:
+            data = arena.empty((npages, PAGE_FLOATS))
+            data[:] = (np.arange(npages) % 5000)[:, None]   # each content on 18 pages, all chunks
+            report = arena.merge()
+            np.testing.assert_array_equal(data[:, 0], np.arange(npages) % 5000)
+            testing.check_invariants(arena)
+            outcome[threads] = (counters(report), page_view([data]))
+    assert outcome[1] == outcome[2]
+    assert outcome[1][0]["pages_merged"] > npages // 2
+
+
 def test_a_threaded_background_scan_merges_what_one_thread_does():
     outcome = {}
     for threads in (1, 3):
