@@ -159,9 +159,9 @@ def test_kernel_ksm_rows_are_skipped_with_the_reason(tmp_path, capsys, monkeypat
 
 @pytest.mark.skipif(ksm.available() is not None, reason=str(ksm.available()))
 def test_kernel_ksm_row_merges_and_restores_every_knob(tmp_path):
-    before = ksm.knobs()
+    before = ksm.knobs_at_rest()
     _, saved, _ = run_bench(tmp_path, "--workload", "structured", "--methods", "numpy,ksm-fast", "--no-plot")
-    assert ksm.knobs() == before
+    assert ksm.knobs_at_rest() == before
     row = saved["workloads"]["structured"]["rows"]["ksm-fast"]
     assert row["saved_over_theoretical"] > 0.5
     assert row["ratios"]["seconds/ksm-fast"] == 1.0
@@ -261,9 +261,9 @@ def test_access_rows_come_out_of_bench_with_every_operation(tmp_path, capsys, mo
 @pytest.mark.skipif(ksm.available() is not None, reason=str(ksm.available()))
 def test_access_rows_of_kernel_ksm_merge_and_restore_every_knob():
     from pydedup.bench import access
-    before = ksm.knobs()
+    before = ksm.knobs_at_rest()
     found = access.run(gather_bytes=4 << 20, gathers=1000, matrix=(64, 128), repeat=1)
-    assert ksm.knobs() == before
+    assert ksm.knobs_at_rest() == before
     assert found["skipped"] == {}
     rows = {r["data"]: r for r in found["rows"] if r["memory"] == "kernel KSM"}
     assert set(rows) == {"unique", "merged"}

@@ -59,7 +59,7 @@ def rng():
 
 @needs_root
 def test_knobs_are_restored_exactly():
-    before = ksm.knobs()
+    before = ksm.knobs_at_rest()
     changed = dict(pages_to_scan=1234, sleep_millisecs=7,
                    use_zero_pages=1 - int(before["use_zero_pages"]),
                    smart_scan=1 - int(before["smart_scan"]),
@@ -69,27 +69,27 @@ def test_knobs_are_restored_exactly():
         assert kernel.saved == before
         now = ksm.knobs()
         assert {name: now[name] for name in changed} == {name: str(v) for name, v in changed.items()}
-    assert ksm.knobs() == before
+    assert ksm.knobs_at_rest() == before
 
 
 @needs_root
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 def test_knobs_are_restored_after_an_exception(error):
-    before = ksm.knobs()
+    before = ksm.knobs_at_rest()
     with pytest.raises(error):
         with ksm.KernelKSM(pages_to_scan=4321, sleep_millisecs=3, run=1):
             assert ksm.knobs()["run"] == "1"
             raise error("inside")
-    assert ksm.knobs() == before
+    assert ksm.knobs_at_rest() == before
 
 
 @needs_root
 def test_unknown_knob_changes_nothing():
-    before = ksm.knobs()
+    before = ksm.knobs_at_rest()
     with pytest.raises(ValueError, match="full_scans"):
         with ksm.KernelKSM(sleep_millisecs=5, full_scans=3):
             pass
-    assert ksm.knobs() == before
+    assert ksm.knobs_at_rest() == before
 
 
 @needs_root
@@ -97,7 +97,7 @@ def test_kernel_ksm_merges_duplicates_and_zero_pages(rng):
     m, a = private_memory(2048)                   # 8 MiB
     zeros = workload(a, rng)
     expected = a.copy()
-    before = ksm.knobs()
+    before = ksm.knobs_at_rest()
     with ksm.KernelKSM(use_zero_pages=1, **FAST) as kernel:
         result = kernel.merge(a, timeout=10)
         assert result.bytes_mergeable == a.nbytes
@@ -122,7 +122,7 @@ def test_kernel_ksm_merges_duplicates_and_zero_pages(rng):
         assert len({e & PFN for e in entries}) == 2048
         assert zero_page_mapped(a) in (None, [False] * 2048)
         np.testing.assert_array_equal(a, expected)
-    assert ksm.knobs() == before
+    assert ksm.knobs_at_rest() == before
     del a
     m.close()
 
@@ -138,13 +138,13 @@ def test_exit_unmerges_and_restores_knobs_that_need_it(rng):
     m, a = private_memory(512)
     workload(a, rng, copies=4, sources=16)
     expected = a.copy()
-    before = ksm.knobs()
+    before = ksm.knobs_at_rest()
     try:
         with ksm.KernelKSM(max_page_sharing=int(before["max_page_sharing"]) + 1, **FAST) as kernel:
             ksm.mergeable(a)                      # marked outside kernel.merge(): not unmarked on exit
             kernel.merge(timeout=10)
             assert ksm.process_counters()["ksm_merging_pages"] > 0
-        assert ksm.knobs() == before
+        assert ksm.knobs_at_rest() == before
         assert ksm.process_counters()["ksm_merging_pages"] == 0
         assert not any(ksm.counters()[name] for name in ksm.HOLDING)   # rmap items too
         np.testing.assert_array_equal(a, expected)

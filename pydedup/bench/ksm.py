@@ -97,6 +97,16 @@ def knobs() -> dict:
     return {name: _read(name) for name in _files(writable=True)}
 
 
+def knobs_at_rest() -> dict:
+    """knobs() while no KernelKSM, of this process or another, holds them
+    changed: read under the lock each holds from its entry to its restore.
+    What to compare before and after a run while another process may be
+    benchmarking kernel KSM too."""
+    with open(LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return knobs()
+
+
 def counters() -> dict:
     """Every read-only file of /sys/kernel/mm/ksm (pages_sharing, full_scans...)."""
     return {name: int(_read(name)) for name in _files(writable=False)}
