@@ -242,10 +242,12 @@ static inline void pd_stream_answers(const pd_stream *s, size_t start, size_t en
     }
 }
 
-/* Positions before `end` are looked at: the ring may take new ones there. */
+/* Positions before `end` are looked at: the ring may take new ones there.
+ * (A chunk that gave the stream no pages has an empty span at 0.) */
 static inline void pd_stream_release(pd_stream *s, size_t end)
 {
-    s->released = end;
+    if (end > s->released)
+        s->released = end;
 }
 
 /* End the stream: what is published is hashed (a scan that stopped early
