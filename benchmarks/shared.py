@@ -35,7 +35,11 @@ Reported, in one run:
   from run=1 to ksmd's last change, whole system, per GiB held).
 
 Every private and shared row is run `--repeat` times (3): the figures are
-the medians, and the first member's range is printed beside its median.
+the medians, and the first member's range is printed beside its median. A
+shared row's ratios to a private merge of two copies are to the median of
+such merges run just before each of its runs (`--repeat` of them), not to
+the baseline measured at the start: the machine's speed drifts within a
+run, by up to 2x here.
 
 Every timed merge, the baselines' too, starts under the same memory
 condition (`--memory`, pydedup.bench.fresh): "warm" (the default) touches
@@ -209,7 +213,8 @@ def main() -> None:
              if args.memory == "warm" else "cold (free page reporting quiet for 3 s)")
           + ("; free page reporting: on" if reporting else "; free page reporting: off"))
     print(f"baseline, one process, private, median of {BASELINE_RUNS}: merge() "
-          f"{private_unique:.3f} s/GiB (unique data), {private_dup:.3f} s/GiB (two copies)")
+          f"{private_unique:.3f} s/GiB (unique data), {private_dup:.3f} s/GiB (two copies); "
+          "a shared row's ratios to two copies: to its own baseline, run beside it (of s/GiB)")
     print("kernel KSM: " + (f"skipped: {reason}" if reason else
                             "10,000 pages / 0 ms, knobs restored at the end"))
     print()
@@ -233,8 +238,14 @@ def main() -> None:
                         print(f"| {label} | {n} | kernel KSM | {pss / MiB:,.0f} MiB | "
                               f"{pss / ideal:.2f} | - | - | - | - | {merges} |", flush=True)
                         continue
-                    runs = [run(method, n, args.mib, private_mib, cpu=args.cpu, prepare=prepare)
-                            for _ in range(args.repeat)]
+                    runs, beside = [], []
+                    for _ in range(args.repeat):
+                        if method == "shared":          # its own baseline, run just before
+                            beside.append(run("private", 1, args.mib, copies=2, cpu=args.cpu,
+                                              prepare=prepare)[0][0] / (2 * gib))
+                        runs.append(run(method, n, args.mib, private_mib, cpu=args.cpu,
+                                        prepare=prepare))
+                    dup = statistics.median(beside) if beside else private_dup
                     firsts = [seconds[0] / each for seconds, _ in runs]
                     first = statistics.median(firsts)
                     rest_mean = (statistics.median(sum(s[1:]) / len(s[1:]) / each for s, _ in runs)
@@ -242,9 +253,10 @@ def main() -> None:
                     pss = statistics.median(p for _, p in runs)
                     held = statistics.median(sum(s) / (n * each) for s, _ in runs)
                     spread = f" ({min(firsts):.3f}-{max(firsts):.3f})" if args.repeat > 1 else ""
+                    of = f" (of {dup:.3f})" if beside else ""
                     print(f"| {label} | {n} | {method} | {pss / MiB:,.0f} MiB | {pss / ideal:.2f} | "
                           f"{first:.3f}{spread}, {rest_mean:.3f} | {first / private_unique:.2f} | "
-                          f"{first / private_dup:.2f} | {rest_mean / private_dup:.2f} | "
+                          f"{first / dup:.2f}{of} | {rest_mean / dup:.2f} | "
                           f"{held:.3f} |",
                           flush=True)
 
