@@ -9,8 +9,10 @@ writes a frame for every page (a first member of a shared store) takes
 all of its frames fresh, so its time depends on what the machine freed
 before it: benchmarks/fresh_memory.py measures this without pydedup.
 
-Benchmarks time every merge, and its baselines, under one of two
-conditions:
+Memory reported in a burst while a merge runs slows it most (the host
+takes the vCPUs' time: steal); reported_kib() before and after a merge
+says whether one did. A benchmark can also time every merge, and its
+baselines, under one of two conditions:
 
 - warm(mib): touch and free `mib` MiB just before, so the merge's new
   memory is memory the guest holds, as on a machine without reporting;
