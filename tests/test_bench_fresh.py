@@ -1,6 +1,7 @@
 """pydedup.bench.fresh: the memory condition benchmarks time merges under
 (free page reporting of a guest). The sysfs counter is replaced by a file
 of the test's, so every path runs with or without page reporting."""
+import os
 import resource
 import threading
 import time
@@ -9,6 +10,14 @@ import pytest
 
 from pydedup import procfs
 from pydedup.bench import fresh
+
+
+def put(path, value):
+    """Write the counter as the kernel shows it: whole, never a file half
+    written (write_text truncates first, and a reader could see it empty)."""
+    part = path.with_name(path.name + ".part")
+    part.write_text(f"{value}\n")
+    os.replace(part, path)
 
 
 @pytest.fixture
@@ -40,7 +49,7 @@ def test_wait_quiet_waits_until_reporting_holds_still(counter):
     def report():
         for i in range(6):
             time.sleep(0.1)
-            counter.write_text(f"{2000 + i}\n")
+            put(counter, 2000 + i)
     writer = threading.Thread(target=report)
     writer.start()
     waited = fresh.wait_quiet(seconds=0.3, timeout=10.0, poll=0.02)
@@ -55,7 +64,7 @@ def test_wait_quiet_gives_up_at_the_timeout(counter):
         i = 0
         while not stop.is_set():
             i += 1
-            counter.write_text(f"{i}\n")
+            put(counter, i)
             time.sleep(0.01)
     writer = threading.Thread(target=report)
     writer.start()
