@@ -9,8 +9,9 @@
  * started it, under the arena's lock, which a fork waits for: a helper can
  * outlive it only by its last look at the shared record (which the last one
  * out frees), and nothing of it matters to a fork. A page's zero test and
- * its checksum are one pass over the page (the zero test stops at the first
- * non-zero word, so the checksum reads the page from L1). */
+ * its checksum are one pass over the page: the zero test stops at the first
+ * non-zero word, so a page that is not zero is read once, by the checksum
+ * (from memory: see _checksum.h). */
 #ifndef PYDEDUP_HASH_H
 #define PYDEDUP_HASH_H
 
