@@ -33,6 +33,7 @@ cdef int barrier_use_uffd(write_barrier *b) noexcept nogil
 cdef int barrier_use_mprotect(write_barrier *b) noexcept nogil
 cdef int prepare_barrier(write_barrier *b) noexcept nogil
 cdef bint barrier_may_refill(const write_barrier *b) noexcept nogil
+cdef bint barrier_holds_runs_together(const write_barrier *b) noexcept nogil
 cdef bint barrier_keeps_tracking(const write_barrier *b) noexcept nogil
 cdef int protect_run(write_barrier *b, page_tables *pt, const reservation *r,
                      held_run *h) noexcept nogil

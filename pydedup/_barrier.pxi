@@ -249,6 +249,15 @@ cdef bint barrier_may_refill(const write_barrier *b) noexcept nogil:
     return b.mode == BARRIER_UFFD
 
 
+cdef bint barrier_holds_runs_together(const write_barrier *b) noexcept nogil:
+    """Whether one protection may hold several runs and the pages between
+    them (_remap.pxi merge_runs). The uffd barrier lets go of a range in one
+    piece whatever it holds. mprotect's way back is per run: what each page
+    needs to be writable again depends on how its run was remapped
+    (restore_need_of), and the RLIMIT_DATA room held is the run's."""
+    return b.mode == BARRIER_UFFD
+
+
 cdef bint barrier_keeps_tracking(const write_barrier *b) noexcept nogil:
     """Whether written-page tracking (_track.pxi) still tells, of a run this
     barrier holds, which pages were written since the pass read them:

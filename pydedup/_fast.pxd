@@ -151,6 +151,7 @@ cdef struct pass_stats:            # what one merge pass did
     uint64_t skipped_no_memory     # merges refused because a frame could not be written
     uint64_t moved                 # merged pages found on another node than their frame's
     uint64_t syscalls              # mmap and madvise calls made
+    uint64_t protections           # write protections the barrier took (_remap.pxi merge_runs)
     uint64_t skipped_huge          # pages left unmerged to keep their huge page whole
     uint64_t huge_kept             # huge pages kept whole although some of their pages matched
     uint64_t huge_split            # huge pages split: their matching pages reached split_min

@@ -11,7 +11,7 @@ cdef extern from "_hash.h" nogil:
     double pd_thread_cpu()
     ctypedef struct pd_stream:     # a scan's hash stream and its helpers
         pass
-    # The comparison of a held run (_remap.pxi merge_run), on threads: a C
+    # The comparison of a held run (_remap.pxi remap_held_run), on threads: a C
     # helper, which the remap part calls as it calls the system.
     ctypedef struct pd_match_job:
         const char *pages

@@ -14,6 +14,20 @@ cdef enum:
     TRACKED_RUN_PAGES = 8   # runs this long ask the write tracking (match_by_tracking): a
                             # PAGEMAP_SCAN costs about what comparing 5 pages does
 
+cdef enum:
+    HELD_RUNS = 64          # runs the uffd barrier holds under one protection (merge_runs)
+    HELD_GAP_PAGES = 16     # pages between two of them at most, their writers waiting too;
+                            # well under a huge page, so none reaches into one kept whole
+
+cdef struct target_run:            # pages [first, first + n) that go the same way
+    size_t first, n
+    run_kind kind
+
+cdef struct held_runs:             # runs gathered for one protection
+    target_run runs[HELD_RUNS]
+    size_t n
+    long worst                     # what their remaps may cost in mappings, at worst
+
 cdef struct remap_cost:            # the mappings one remap of a run changes
     uint64_t lo, hi                # the window: the run and the mappings it touches
     long before                    # mappings meeting the window before the remap

@@ -1,7 +1,7 @@
 # Applying targets: the system calls that change what arena pages map. Each
 # run is write-protected and compared again right before its remap, since the
 # pass compared the pages a while ago; a page that changed meanwhile keeps
-# its content.
+# its content. Neighbouring runs may share one protection (gather_run).
 
 cdef int map_frames(Core c, char *addr, size_t length, uint32_t first_frame) noexcept nogil:
     """Frames from first_frame on, all in first_frame's tier, over
@@ -85,34 +85,54 @@ cdef long worst_remap_cost(run_kind kind) noexcept nogil:
     return 0 if kind == RUN_ZERO_ANON else MAPPINGS_PER_REMAP
 
 
-cdef void merge_run(Core c, size_t first, size_t n, run_kind kind, pass_stats *st) noexcept nogil:
-    """Remap the pages of the run that still hold the content they were
-    matched on, in as few pieces as the pages that changed leave. The run is
-    write-protected from the comparison to the remap (_barrier.pxi).
+cdef void merge_runs(Core c, const target_run *runs, size_t n, pass_stats *st) noexcept nogil:
+    """Remap the pages of the runs that still hold the content they were
+    matched on, in as few pieces as the pages that changed leave. The runs
+    are write-protected from the comparison to the remap (_barrier.pxi),
+    under one protection with the pages between them when the barrier holds
+    several (gather_run), each alone otherwise.
 
-    When the budget cannot pay the worst case, the run goes only if the
+    When the budget cannot pay a run's worst case, it goes only if the
     kernel's mappings around it say it costs no more than is left
     (_maps.pxi), and in one piece, which is what that prediction was for;
-    it is then charged what it really cost."""
-    cdef size_t i = 0, j
+    it is then charged what it really cost. Such a run is held alone."""
+    cdef size_t first = runs[0].first, span = runs[n - 1].first + runs[n - 1].n - first
+    cdef size_t i
     cdef held_run held
     cdef remap_cost cost
     cdef uint32_t refill_lo = 0, refill_hi = 0
-    cdef uint8_t *matches
-    cdef bint measured = worst_remap_cost(kind) > st.mappings_left
-    if measured and not (predict_remap_cost(c, first, n, kind, &cost)
+    cdef bint measured = n == 1 and worst_remap_cost(runs[0].kind) > st.mappings_left
+    PD_ASSERT(n == 1 or barrier_holds_runs_together(&c.wb), "merge_runs: runs held together")
+    if measured and not (predict_remap_cost(c, first, span, runs[0].kind, &cost)
                          and cost.predicted <= st.mappings_left):
-        drop_targets(c, first, n)
-        st.skipped_budget += n
+        drop_targets(c, first, span)
+        st.skipped_budget += span
         return
-    held.first, held.n = first, n
+    held.first, held.n = first, span
     if barrier_may_refill(&c.wb):
-        frames_under_broken_pages(c, first, n, &refill_lo, &refill_hi)
+        frames_under_broken_pages(c, first, span, &refill_lo, &refill_hi)
     if protect_run(&c.wb, &c.tables, &c.res, &held) != 0:
-        drop_targets(c, first, n)       # the kernel could not split the mapping, or hold room
-        st.skipped_no_memory += n
+        for i in range(n):              # the kernel could not split the mapping, or hold room
+            drop_targets(c, runs[i].first, runs[i].n)
+            st.skipped_no_memory += runs[i].n
         return
-    matches = match_run_ahead(c, first, n, kind, st)
+    st.protections += 1
+    for i in range(n):
+        remap_held_run(c, runs[i].first, runs[i].n, runs[i].kind, measured, st)
+    unprotect_run(&c.wb, &c.tables, &c.res, &held, n == 1 and runs[0].kind == RUN_ZERO_ANON, st)
+    # UFFDIO_UNREGISTER has write-locked the runs' mappings, or mmap has
+    # replaced them: no fault in them is left to fill a hole again.
+    punch_refilled(&c.store, refill_lo, refill_hi)
+    if measured:
+        st.mappings_left -= measured_remap_cost(c, &cost)
+
+
+cdef void remap_held_run(Core c, size_t first, size_t n, run_kind kind, bint measured,
+                         pass_stats *st) noexcept nogil:
+    """merge_runs() for one run the barrier holds: compared, then remapped
+    where it still matches."""
+    cdef size_t i = 0, j
+    cdef uint8_t *matches = match_run_ahead(c, first, n, kind, st)
     while i < n:
         j = i
         while j < n and held_page_matches(c, matches, first, j, kind):
@@ -127,12 +147,6 @@ cdef void merge_run(Core c, size_t first, size_t n, run_kind kind, pass_stats *s
             st.skipped_changed += 1
         i = j + 1
     free(matches)
-    unprotect_run(&c.wb, &c.tables, &c.res, &held, kind == RUN_ZERO_ANON, st)
-    # UFFDIO_UNREGISTER has write-locked the run's mappings, or mmap has
-    # replaced them: no fault in them is left to fill a hole again.
-    punch_refilled(&c.store, refill_lo, refill_hi)
-    if measured:
-        st.mappings_left -= measured_remap_cost(c, &cost)
 
 
 cdef inline bint held_page_matches(Core c, const uint8_t *matches, size_t first, size_t j,
@@ -239,18 +253,47 @@ cdef bint continues_run(Core c, size_t first, size_t n, uint32_t f) noexcept nog
 
 
 cdef void apply_targets(Core c, pass_stats *st) noexcept nogil:
-    cdef size_t p, first = 0, n = 0
-    cdef run_kind kind = RUN_NONE, k
+    cdef held_runs held
+    cdef target_run run
+    cdef size_t p
+    cdef run_kind k
     PD_ASSERT(c.res.high_water <= c.res.npages, "apply_targets: high_water within the reservation")
+    held.n = 0
+    run.first, run.n, run.kind = 0, 0, RUN_NONE
     for p in range(c.res.high_water + 1):
         k = target_kind(c, p) if p < c.res.high_water else RUN_NONE
-        if n and k == kind and (k != RUN_FRAMES or continues_run(c, first, n, c.res.rmap[p].frame)):
-            n += 1
+        if run.n and k == run.kind and (
+                k != RUN_FRAMES or continues_run(c, run.first, run.n, c.res.rmap[p].frame)):
+            run.n += 1
             continue
-        if n:
-            merge_run(c, first, n, kind, st)
-        first, kind = p, k
-        n = 1 if k != RUN_NONE else 0
+        if run.n:
+            gather_run(c, &held, &run, st)
+        run.first, run.kind = p, k
+        run.n = 1 if k != RUN_NONE else 0
+    if held.n:
+        merge_runs(c, held.runs, held.n, st)
+
+
+cdef void gather_run(Core c, held_runs *held, const target_run *run, pass_stats *st) noexcept nogil:
+    """Hold `run` with the runs gathered before it, or merge those first.
+    A protection costs the uffd barrier six ioctls, each splitting or
+    joining mappings, whatever it holds: most of applying scattered targets
+    when each run had its own. Runs join while few pages lie between them
+    (their writers wait too, and they count as written at the next pass,
+    the barrier having taken them from the write tracking) and while the
+    budget pays every run's worst case (a run it cannot is held alone)."""
+    cdef long worst = worst_remap_cost(run.kind)
+    cdef const target_run *last = &held.runs[held.n - 1] if held.n else NULL
+    if held.n and not (barrier_holds_runs_together(&c.wb) and held.n < HELD_RUNS
+                       and run.first - (last.first + last.n) <= HELD_GAP_PAGES
+                       and held.worst + worst <= st.mappings_left):
+        merge_runs(c, held.runs, held.n, st)
+        held.n = 0
+    if held.n == 0:
+        held.worst = 0
+    held.runs[held.n] = run[0]
+    held.n += 1
+    held.worst += worst
 
 
 # -- what a remap costs in mappings ---------------------------------------------

@@ -118,6 +118,10 @@ class MergeReport(_Readable):
         "of whose pages matched went whole and is not counted)", value=_reading("huge_split")))
     mappings_left: int = field(metadata=counter(
         "what the mapping budget had left at the end", value=_reading("mappings_left")))
+    protections: int = field(metadata=counter(
+        "write protections the barrier took before comparing pages again and remapping "
+        "them: one a run, or, with the `uffd` barrier, one for neighbouring runs together "
+        "(each costs system calls that split and join mappings)"))
     seconds: float = field(metadata=counter("wall time of the merge()"))
     phase_seconds: dict[str, float] = field(metadata=counter(
         "seconds of each phase: `refresh`, `decide`, `apply`", value=_per_phase("seconds")))

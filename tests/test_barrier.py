@@ -162,6 +162,52 @@ def test_a_writer_under_merges_leaks_no_frame(barrier, rng):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
+def test_neighbouring_runs_share_a_protection_and_no_write_between_them_is_lost(barrier, rng):
+    """The uffd barrier holds neighbouring runs under one protection, the
+    pages between them too (_remap.pxi gather_run); mprotect holds each run
+    alone. Every third page is a writer's, between a zero page and a copy:
+    its writers, numpy and the kernel's read(), wait while a merge holds it
+    and then succeed; no write is lost, and the runs merge again after each
+    unmerge()."""
+    triples, distinct = 192, rng.random((8, PAGE_FLOATS))
+    with contextlib.closing(pydedup.Arena(size=64 << 20, barrier=barrier)) as arena:
+        pages = arena.zeros((3 * triples, PAGE_FLOATS))
+        pages[0::3] = 0.0                         # written: zero pages holding memory
+        pages[1::3] = distinct[np.arange(triples) % len(distinct)]
+        expected = pages.copy()
+        writers = Writers(pages[2::3].reshape(-1), pages_each=triples // 4)
+        pipes = []
+        kinds = [write_with_ufunc] * 2 + [reader_through_pipe(writers, pipes) for _ in range(2)]
+        threads = [writers.run(k, write) for k, write in enumerate(kinds)]
+        for t in threads:
+            t.start()
+        reports = []
+        try:
+            for _ in range(max(ROUNDS // 10, 3)):
+                reports.append(arena.merge())
+                arena.unmerge()
+                if writers.errors:
+                    break
+        finally:
+            writers.stop.set()
+            for t in threads:
+                t.join()
+            for fd in pipes:
+                os.close(fd)
+        assert writers.errors == []
+        for k, value in writers.last.items():
+            np.testing.assert_array_equal(writers.region(k), value)
+        np.testing.assert_array_equal(pages[0::3], expected[0::3])
+        np.testing.assert_array_equal(pages[1::3], expected[1::3])
+        for report in reports:
+            assert report.pages_zeroed + report.pages_merged == 2 * triples
+            runs = 2 * triples                    # a zero page, a copy: frames apart
+            assert report.protections == (runs if barrier == "mprotect" else -(-runs // 64))
+        if barrier == "uffd":
+            assert writers.efaults == 0           # kernel writes wait instead of failing
+
+
 def test_a_forced_uffd_barrier_that_is_not_allowed_says_why():
     if uffd_allowed():
         pytest.skip("this process may use userfaultfd")
