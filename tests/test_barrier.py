@@ -166,20 +166,48 @@ def test_a_writer_under_merges_leaks_no_frame(barrier, rng):
 def test_neighbouring_runs_share_a_protection_and_no_write_between_them_is_lost(barrier, rng):
     """The uffd barrier holds neighbouring runs under one protection, the
     pages between them too (_remap.pxi gather_run); mprotect holds each run
-    alone. Every third page is a writer's, between a zero page and a copy:
-    its writers, numpy and the kernel's read(), wait while a merge holds it
-    and then succeed; no write is lost, and the runs merge again after each
-    unmerge()."""
-    triples, distinct = 192, rng.random((8, PAGE_FLOATS))
+    alone. Every third page is a writer's, between a zero page and a copy,
+    with content no other page holds: its writers, numpy and the kernel's
+    read(), wait while a merge holds it and then succeed; no write is lost,
+    and the runs merge again after each unmerge()."""
+    triples, nwriters, distinct = 192, 4, rng.random((8, PAGE_FLOATS))
     with contextlib.closing(pydedup.Arena(size=64 << 20, barrier=barrier)) as arena:
         pages = arena.zeros((3 * triples, PAGE_FLOATS))
         pages[0::3] = 0.0                         # written: zero pages holding memory
         pages[1::3] = distinct[np.arange(triples) % len(distinct)]
         expected = pages.copy()
-        writers = Writers(pages[2::3].reshape(-1), pages_each=triples // 4)
-        pipes = []
-        kinds = [write_with_ufunc] * 2 + [reader_through_pipe(writers, pipes) for _ in range(2)]
-        threads = [writers.run(k, write) for k, write in enumerate(kinds)]
+        between = pages[2::3]                     # a view: the writers' pages, in the arena
+        stop, errors, efaults, last = threading.Event(), [], [], {}
+
+        def write(k, by_kernel):
+            mine, value = range(k, triples, nwriters), 0.0
+            r, w = os.pipe()
+            try:
+                while not stop.is_set():
+                    value += 1
+                    for i in mine:
+                        content = np.full(PAGE_FLOATS, i * 1e9 + value)
+                        if by_kernel:             # read() from a pipe: the kernel writes
+                            os.write(w, content.tobytes())
+                            while True:
+                                try:
+                                    os.readv(r, [memoryview(between[i]).cast("B")])
+                                    break
+                                except OSError as e:
+                                    if e.errno != errno.EFAULT:
+                                        raise
+                                    efaults.append(i)   # mprotect: the data stays in the pipe
+                        else:
+                            np.copyto(between[i], content)
+                        if not (between[i] == content).all():
+                            errors.append(f"page {i}: wrote {content[0]}, read {between[i][0]}")
+                            return
+                    last[k] = value
+            finally:
+                os.close(r)
+                os.close(w)
+
+        threads = [threading.Thread(target=write, args=(k, k % 2 == 1)) for k in range(nwriters)]
         for t in threads:
             t.start()
         reports = []
@@ -187,17 +215,16 @@ def test_neighbouring_runs_share_a_protection_and_no_write_between_them_is_lost(
             for _ in range(max(ROUNDS // 10, 3)):
                 reports.append(arena.merge())
                 arena.unmerge()
-                if writers.errors:
+                if errors:
                     break
         finally:
-            writers.stop.set()
+            stop.set()
             for t in threads:
                 t.join()
-            for fd in pipes:
-                os.close(fd)
-        assert writers.errors == []
-        for k, value in writers.last.items():
-            np.testing.assert_array_equal(writers.region(k), value)
+        assert errors == []
+        assert len(last) == nwriters
+        for i in range(triples):
+            np.testing.assert_array_equal(between[i], i * 1e9 + last[i % nwriters])
         np.testing.assert_array_equal(pages[0::3], expected[0::3])
         np.testing.assert_array_equal(pages[1::3], expected[1::3])
         for report in reports:
@@ -205,7 +232,7 @@ def test_neighbouring_runs_share_a_protection_and_no_write_between_them_is_lost(
             runs = 2 * triples                    # a zero page, a copy: frames apart
             assert report.protections == (runs if barrier == "mprotect" else -(-runs // 64))
         if barrier == "uffd":
-            assert writers.efaults == 0           # kernel writes wait instead of failing
+            assert efaults == []                  # kernel writes wait instead of failing
 
 
 def test_a_forced_uffd_barrier_that_is_not_allowed_says_why():
