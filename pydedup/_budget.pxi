@@ -379,6 +379,6 @@ cdef long spend_budget(Core c, bint whole, pass_stats *st) noexcept nogil:
 cdef void apply_within_budget(Core c, scan_knobs *k, pass_stats *st) noexcept nogil:
     """apply_targets(), once the budget is spent on whole contents (above)."""
     cdef long left = spend_budget(c, k.whole_contents, st)
-    apply_targets(c, st)
+    apply_targets(c, st, left >= 0)
     if left >= 0 and st.mappings_left > left:
         st.mappings_left = left         # what was lent and not charged goes back

@@ -15,18 +15,20 @@ cdef enum:
                             # PAGEMAP_SCAN costs about what comparing 5 pages does
 
 cdef enum:
-    HELD_RUNS = 64          # runs the uffd barrier holds under one protection (merge_runs)
-    HELD_GAP_PAGES = 16     # pages between two of them at most, their writers waiting too;
-                            # well under a huge page, so none reaches into one kept whole
+    GROUP_RUNS = 64           # runs the uffd barrier holds under one protection (merge_runs)
+    GROUP_GAP_PAGES = 16      # pages between two of them at most, their writers waiting too:
+                              # far fewer than a huge page's (512 and more), none kept whole
+    GROUP_SPAN_PAGES = 1024   # pages one protection spans at most: long runs gain nothing
 
 cdef struct target_run:            # pages [first, first + n) that go the same way
     size_t first, n
     run_kind kind
 
-cdef struct held_runs:             # runs gathered for one protection
-    target_run runs[HELD_RUNS]
+cdef struct run_group:             # runs gathered for one protection (gather_run)
+    target_run runs[GROUP_RUNS]
     size_t n
     long worst                     # what their remaps may cost in mappings, at worst
+    bint alone                     # each run is held alone (a budget plan lent apply room)
 
 cdef struct remap_cost:            # the mappings one remap of a run changes
     uint64_t lo, hi                # the window: the run and the mappings it touches
@@ -39,4 +41,4 @@ cdef long worst_remap_cost(run_kind kind) noexcept nogil
 cdef bint predict_remap_cost(Core c, size_t first, size_t n, run_kind kind,
                              remap_cost *cost) noexcept nogil
 cdef void drop_targets(Core c, size_t first, size_t n) noexcept nogil
-cdef void apply_targets(Core c, pass_stats *st) noexcept nogil
+cdef void apply_targets(Core c, pass_stats *st, bint lent) noexcept nogil

@@ -102,7 +102,8 @@ cdef void merge_runs(Core c, const target_run *runs, size_t n, pass_stats *st) n
     cdef remap_cost cost
     cdef uint32_t refill_lo = 0, refill_hi = 0
     cdef bint measured = n == 1 and worst_remap_cost(runs[0].kind) > st.mappings_left
-    PD_ASSERT(n == 1 or barrier_holds_runs_together(&c.wb), "merge_runs: runs held together")
+    PD_ASSERT(n >= 1 and n <= GROUP_RUNS and (n == 1 or barrier_holds_runs_together(&c.wb)),
+              "merge_runs: one run, or runs the barrier holds together")
     if measured and not (predict_remap_cost(c, first, span, runs[0].kind, &cost)
                          and cost.predicted <= st.mappings_left):
         drop_targets(c, first, span)
@@ -112,9 +113,12 @@ cdef void merge_runs(Core c, const target_run *runs, size_t n, pass_stats *st) n
     if barrier_may_refill(&c.wb):
         frames_under_broken_pages(c, first, span, &refill_lo, &refill_hi)
     if protect_run(&c.wb, &c.tables, &c.res, &held) != 0:
-        for i in range(n):              # the kernel could not split the mapping, or hold room
-            drop_targets(c, runs[i].first, runs[i].n)
-            st.skipped_no_memory += runs[i].n
+        if n > 1:                       # a mapping between may refuse: each run alone
+            for i in range(n):
+                merge_runs(c, &runs[i], 1, st)
+            return
+        drop_targets(c, first, span)    # the kernel could not split the mapping, or hold room
+        st.skipped_no_memory += span
         return
     st.protections += 1
     for i in range(n):
@@ -216,25 +220,42 @@ cdef uint8_t *match_by_tracking(Core c, size_t first, size_t n, run_kind kind,
 
 cdef void frames_under_broken_pages(Core c, size_t first, size_t n,
                                     uint32_t *lo, uint32_t *hi) noexcept nogil:
-    """[lo, hi): the top tier's frames that the run's BROKEN pages map, whose
-    punched holes the barrier may fill again (barrier_may_refill); empty if
-    it has none. Noted before the remap, which takes their mappings away.
+    """[lo, hi): the top tier's frames that the held pages that are BROKEN
+    map, whose punched holes the barrier may fill again
+    (barrier_may_refill); empty if it holds none. Noted before the remap,
+    which takes their mappings away. Each run of BROKEN pages is looked up
+    alone: the MERGED pages between them map frames in use, never punched.
     Without PROCMAP_QUERY (before Linux 6.11): every frame slot."""
-    cdef uint64_t a = <uint64_t>page_address(&c.res, first), b = a + n * c.res.page_size
-    cdef uint64_t s, e, f0
     cdef uint32_t high = frames_high(&c.store)
-    cdef mapping view, m
-    cdef size_t p
+    cdef size_t p = first, q, end = first + n
+    cdef mapping view
     lo[0] = hi[0] = 0
-    for p in range(first, first + n):
-        if c.res.rmap[p].state == PAGE_BROKEN:
-            break
-    else:
+    while p < end and c.res.rmap[p].state != PAGE_BROKEN:
+        p += 1
+    if p == end:
         return
     if find_mapping(&c.tables, <uint64_t>frames_top_view(&c.store), &view) != 0:
         hi[0] = high
         return
     lo[0] = high
+    while p < end:
+        q = p
+        while q < end and c.res.rmap[q].state == PAGE_BROKEN:
+            q += 1
+        if q > p:
+            widen_by_frames_mapped(c, &view, p, q - p, high, lo, hi)
+        p = q + 1
+    if lo[0] >= hi[0]:
+        lo[0] = hi[0] = 0
+
+
+cdef void widen_by_frames_mapped(Core c, const mapping *view, size_t first, size_t n,
+                                 uint32_t high, uint32_t *lo, uint32_t *hi) noexcept nogil:
+    """[lo, hi) grown by the frames below `high` of the store's memfd
+    (`view` is its mapping) that pages [first, first + n) map."""
+    cdef uint64_t a = <uint64_t>page_address(&c.res, first), b = a + n * c.res.page_size
+    cdef uint64_t s, e, f0
+    cdef mapping m
     while a < b and find_mapping(&c.tables, a, &m) == 0 and m.start < b:
         s, e = max(a, m.start), min(b, m.end)
         if m.inode == view.inode and m.dev_major == view.dev_major and m.dev_minor == view.dev_minor:
@@ -242,8 +263,6 @@ cdef void frames_under_broken_pages(Core c, size_t first, size_t n,
             lo[0] = min(lo[0], <uint32_t>min(f0, <uint64_t>high))
             hi[0] = max(hi[0], <uint32_t>min(f0 + (e - s) // c.res.page_size, <uint64_t>high))
         a = e
-    if lo[0] >= hi[0]:
-        lo[0] = hi[0] = 0
 
 
 cdef bint continues_run(Core c, size_t first, size_t n, uint32_t f) noexcept nogil:
@@ -252,13 +271,16 @@ cdef bint continues_run(Core c, size_t first, size_t n, uint32_t f) noexcept nog
     return f == c.res.rmap[first].frame + n and not tier_starts_at(&c.store, f)
 
 
-cdef void apply_targets(Core c, pass_stats *st) noexcept nogil:
-    cdef held_runs held
+cdef void apply_targets(Core c, pass_stats *st, bint lent) noexcept nogil:
+    """Remap every target, run by run in address order. `lent`: the budget's
+    plan lent apply what the kernel will give back by joining mappings
+    (_budget.pxi), which it does only once a run's protection lets go."""
+    cdef run_group group
     cdef target_run run
     cdef size_t p
     cdef run_kind k
     PD_ASSERT(c.res.high_water <= c.res.npages, "apply_targets: high_water within the reservation")
-    held.n = 0
+    group.n, group.alone = 0, lent or not barrier_holds_runs_together(&c.wb)
     run.first, run.n, run.kind = 0, 0, RUN_NONE
     for p in range(c.res.high_water + 1):
         k = target_kind(c, p) if p < c.res.high_water else RUN_NONE
@@ -267,33 +289,41 @@ cdef void apply_targets(Core c, pass_stats *st) noexcept nogil:
             run.n += 1
             continue
         if run.n:
-            gather_run(c, &held, &run, st)
+            gather_run(c, &group, &run, st)
         run.first, run.kind = p, k
         run.n = 1 if k != RUN_NONE else 0
-    if held.n:
-        merge_runs(c, held.runs, held.n, st)
+    if group.n:
+        merge_runs(c, group.runs, group.n, st)
 
 
-cdef void gather_run(Core c, held_runs *held, const target_run *run, pass_stats *st) noexcept nogil:
+cdef void gather_run(Core c, run_group *group, const target_run *run, pass_stats *st) noexcept nogil:
     """Hold `run` with the runs gathered before it, or merge those first.
-    A protection costs the uffd barrier six ioctls, each splitting or
-    joining mappings, whatever it holds: most of applying scattered targets
-    when each run had its own. Runs join while few pages lie between them
-    (their writers wait too, and they count as written at the next pass,
-    the barrier having taken them from the write tracking) and while the
-    budget pays every run's worst case (a run it cannot is held alone)."""
+    A protection costs the uffd barrier six ioctls whatever it holds, four
+    of them splitting or joining mappings: most of applying scattered
+    targets when each run had its own. Runs join while
+    - few pages lie between them: their writers wait too, and they count
+      as written at the next pass (the barrier took them from the write
+      tracking); no huge page, kept whole, fits between;
+    - the span is short: its writers wait for all of it;
+    - the budget pays every run at its worst: the mappings a group splits
+      join again only when it lets go, so it cannot count on the joins a
+      budget plan lends apply. With a plan, and for a run the budget cannot
+      pay, runs are held alone."""
     cdef long worst = worst_remap_cost(run.kind)
-    cdef const target_run *last = &held.runs[held.n - 1] if held.n else NULL
-    if held.n and not (barrier_holds_runs_together(&c.wb) and held.n < HELD_RUNS
-                       and run.first - (last.first + last.n) <= HELD_GAP_PAGES
-                       and held.worst + worst <= st.mappings_left):
-        merge_runs(c, held.runs, held.n, st)
-        held.n = 0
-    if held.n == 0:
-        held.worst = 0
-    held.runs[held.n] = run[0]
-    held.n += 1
-    held.worst += worst
+    cdef const target_run *head = &group.runs[0]
+    cdef const target_run *last = &group.runs[group.n - 1] if group.n else NULL
+    cdef size_t gap = run.first - (last.first + last.n) if group.n else 0
+    PD_ASSERT(group.n == 0 or run.first >= last.first + last.n, "gather_run: runs in address order")
+    if group.n and (group.alone or group.n == GROUP_RUNS or gap > GROUP_GAP_PAGES
+                    or run.first + run.n - head.first > GROUP_SPAN_PAGES
+                    or group.worst + worst > st.mappings_left):
+        merge_runs(c, group.runs, group.n, st)
+        group.n = 0
+    if group.n == 0:
+        group.worst = 0
+    group.runs[group.n] = run[0]
+    group.n += 1
+    group.worst += worst
 
 
 # -- what a remap costs in mappings ---------------------------------------------
