@@ -251,10 +251,13 @@ cdef bint barrier_may_refill(const write_barrier *b) noexcept nogil:
 
 cdef bint barrier_holds_runs_together(const write_barrier *b) noexcept nogil:
     """Whether one protection may hold several runs and the pages between
-    them (_remap.pxi merge_runs). The uffd barrier lets go of a range in one
-    piece whatever it holds. mprotect's way back is per run: what each page
-    needs to be writable again depends on how its run was remapped
-    (restore_need_of), and the RLIMIT_DATA room held is the run's."""
+    them (_remap.pxi merge_runs). The uffd barrier parks every writer and
+    lets go of a range in one piece whatever it holds. Under mprotect a
+    kernel write into a held page fails with EFAULT, and the pages between
+    runs are unique pages that may be live I/O buffers; its way back is per
+    run too: what each page needs to be writable again depends on how its
+    run was remapped (restore_need_of), and the RLIMIT_DATA room held is
+    the run's."""
     return b.mode == BARRIER_UFFD
 
 
