@@ -207,7 +207,8 @@ def test_neighbouring_runs_share_a_protection_and_no_write_between_them_is_lost(
                 os.close(r)
                 os.close(w)
 
-        threads = [threading.Thread(target=write, args=(k, k % 2 == 1)) for k in range(nwriters)]
+        threads = [threading.Thread(target=write, args=(k, k % 2 == 1), daemon=True)
+                   for k in range(nwriters)]
         for t in threads:
             t.start()
         reports = []
@@ -220,7 +221,8 @@ def test_neighbouring_runs_share_a_protection_and_no_write_between_them_is_lost(
         finally:
             stop.set()
             for t in threads:
-                t.join()
+                t.join(timeout=60)        # a writer the barrier never let go fails, not hangs
+        assert not any(t.is_alive() for t in threads), "a writer still waits on the barrier"
         assert errors == []
         assert len(last) == nwriters
         for i in range(triples):
