@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -211,6 +212,9 @@ def test_neighbouring_runs_share_a_protection_and_no_write_between_them_is_lost(
                    for k in range(nwriters)]
         for t in threads:
             t.start()
+        deadline = time.monotonic() + 60
+        while len(last) < nwriters and not errors and time.monotonic() < deadline:
+            time.sleep(0.001)                     # every page written once: none is zero
         reports = []
         try:
             for _ in range(max(ROUNDS // 10, 3)):
