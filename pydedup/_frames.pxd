@@ -96,7 +96,8 @@ cdef bint frame_unwritten(frame_store *fs, uint32_t f) noexcept nogil
 cdef void frame_get(frame_store *fs, uint32_t f) noexcept nogil
 cdef void frame_put(frame_store *fs, uint32_t f) noexcept nogil
 cdef uint32_t stable_tree_search(frame_store *fs, const char *page, uint32_t checksum,
-                                 uint16_t node, uint32_t max_page_sharing) noexcept nogil
+                                 uint16_t node, uint32_t max_page_sharing,
+                                 bint by_checksum) noexcept nogil
 cdef uint32_t stable_tree_add(frame_store *fs, const char *content, uint32_t checksum,
                               uint16_t node, uint32_t hint) noexcept nogil
 cdef void reclaim_frames(frame_store *fs) noexcept nogil
@@ -104,7 +105,7 @@ cdef uint32_t frame_tile_index(frame_store *fs, uint32_t f) noexcept nogil
 cdef uint32_t tile_start(frame_store *fs, uint32_t f, uint32_t max_page_sharing) noexcept nogil
 cdef uint32_t tile_next(frame_store *fs, uint32_t g, const char *page, uint32_t checksum,
                         uint16_t node, uint32_t max_page_sharing, uint32_t tile_pages,
-                        size_t run_pages, bint *grow) noexcept nogil
+                        size_t run_pages, bint by_checksum, bint *grow) noexcept nogil
 cdef uint32_t tile_grow(frame_store *fs, uint32_t g, const char *content) noexcept nogil
 cdef void punch_refilled(frame_store *fs, uint32_t lo, uint32_t hi) noexcept nogil
 cdef char *frames_top_view(frame_store *fs) noexcept nogil

@@ -451,10 +451,22 @@ cdef void frame_put(frame_store *fs, uint32_t f) noexcept nogil:
 
 # -- the stable tree ----------------------------------------------------------
 
+cdef inline bint holds_page(frame_store *fs, uint32_t f, const char *page,
+                            bint by_checksum) noexcept nogil:
+    """Whether frame f, whose checksum is page's, holds `page`'s content: its
+    bytes compared, or with `by_checksum` the checksum's word taken for
+    them, where the pass compares every page with its frame again under the
+    barrier before the remap (_scan.pxi compared_again_before_remap). Two
+    contents share a 32-bit checksum once in four billion pairs, and the
+    barrier's comparison leaves such a page as it is."""
+    return by_checksum or memcmp(page, frame_content(fs, f), fs.page_size) == 0
+
+
 cdef uint32_t stable_tree_search(frame_store *fs, const char *page, uint32_t checksum,
-                                 uint16_t node, uint32_t max_page_sharing) noexcept nogil:
-    """A frame holding exactly `page`'s content, in the tree of `node`, that
-    may take one more page."""
+                                 uint16_t node, uint32_t max_page_sharing,
+                                 bint by_checksum) noexcept nogil:
+    """A frame holding exactly `page`'s content (holds_page), in the tree of
+    `node`, that may take one more page."""
     cdef uint32_t f
     PD_ASSERT(fs.stable != NULL and page != NULL, "stable_tree_search: an open store")
     f = fs.stable[tree_key(fs, checksum, node) & fs.stable_mask]
@@ -462,7 +474,7 @@ cdef uint32_t stable_tree_search(frame_store *fs, const char *page, uint32_t che
         if (fs.frames[f].checksum == checksum
                 and same_tree(fs, fs.frames[f].node, node)
                 and fs.frames[f].mapcount < max_page_sharing
-                and memcmp(page, frame_content(fs, f), fs.page_size) == 0):
+                and holds_page(fs, f, page, by_checksum)):
             return f
         f = fs.frames[f].next
     return NO_FRAME
@@ -594,7 +606,7 @@ cdef bint slot_free_after(frame_store *fs, uint32_t g) noexcept nogil:
 
 cdef uint32_t tile_next(frame_store *fs, uint32_t g, const char *page, uint32_t checksum,
                         uint16_t node, uint32_t max_page_sharing, uint32_t tile_pages,
-                        size_t run_pages, bint *grow) noexcept nogil:
+                        size_t run_pages, bint by_checksum, bint *grow) noexcept nogil:
     """The frame for a page holding `page` whose previous page maps (or is
     to map) frame g, when g holds the same content and ends a run of
     `run_pages` pages of it: the next frame of g's tile if it exists, else
@@ -617,8 +629,9 @@ cdef uint32_t tile_next(frame_store *fs, uint32_t g, const char *page, uint32_t 
         h = g + 1
         if (h < fs.frame_high and takes_one_more(fs, h, checksum, node, max_page_sharing)
                 and fs.frames[h].tile_index == k + 1
-                and memcmp(page, frame_content(fs, h), fs.page_size) == 0):
+                and holds_page(fs, h, page, by_checksum)):
             return h
+        # Bytes, always: the tile's new frame is written from the page as g's content.
         can_grow = slot_free_after(fs, g) and memcmp(page, frame_content(fs, g), fs.page_size) == 0
     grow[0] = can_grow and <size_t>(k + 1) * (k + 1) <= run_pages
     if grow[0] or k > g:
@@ -627,7 +640,7 @@ cdef uint32_t tile_next(frame_store *fs, uint32_t g, const char *page, uint32_t 
     if tier_of(fs, h) != tier_of(fs, g) or fs.frames[h].tile_index != 0:
         return NO_FRAME
     if takes_one_more(fs, h, checksum, node, max_page_sharing):
-        return h if memcmp(page, frame_content(fs, h), fs.page_size) == 0 else NO_FRAME
+        return h if holds_page(fs, h, page, by_checksum) else NO_FRAME
     grow[0] = can_grow                  # the first frame is full (max_page_sharing)
     if can_grow:
         return NO_FRAME
@@ -640,7 +653,7 @@ cdef uint32_t tile_next(frame_store *fs, uint32_t g, const char *page, uint32_t 
         if fs.frames[h].tile_index != h - (g - k):
             return NO_FRAME
         if takes_one_more(fs, h, checksum, node, max_page_sharing):
-            return h if memcmp(page, frame_content(fs, h), fs.page_size) == 0 else NO_FRAME
+            return h if holds_page(fs, h, page, by_checksum) else NO_FRAME
     return NO_FRAME
 
 

@@ -13,6 +13,7 @@ cdef struct scan_state:            # Core.scan: the scan in progress
     uint32_t last_new_frame        # the frame a scan wrote last
     size_t run_last                # the last page of the run of one content going on
     size_t run_pages               # its pages: how long its tile may grow (_frames.pxi tile_next)
+    bint by_checksum               # a checksum match stands for the bytes (compared_again_before_remap)
     pass_stats stats               # what the background scan in progress did
     page_hashes hashes             # zero tests and checksums, made ahead on threads
 

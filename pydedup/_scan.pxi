@@ -98,7 +98,8 @@ cdef size_t unstable_tree_search_insert(Core c, size_t p) noexcept nogil:
     while q != NO_PAGE:
         if (c.res.rmap[q].checksum == it.checksum
                 and same_tree(&c.store, c.res.rmap[q].node, it.node)
-                and memcmp(page_address(&c.res, q), page_address(&c.res, p), c.res.page_size) == 0):
+                and (c.scan.by_checksum
+                     or memcmp(page_address(&c.res, q), page_address(&c.res, p), c.res.page_size) == 0)):
             link[0] = c.res.rmap[q].frame
             c.res.rmap[q].flags &= ~PAGE_UNSTABLE
             return q
@@ -184,7 +185,8 @@ cdef void cmp_and_merge_page(Core c, size_t p, bint written, scan_knobs *k,
     if f == NO_FRAME and k.tile_pages > 1:
         f = tile_restart(c, p, page, checksum, st)
     if f == NO_FRAME:
-        f = stable_tree_search(&c.store, page, checksum, it.node, k.max_page_sharing)
+        f = stable_tree_search(&c.store, page, checksum, it.node, k.max_page_sharing,
+                               c.scan.by_checksum)
         if f != NO_FRAME:
             f = tile_start(&c.store, f, k.max_page_sharing)
     if f == NO_FRAME and frames_shared(&c.store):
@@ -232,7 +234,8 @@ cdef uint32_t tile_restart(Core c, size_t p, const char *page, uint32_t checksum
         return NO_FRAME
     if (frame_mapcount(&c.store, prev.frame) == 0
             or frame_checksum(&c.store, prev.frame) != checksum   # before the frame is read
-            or memcmp(page, frame_address(&c.store, prev.frame), c.res.page_size) != 0
+            or not (c.scan.by_checksum
+                    or memcmp(page, frame_address(&c.store, prev.frame), c.res.page_size) == 0)
             or not same_tree(&c.store, frame_node(&c.store, prev.frame), c.res.rmap[p].node)):
         return NO_FRAME
     f = new_stable_frame(c, page, checksum, frame_node(&c.store, prev.frame),
@@ -262,7 +265,7 @@ cdef uint32_t tile_continuation(Core c, size_t p, const char *page, uint32_t che
         c.scan.run_pages = 1            # page p - 1 begins a run
     g = prev.frame
     f = tile_next(&c.store, g, page, checksum, c.res.rmap[p].node, k.max_page_sharing,
-                  k.tile_pages, c.scan.run_pages, &grow)
+                  k.tile_pages, c.scan.run_pages, c.scan.by_checksum, &grow)
     if grow:
         frames_write_other_node(&c.store, frame_node(&c.store, g))
         prefer_node(&c.nodes, frame_node(&c.store, g))
@@ -293,6 +296,7 @@ cdef int scan_range(Core c, size_t first, size_t end, scan_knobs *k,
     cdef double cpu
     cdef int err = 0
     st.threads = max(k.threads, 1)      # also for the remaps of the pass (_remap.pxi)
+    c.scan.by_checksum = compared_again_before_remap(c)
     if knows_nodes(&c.nodes):
         nodes = <uint16_t *>malloc(CHUNKS_AHEAD * STATE_CHUNK * sizeof(uint16_t))
     if cats == NULL or (knows_nodes(&c.nodes) and nodes == NULL):
@@ -452,8 +456,8 @@ cdef void check_new_frames(Core c) noexcept nogil:
     cdef size_t i, j, nsources, first
     cdef const written_from *s = frames_sources(&c.store, &nsources)
     cdef uint8_t *written
-    if not (tracking(&c.tables) and barrier_keeps_tracking(&c.wb)):
-        return                          # every page is compared again anyway
+    if compared_again_before_remap(c):
+        return
     for i in range(nsources):
         first = (s[i].content - c.res.base) // c.res.page_size
         PD_ASSERT(s[i].content >= c.res.base and first + s[i].n <= c.res.high_water,
@@ -467,6 +471,16 @@ cdef void check_new_frames(Core c) noexcept nogil:
                     frames_distrust(&c.store, s[i].frame, s[i].n)
                     break
         free(written)
+
+
+cdef bint compared_again_before_remap(Core c) noexcept nogil:
+    """Whether applying compares every page with its target again under
+    the barrier (_remap.pxi match_run_ahead): the uffd barrier, which takes
+    the run from the write tracking, or no tracking. Then the scan need not
+    compare bytes to choose a target: a match of checksums stands for them
+    (_frames.pxi holds_page), and a page is read once by the scan and once
+    under the barrier, not twice and once."""
+    return not (tracking(&c.tables) and barrier_keeps_tracking(&c.wb))
 
 
 cdef bint track_huge_pages_for_pass(Core c) noexcept nogil:
