@@ -88,6 +88,13 @@ cdef void end_scan(Core c, pass_stats *st) noexcept nogil:
     c.scan.cursor = 0
 
 
+cdef inline bint same_content(Core c, const char *page, const char *other) noexcept nogil:
+    """Whether two pages of one checksum hold one content: their bytes, or
+    the checksum taken for them where applying compares every page again
+    (c.scan.by_checksum; _frames.pxi holds_page for a frame)."""
+    return c.scan.by_checksum or memcmp(page, other, c.res.page_size) == 0
+
+
 cdef size_t unstable_tree_search_insert(Core c, size_t p) noexcept nogil:
     """An earlier page of this scan with the same content as page p, taken
     out of the tree; or NO_PAGE, and p goes into the tree."""
@@ -98,8 +105,7 @@ cdef size_t unstable_tree_search_insert(Core c, size_t p) noexcept nogil:
     while q != NO_PAGE:
         if (c.res.rmap[q].checksum == it.checksum
                 and same_tree(&c.store, c.res.rmap[q].node, it.node)
-                and (c.scan.by_checksum
-                     or memcmp(page_address(&c.res, q), page_address(&c.res, p), c.res.page_size) == 0)):
+                and same_content(c, page_address(&c.res, q), page_address(&c.res, p))):
             link[0] = c.res.rmap[q].frame
             c.res.rmap[q].flags &= ~PAGE_UNSTABLE
             return q
@@ -234,8 +240,7 @@ cdef uint32_t tile_restart(Core c, size_t p, const char *page, uint32_t checksum
         return NO_FRAME
     if (frame_mapcount(&c.store, prev.frame) == 0
             or frame_checksum(&c.store, prev.frame) != checksum   # before the frame is read
-            or not (c.scan.by_checksum
-                    or memcmp(page, frame_address(&c.store, prev.frame), c.res.page_size) == 0)
+            or not same_content(c, page, frame_address(&c.store, prev.frame))
             or not same_tree(&c.store, frame_node(&c.store, prev.frame), c.res.rmap[p].node)):
         return NO_FRAME
     f = new_stable_frame(c, page, checksum, frame_node(&c.store, prev.frame),
