@@ -4,6 +4,16 @@
 # and descriptor inside, and what it needs of other parts (a page's node,
 # the memory policy) passed in: ready to move to memory shared by processes.
 
+cdef extern from "_writes.h" nogil:
+    enum:
+        PD_WRITES_AHEAD
+    ctypedef struct pd_writes:     # new frames written on the scan's helper threads
+        pass
+    pd_writes *pd_writes_open()
+    void pd_writes_put(pd_writes *w)
+    size_t pd_writes_post(pd_writes *w, int fd, const char *content, size_t length, long offset)
+    int pd_writes_finish(pd_writes *w, size_t i, size_t *written)
+
 cdef enum:
     MAX_TIERS = 8                  # memfds of a frame store: one, plus one a fork level
     MAX_TILE_PAGES = 65536         # frame_item.tile_index is 16 bits
@@ -64,6 +74,11 @@ cdef struct frame_store:           # Core.store
     uint16_t behind_node           # remap, which compares them with their frames again);
                                    # one pwrite writes them before anything reads, maps,
                                    # punches or shares a frame (frames_write_behind)
+    pd_writes *writes              # where writes are posted, for the scan's helpers to do;
+                                   # NULL: each is done at once (frames_write_on_helpers)
+    written_from writing[PD_WRITES_AHEAD]  # the writes posted and not collected:
+    size_t writes_posted           # [writes_collected, writes_posted), at their number
+    size_t writes_collected        # modulo PD_WRITES_AHEAD
     uint32_t unwritten_lo          # new frames [unwritten_lo, unwritten_hi) include those
     uint32_t unwritten_hi          # a write behind failed for (frames_take_unwritten)
 
@@ -73,6 +88,7 @@ cdef int frames_open(frame_store *fs, size_t page_size, size_t nslots,
 cdef void frames_close(frame_store *fs) noexcept nogil
 cdef frame_tier *tier_of(frame_store *fs, uint32_t f) noexcept nogil
 cdef char *frame_address(frame_store *fs, uint32_t f) noexcept nogil
+cdef const char *frame_content(frame_store *fs, uint32_t f) noexcept nogil
 cdef int frame_fd(frame_store *fs, uint32_t f) noexcept nogil
 cdef int frames_memfd(frame_store *fs) noexcept nogil
 cdef bint tier_starts_at(frame_store *fs, uint32_t f) noexcept nogil
@@ -90,6 +106,9 @@ cdef bint frames_trusted(frame_store *fs, uint32_t first, uint32_t n) noexcept n
 cdef uint16_t frame_node(frame_store *fs, uint32_t f) noexcept nogil
 cdef uint32_t frame_checksum(frame_store *fs, uint32_t f) noexcept nogil
 cdef int frames_write_behind(frame_store *fs) noexcept nogil
+cdef bint frames_write_on_helpers(frame_store *fs) noexcept nogil
+cdef pd_writes *frames_writes(frame_store *fs) noexcept nogil
+cdef void frames_write_here(frame_store *fs) noexcept nogil
 cdef void frames_write_other_node(frame_store *fs, uint16_t node) noexcept nogil
 cdef bint frames_take_unwritten(frame_store *fs, uint32_t *lo, uint32_t *hi) noexcept nogil
 cdef bint frame_unwritten(frame_store *fs, uint32_t f) noexcept nogil

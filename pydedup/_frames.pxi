@@ -39,6 +39,7 @@ cdef int frames_open(frame_store *fs, size_t page_size, size_t nslots,
 
 cdef void frames_close(frame_store *fs) noexcept nogil:
     cdef int t
+    frames_write_here(fs)               # no helper may write into a memfd closed below
     fs.behind_n = 0                     # no page maps a frame not written yet
     free(fs.sources)
     fs.sources, fs.nsources, fs.sources_cap = NULL, 0, 0
@@ -238,15 +239,15 @@ cdef int frame_write(frame_store *fs, uint32_t f, const char *content, uint16_t 
 
     Written behind: a frame that follows the frames not written yet, with
     content that follows theirs, for the same node, joins them, and one
-    pwrite writes them all when something first needs a frame's content
+    pwrite writes them all, posted for a helper when the next frame does not
+    join or done when something first needs a frame's content
     (frames_write_behind). A copied array's new frames cost a pwrite a
-    WRITE_BEHIND_PAGES instead of one a page, which was most of a first
-    shared member's merge. The error of a write is this frame's if it
-    writes the others first."""
+    WRITE_BEHIND_PAGES instead of one a page. The error of an earlier write
+    collected to make room is this frame's."""
     cdef int err
     fs.frames[f].node = node
     if fs.behind_n and not joins_behind(fs, f, content, node):
-        err = frames_write_behind(fs)
+        err = post_behind(fs)
         if err:
             return err
     if fs.behind_n == 0:
@@ -264,35 +265,105 @@ cdef inline bint joins_behind(frame_store *fs, uint32_t f, const char *content,
 
 
 cdef int frames_write_behind(frame_store *fs) noexcept nogil:
-    """Write the new frames not written yet, with one pwrite (more if it
-    writes less); 0 or an errno. A frame it cannot write holds a hole (it
-    reads as zeros): its pages are compared with it again before their
-    remap and keep their own memory, and it is reclaimed as a frame no page
-    maps. Anything that reads, maps, punches or shares frames calls it
-    first: frame_address, frame_fd, reclaim, the fork fence, the shared
-    store's unlock (frames_save)."""
-    cdef size_t ps = fs.page_size
-    cdef size_t left = <size_t>fs.behind_n * ps, at = 0
-    cdef long done = 0, first = <long>fs.behind_first * <long>ps
-    cdef uint32_t n = fs.behind_n, written
-    cdef int fd, err = 0
+    """Write the new frames not written yet, and wait for those being
+    written; 0 or the errno of the first that failed. A frame that could not
+    be written holds a hole (it reads as zeros): its pages are compared with
+    it again before their remap and keep their own memory, and it is
+    reclaimed as a frame no page maps. Anything that reads, maps, punches or
+    shares frames calls it first: frame_address, frame_fd, reclaim, the fork
+    fence, the shared store's unlock (frames_save)."""
+    cdef int err = post_behind(fs), failed
+    while fs.writes_collected < fs.writes_posted:
+        failed = collect_write(fs)
+        err = err or failed
+    return err
+
+
+cdef int post_behind(frame_store *fs) noexcept nogil:
+    """The frames not written yet go to be written: with one pwrite (more if
+    it writes less), here, or posted for a helper of the scan
+    (frames_write_on_helpers), collecting the oldest write first if as many
+    as may be are under way; 0 or an errno, of that one."""
+    cdef uint32_t first = fs.behind_first, n = fs.behind_n
+    cdef const char *content = fs.behind_content
+    cdef written_from *slot
+    cdef int err = 0
     if n == 0:
         return 0
-    fd = tier_of(fs, fs.behind_first).fd
     fs.behind_n = 0                     # first: the errors below leave nothing behind
-    note_source(fs, fs.behind_first, fs.behind_content, n)
+    note_source(fs, first, content, n)
+    if fs.writes == NULL:
+        return write_frames(fs, first, content, n)
+    if fs.writes_posted - fs.writes_collected == PD_WRITES_AHEAD:
+        err = collect_write(fs)
+    slot = &fs.writing[fs.writes_posted % PD_WRITES_AHEAD]
+    slot[0] = written_from(content, first, n)
+    pd_writes_post(fs.writes, tier_of(fs, first).fd, content, <size_t>n * fs.page_size,
+                   <long>first * <long>fs.page_size)
+    fs.writes_posted += 1
+    return err
+
+
+cdef int write_frames(frame_store *fs, uint32_t first, const char *content,
+                      uint32_t n) noexcept nogil:
+    """Frames [first, first + n) written from `content` here; 0 or an errno,
+    and the frames not written are unwritten."""
+    cdef size_t ps = fs.page_size
+    cdef size_t left = <size_t>n * ps, at = 0
+    cdef long done = 0, offset = <long>first * <long>ps
+    cdef int fd = tier_of(fs, first).fd, err = 0
     while left:
-        done = pwrite(fd, fs.behind_content + at, left, first + <long>at)
+        done = pwrite(fd, content + at, left, offset + <long>at)
         if done <= 0:
             err = errno if done < 0 else ENOMEM
             break
         at += <size_t>done
         left -= <size_t>done
-    if err == 0:
-        return 0
-    written = <uint32_t>(at // ps)      # a page written in part is not written
-    unwrite_frames(fs, fs.behind_first + written, n - written)
+    if err:
+        unwrite_frames(fs, first + <uint32_t>(at // ps), n - <uint32_t>(at // ps))
     return err
+
+
+cdef int collect_write(frame_store *fs) noexcept nogil:
+    """The oldest write posted, done: 0 or its errno, and then its frames
+    not written are unwritten (a page written in part is not written)."""
+    cdef size_t i = fs.writes_collected, written = 0
+    cdef written_from *slot = &fs.writing[i % PD_WRITES_AHEAD]
+    cdef uint32_t done
+    cdef int err = pd_writes_finish(fs.writes, i, &written)
+    fs.writes_collected += 1
+    if err:
+        done = <uint32_t>(written // fs.page_size)
+        unwrite_frames(fs, slot.frame + done, slot.n - done)
+    return err
+
+
+cdef bint frames_write_on_helpers(frame_store *fs) noexcept nogil:
+    """From now on writes are posted for the scan's helpers (pass
+    frames_writes() to them), not done at once; False without memory for
+    it. The pwrite of a frame is most of a first shared member's merge, and
+    the helpers, which hash faster than the scan decides, have time for it.
+    frames_write_here() ends it."""
+    PD_ASSERT(fs.writes == NULL, "frames_write_on_helpers: not already")
+    frames_write_behind(fs)
+    fs.writes = pd_writes_open()
+    fs.writes_posted = fs.writes_collected = 0
+    return fs.writes != NULL
+
+
+cdef pd_writes *frames_writes(frame_store *fs) noexcept nogil:
+    """The writes for the scan's helpers to do, or NULL."""
+    return fs.writes
+
+
+cdef void frames_write_here(frame_store *fs) noexcept nogil:
+    """Every write posted is done (by this thread if nobody took it), and
+    writes are done at once again: before the helpers leave."""
+    if fs.writes == NULL:
+        return
+    frames_write_behind(fs)
+    pd_writes_put(fs.writes)
+    fs.writes = NULL
 
 
 cdef void unwrite_frames(frame_store *fs, uint32_t first, uint32_t n) noexcept nogil:
@@ -327,21 +398,30 @@ cdef bint frame_unwritten(frame_store *fs, uint32_t f) noexcept nogil:
     return fs.frames[f].mapcount != 0 and not stable_tree_holds(fs, f)
 
 
-cdef inline const char *frame_content(frame_store *fs, uint32_t f) noexcept nogil:
+cdef const char *frame_content(frame_store *fs, uint32_t f) noexcept nogil:
     """Where frame f's content can be compared now: the page it is being
-    written from while it is not written yet (frames_write_behind), which is
-    what the write will copy, else the view (a frame written already: the
-    frames not written yet stay so). Reads one page, never a run."""
+    written from while it is not written yet (frames_write_behind) or a
+    helper may be writing it, which is what the write copies, else the view
+    (a frame written already: the frames not written yet stay so). Reads one
+    page, never a run."""
+    cdef size_t i
+    cdef const written_from *w
     if fs.behind_n and fs.behind_first <= f < fs.behind_first + fs.behind_n:
         return fs.behind_content + <size_t>(f - fs.behind_first) * fs.page_size
+    for i in range(fs.writes_collected, fs.writes_posted):
+        w = &fs.writing[i % PD_WRITES_AHEAD]
+        if w.frame <= f < w.frame + w.n:
+            return w.content + <size_t>(f - w.frame) * fs.page_size
     return view_address(fs, f)
 
 
 cdef void frames_write_other_node(frame_store *fs, uint16_t node) noexcept nogil:
     """Before the writing thread's memory policy changes for `node`: the
-    frames not written yet for another node are written under its policy."""
+    frames not written yet for another node are written under its policy
+    (or posted for the helpers, which write only where no policy steers
+    memory: the scan's frames_write_on_helpers)."""
     if fs.behind_n and fs.behind_node != node:
-        frames_write_behind(fs)
+        post_behind(fs)
 
 
 cdef uint32_t frame_mapcount(frame_store *fs, uint32_t f) noexcept nogil:

@@ -1,5 +1,6 @@
 /* Zero tests and checksums of many pages on several threads (_hash.pxi),
- * and the comparison of a held run (_remap.pxi).
+ * the new frames' writes of the scan (_writes.h), and the comparison of a
+ * held run (_remap.pxi).
  *
  * Plain C and pthreads, not OpenMP: libgomp keeps a pool of threads that is
  * not fork-safe, and pydedup forks. The threads here live for one job (a
@@ -24,6 +25,7 @@
 #include <time.h>
 #include "_os.h"
 #include "_checksum.h"
+#include "_writes.h"
 
 #define PD_MAX_THREADS 256
 
@@ -76,7 +78,9 @@ static inline void pd_add_cpu(uint64_t *ns, double since)
  * they have caught up. When the scan needs a chunk's answers it takes the
  * grains no helper has taken yet itself and waits for the rest. So the
  * helpers keep hashing while the scan spends long on a chunk (comparing
- * copies, writing frames), and the scan hashes when it is the faster one.
+ * copies), and the scan hashes when it is the faster one. A helper writes
+ * the new frames the scan posts (_writes.h) before it takes a grain: the
+ * scan may be waiting for a frame, never for a grain it could hash itself.
  *
  * A page's position is its place in publishing order; the ring holds
  * `capacity` positions, reused once the scan has looked at their chunk.
@@ -98,6 +102,7 @@ typedef struct {
     uint32_t wake;           /* futex word: changes at every publish and at the close */
     int closed;
     uint64_t helper_ns;      /* the helpers' CPU time */
+    pd_writes *writes;       /* the scan's frame writes, or NULL */
     int refs;
 } pd_stream;
 
@@ -108,6 +113,8 @@ static void pd_stream_put(pd_stream *s)
         free(s->sums);
         free(s->zero);
         free(s->finished);
+        if (s->writes != NULL)
+            pd_writes_put(s->writes);
         free(s);
     }
 }
@@ -149,8 +156,10 @@ static void *pd_stream_helper(void *arg)
     size_t lo;
     for (;;) {
         uint32_t seen = __atomic_load_n(&s->wake, __ATOMIC_ACQUIRE);
-        if (pd_stream_take(s, SIZE_MAX, &lo)) {
-            double start = pd_thread_cpu();
+        double start = pd_thread_cpu();
+        if (s->writes != NULL && pd_writes_help(s->writes)) {
+            pd_add_cpu(&s->helper_ns, start);
+        } else if (pd_stream_take(s, SIZE_MAX, &lo)) {
             pd_stream_hash_grain(s, lo);
             pd_add_cpu(&s->helper_ns, start);
         } else if (__atomic_load_n(&s->closed, __ATOMIC_ACQUIRE)) {
@@ -170,9 +179,10 @@ static void pd_stream_wake(pd_stream *s)
 }
 
 /* A stream of `capacity` positions (rounded up to whole grains) and
- * `threads` - 1 helpers, or NULL without memory for it. */
+ * `threads` - 1 helpers, which also do the writes posted to `writes` if
+ * not NULL; NULL without memory for it. */
 static inline pd_stream *pd_stream_open(const char *base, size_t page_size, size_t capacity,
-                                        unsigned threads)
+                                        unsigned threads, pd_writes *writes)
 {
     pd_stream *s = (pd_stream *)calloc(1, sizeof(pd_stream));
     if (s == NULL)
@@ -190,6 +200,11 @@ static inline pd_stream *pd_stream_open(const char *base, size_t page_size, size
     s->base = base;
     s->page_size = page_size;
     s->capacity = capacity;
+    if (writes != NULL) {
+        pd_writes_get(writes);
+        s->writes = writes;
+        writes->wake = &s->wake;
+    }
     if (threads > PD_MAX_THREADS)
         threads = PD_MAX_THREADS;
     pd_start_helpers(pd_stream_helper, s, &s->refs, threads > 1 ? threads - 1 : 0);
@@ -258,6 +273,8 @@ static inline double pd_stream_close(pd_stream *s)
 {
     double cpu;
     pd_stream_wait(s, s->released, s->published);
+    if (s->writes != NULL)
+        s->writes->wake = NULL;          /* the word goes with the stream */
     cpu = __atomic_load_n(&s->helper_ns, __ATOMIC_RELAXED) * 1e-9;
     __atomic_store_n(&s->closed, 1, __ATOMIC_RELEASE);
     pd_stream_wake(s);

@@ -2,8 +2,8 @@
 # pages, made ahead of its page-by-page decisions on several threads without
 # the GIL (_hash.h): a stream that the scan feeds a chunk at a time, a few
 # chunks ahead of the one it looks at. The decisions, the trees and the
-# remaps stay in the scan's one thread, in page order: only reads are
-# shared out.
+# remaps stay in the scan's one thread, in page order: only reads, and the
+# copies into new frames (_writes.h), are shared out.
 
 cdef extern from "_hash.h" nogil:
     enum:
@@ -35,8 +35,8 @@ cdef struct page_hashes:           # scan_state.hashes: the answers for the chun
 cdef struct hashed_span:           # where a chunk's pages are in the stream
     size_t start, end
 
-cdef void hashes_open(page_hashes *h, const reservation *r, size_t chunk_pages, size_t chunks_ahead,
-                      uint32_t threads) noexcept nogil
+cdef bint hashes_open(page_hashes *h, const reservation *r, size_t chunk_pages, size_t chunks_ahead,
+                      uint32_t threads, pd_writes *writes) noexcept nogil
 cdef double hashes_close(page_hashes *h) noexcept nogil
 cdef void hash_ahead(page_hashes *h, size_t first, size_t n, const uint8_t *wanted,
                      hashed_span *span) noexcept nogil

@@ -1,7 +1,8 @@
 # The hash part (_hash.pxd): zero tests and checksums made ahead, on threads.
 
 cdef extern from "_hash.h" nogil:
-    pd_stream *pd_stream_open(const char *base, size_t page_size, size_t capacity, unsigned threads)
+    pd_stream *pd_stream_open(const char *base, size_t page_size, size_t capacity, unsigned threads,
+                              pd_writes *writes)
     int pd_stream_publish(pd_stream *s, size_t first, size_t n, const uint8_t *wanted,
                           size_t *start, size_t *end)
     void pd_stream_wait(pd_stream *s, size_t start, size_t end)
@@ -11,23 +12,27 @@ cdef extern from "_hash.h" nogil:
     double pd_stream_close(pd_stream *s)
 
 
-cdef void hashes_open(page_hashes *h, const reservation *r, size_t chunk_pages, size_t chunks_ahead,
-                      uint32_t threads) noexcept nogil:
+cdef bint hashes_open(page_hashes *h, const reservation *r, size_t chunk_pages, size_t chunks_ahead,
+                      uint32_t threads, pd_writes *writes) noexcept nogil:
     """With threads, a stream for the pages of `chunks_ahead` chunks of
-    `chunk_pages`, hashed by threads - 1 helpers, and room for one chunk's
-    answers. Without memory for them (RLIMIT_DATA, say) the scan hashes
-    each page itself, as on one thread: the threads are a speed-up, never a
-    reason to fail. hashes_close() undoes it."""
+    `chunk_pages`, hashed by threads - 1 helpers, which also do the frame
+    writes posted to `writes` (if not NULL), and room for one chunk's
+    answers; whether there are helpers. Without memory for them
+    (RLIMIT_DATA, say) the scan hashes each page itself, as on one thread:
+    the threads are a speed-up, never a reason to fail. hashes_close()
+    undoes it."""
     memset(h, 0, sizeof(page_hashes))
     if threads < 2:
-        return
+        return False
     h.sums = <uint32_t *>malloc(chunk_pages * sizeof(uint32_t))
     h.zero = <uint8_t *>malloc(chunk_pages)
     h.capacity = chunk_pages
     if h.sums != NULL and h.zero != NULL:
-        h.stream = pd_stream_open(page_address(r, 0), r.page_size, chunk_pages * chunks_ahead, threads)
+        h.stream = pd_stream_open(page_address(r, 0), r.page_size, chunk_pages * chunks_ahead, threads,
+                                  writes)
     if h.stream == NULL:
         hashes_close(h)
+    return h.stream != NULL
 
 
 cdef double hashes_close(page_hashes *h) noexcept nogil:

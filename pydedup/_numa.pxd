@@ -22,5 +22,6 @@ cdef bint simulating(const node_map *nm) noexcept nogil
 cdef uint16_t simulated_node(const node_map *nm, size_t p) noexcept nogil
 cdef void read_nodes(const node_map *nm, const reservation *r, size_t first, size_t n,
                      const uint8_t *cats, uint16_t *out) noexcept nogil
+cdef bint steers_memory(const node_map *nm) noexcept nogil
 cdef void prefer_node(node_map *nm, uint16_t node) noexcept nogil
 cdef void restore_policy(node_map *nm) noexcept nogil

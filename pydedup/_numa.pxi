@@ -68,6 +68,12 @@ cdef inline bint places_memory(const node_map *nm, uint16_t node) noexcept nogil
     return nm.nnodes > 1 and nm.simulated == NULL and node < PD_MAX_NODES
 
 
+cdef bint steers_memory(const node_map *nm) noexcept nogil:
+    """Whether prefer_node() may set a policy: then frames are written by
+    the thread that set it (_frames.pxi frame_write), not by helpers."""
+    return nm.nnodes > 1 and nm.simulated == NULL
+
+
 cdef void prefer_node(node_map *nm, uint16_t node) noexcept nogil:
     """This thread's next allocations come from `node` where it has memory:
     a shmem file's pages (frames) are allocated under the writer's policy.

@@ -240,7 +240,7 @@ cdef uint32_t tile_restart(Core c, size_t p, const char *page, uint32_t checksum
         return NO_FRAME
     if (frame_mapcount(&c.store, prev.frame) == 0
             or frame_checksum(&c.store, prev.frame) != checksum   # before the frame is read
-            or not same_content(c, page, frame_address(&c.store, prev.frame))
+            or not same_content(c, page, frame_content(&c.store, prev.frame))
             or not same_tree(&c.store, frame_node(&c.store, prev.frame), c.res.rmap[p].node)):
         return NO_FRAME
     f = new_stable_frame(c, page, checksum, frame_node(&c.store, prev.frame),
@@ -290,8 +290,10 @@ cdef int scan_range(Core c, size_t first, size_t end, scan_knobs *k,
     """Look at every mergeable page of [first, end) that holds memory, a
     chunk at a time. With threads, the page tables of up to CHUNKS_AHEAD
     chunks are read ahead and their pages given to the hash stream, whose
-    helpers hash them while the caller looks at the first: the trees, the
-    new frames and the targets stay in page order on the caller."""
+    helpers hash them while the caller looks at the first, and write the
+    new frames the caller posts (unless frames must be written under the
+    caller's NUMA policy): the trees, the new frames and the targets stay
+    in page order on the caller."""
     cdef uint8_t *cats = <uint8_t *>malloc(CHUNKS_AHEAD * STATE_CHUNK)
     cdef uint16_t *nodes = NULL
     cdef chunk_tables chunks[CHUNKS_AHEAD]
@@ -313,7 +315,11 @@ cdef int scan_range(Core c, size_t first, size_t end, scan_knobs *k,
         chunks[i].cats = cats + i * STATE_CHUNK
         if nodes != NULL:
             chunks[i].nodes = nodes + i * STATE_CHUNK
-    hashes_open(&c.scan.hashes, &c.res, STATE_CHUNK, CHUNKS_AHEAD, k.threads)
+    if k.threads > 1 and not steers_memory(&c.nodes):
+        frames_write_on_helpers(&c.store)
+    if not hashes_open(&c.scan.hashes, &c.res, STATE_CHUNK, CHUNKS_AHEAD, k.threads,
+                       frames_writes(&c.store)):
+        frames_write_here(&c.store)     # no helper to write them
     while err == 0:
         while err == 0 and next_first < end and read - looked < CHUNKS_AHEAD:
             chunk = &chunks[read % CHUNKS_AHEAD]
@@ -328,6 +334,7 @@ cdef int scan_range(Core c, size_t first, size_t end, scan_knobs *k,
         scan_chunk(c, chunk, k, st)
         hashes_forget(&c.scan.hashes, &chunk.hashed)
         looked += 1
+    frames_write_here(&c.store)         # while the helpers are there to finish theirs
     cpu = hashes_close(&c.scan.hashes)  # the helpers' CPU time is the decision's
     st.decide_cpu_seconds += cpu
     st.helper_cpu_seconds += cpu
