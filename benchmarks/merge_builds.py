@@ -1,9 +1,9 @@
-"""merge() of the structured workload by two or more builds of pydedup,
-alternately, in one sitting: medians of many merges, for a change whose
-effect is smaller than this machine's noise from one merge to the next.
+"""merge() by two or more builds of pydedup, alternately, in one sitting:
+medians of many merges, for a change whose effect is smaller than this
+machine's noise from one merge to the next.
 
     python benchmarks/merge_builds.py OLD_TREE NEW_TREE [--threads 2] [--barrier mprotect]
-        [--rounds 4] [--merges 3] [--gib 1]
+        [--rounds 4] [--merges 3] [--gib 1] [--workload structured|first-member]
 
 Each tree is a checkout of pydedup with its extension built in place
 (`python setup.py build_ext --inplace`). Each round runs every tree once,
@@ -13,8 +13,16 @@ arenas, each holding the workload, and merges each once. Just before each
 workload is built it touches and frees 3x its size of memory, so that the
 host backs the memory the workload and the frames take (a VM reporting free
 pages to its host otherwise makes fresh memory cost up to 20x: see
-benchmarks/fresh_memory.py). The read pass is numpy's OR-reduce over
-memory of the workload's size, measured in the same child.
+benchmarks/fresh_memory.py).
+
+The workloads:
+- structured (pydedup.bench.workloads): read passes, the merge's time over
+  numpy's OR-reduce over memory of the workload's size, in the same child;
+- first-member (issue 16): a first member of a new shared store merging
+  --gib of random doubles (a new frame for every page), and just before
+  it, as its baseline, a private arena merging two copies of half as much
+  (a frame for every two pages: benchmarks/shared.py's two-copy merge);
+  seconds a GiB of each, and their ratio.
 """
 import argparse
 import json
@@ -28,7 +36,9 @@ import time
 CHILD = "--child"
 
 
-def child(threads, barrier, gib, merges):
+def child(workload, threads, barrier, gib, merges):
+    if workload == "first-member":
+        return first_member(threads, barrier, gib, merges)
     import numpy as np
 
     import pydedup
@@ -53,6 +63,32 @@ def child(threads, barrier, gib, merges):
     print(json.dumps(out))
 
 
+def first_member(threads, barrier, gib, merges):
+    import uuid
+
+    import numpy as np
+
+    import pydedup
+    size = int(gib * (1 << 30))
+    data = np.random.default_rng(1).random(size // 8)
+    out = []
+    for _ in range(merges):
+        seconds = {}
+        for kind in ("two copies", "first member"):
+            warm = np.ones(3 * size // 8)
+            del warm
+            shared = f"merge-builds-{uuid.uuid4().hex[:8]}" if kind == "first member" else ""
+            with pydedup.Arena(2 * size + (64 << 20), threads=threads, barrier=barrier,
+                               shared=shared) as arena:
+                held = ([arena.array(data)] if shared
+                        else [arena.array(data[:size // 16]) for _ in range(2)])
+                seconds[kind] = arena.merge().seconds / gib
+                del held
+        out.append({"first_member": seconds["first member"], "two_copies": seconds["two copies"],
+                    "ratio": seconds["first member"] / seconds["two copies"]})
+    print(json.dumps(out))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trees", nargs="+")
@@ -61,19 +97,27 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--merges", type=int, default=3)
     parser.add_argument("--gib", type=float, default=1.0)
+    parser.add_argument("--workload", default="structured", choices=["structured", "first-member"])
     args = parser.parse_args(argv)
     fifo = ["chrt", "-f", "50"] if shutil.which("chrt") and os.geteuid() == 0 else []
     found = {tree: [] for tree in args.trees}
     for r in range(args.rounds):
         for tree in (args.trees if r % 2 == 0 else args.trees[::-1]):
             done = subprocess.run(
-                [*fifo, sys.executable, __file__, CHILD, str(args.threads), args.barrier, str(args.gib),
-                 str(args.merges)], cwd=tree, env={**os.environ, "PYTHONPATH": os.path.abspath(tree)},
+                [*fifo, sys.executable, __file__, CHILD, args.workload, str(args.threads), args.barrier,
+                 str(args.gib), str(args.merges)],
+                cwd=tree, env={**os.environ, "PYTHONPATH": os.path.abspath(tree)},
                 capture_output=True, text=True, check=True)
             found[tree] += json.loads(done.stdout)
-    print(f"structured {args.gib:g} GiB, {args.threads} thread(s), {args.barrier} barrier, "
+    print(f"{args.workload} {args.gib:g} GiB, {args.threads} thread(s), {args.barrier} barrier, "
           f"{args.rounds} rounds x {args.merges} merges a tree")
     for tree, rows in found.items():
+        if args.workload == "first-member":
+            print(f"{tree}: first member median {statistics.median(r['first_member'] for r in rows):.3f} "
+                  f"s/GiB, two copies {statistics.median(r['two_copies'] for r in rows):.3f} s/GiB; "
+                  f"ratio median {statistics.median(r['ratio'] for r in rows):.2f} (min "
+                  f"{min(r['ratio'] for r in rows):.2f}, max {max(r['ratio'] for r in rows):.2f})")
+            continue
         passes = [row["read_passes"] for row in rows]
         print(f"{tree}: read passes median {statistics.median(passes):.2f} "
               f"(min {min(passes):.2f}, max {max(passes):.2f}); decide median "
@@ -83,6 +127,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == CHILD:
-        child(int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), int(sys.argv[5]))
+        child(sys.argv[2], int(sys.argv[3]), sys.argv[4], float(sys.argv[5]), int(sys.argv[6]))
     else:
         main()

@@ -218,6 +218,9 @@ cdef check_tiers(frame_store *fs):
     if not top.first_frame <= fs.fork_fence <= fs.frame_high:
         fail("top tier's first_frame <= fork_fence <= frame_high",
              f"{top.first_frame}, {fs.fork_fence}, {fs.frame_high}")
+    if fs.behind_n or fs.writes != NULL or fs.writes_collected != fs.writes_posted:
+        fail("between operations every new frame is written, and no helper writes",
+             f"{fs.behind_n} behind, {fs.writes_posted - fs.writes_collected} posted")
 
 
 cdef check_shared(Core c):
