@@ -45,7 +45,6 @@ def process_pss(pid):
 
 def stats(argv):
     from pydedup import publish
-    from pydedup.stats import ArenaStats
     parser = argparse.ArgumentParser(
         prog="pydedup stats", description="The counters running arenas publish (see "
         "pydedup/publish.py): arenas refresh them at stats(), and at merge() and "
@@ -71,14 +70,19 @@ def stats(argv):
               "(an arena publishes at its first merge() or stats() call)")
         return 1
     for r in records:
+        try:
+            counters = publish.stats_of(r)
+        except OSError as e:                     # gone since, or another user's
+            print(f"pid {r['pid']}  arena {r['arena']}: {e}\n")
+            continue
         pss = process_pss(r["pid"])
         print(f"pid {r['pid']}  arena {r['arena']}  counters {time.time() - r['time']:.1f} s old  "
               f"process PSS {'?' if pss is None else f'{pss / 2**20:,.1f} MiB'}")
-        if r["stats"].get("shared_store"):       # a store shared by processes (issue 16)
-            print(f"shared store {r['stats']['shared_store']!r}, members (pids): "
-                  + ", ".join(str(pid) for pid in r["stats"]["shared_members"]))
+        if counters.shared_store:                # a store shared by processes (issue 16)
+            print(f"shared store {counters.shared_store!r}, members (pids): "
+                  + ", ".join(str(pid) for pid in counters.shared_members))
         print("knobs: " + ", ".join(f"{k}={v}" for k, v in r["knobs"].items()))
-        print(ArenaStats.from_published(r["stats"]), end="\n\n")
+        print(counters, end="\n\n")
     return 0
 
 

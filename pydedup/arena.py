@@ -535,39 +535,40 @@ class Arena:
             return ArrayStats.made_from(dict(c, pages=n, page_size=PAGE_SIZE))
         self._flush_allocator_cache()
         with self._locked() as core:
-            core.sweep_members()
-            core.refresh(0, core.high_water)
-            c = core.counts(0, core.high_water)
-            store = os.fstat(core.memfd)
-            members = core.shared_counts()
-            smaps = procfs.arena_smaps(self._lo, self._hi, store.st_ino)
-            # A shared store: this arena's frames, and their memory (the
-            # store holds other members' frames too: shared_frames).
-            frames = core.member_frames() if core.shared else core.frames_in_use
-            store_bytes = frames * PAGE_SIZE if core.shared else store.st_blocks * 512
-            readings = dict(
-                c, frames=frames, metadata=core.metadata_bytes(),
-                full_scans=core.full_scans, unshared=core.pages_unshared,
-                volatile=core.pages_volatile, barrier=core.barrier_name,
-                frame_store_bytes=store_bytes, shared_frames=core.frames_in_use if core.shared else 0,
-                window_pss=smaps["window_pss"],
-                frames_by_node=core.frames_by_node(), **core.tile_counts(),
-                ksm_stat=procfs.ksm_stat(),
-                mappings=smaps["mappings"],
-                reserved=self._hi - self._lo, page_size=PAGE_SIZE,
-                huge_pages=self._huge_state, **core.huge_counts(),
-                shared_store=self.shared, shared_members=members["members"],
-                shared_pages=members["pages_with_others"],
-                shared_rss=smaps["store_rss"] if core.shared else 0,
-                shared_pss=smaps["store_pss"] if core.shared else 0,
-                shared_repairs=members["repairs"], members_lost=members["members_lost"],
-                pss=smaps["pss"], anonhugepages=smaps["anonhugepages"])
+            readings, smaps_of = self._readings(core)
+            readings.update(procfs.smaps_readings(procfs.arena_smaps(*smaps_of), core.shared))
         stats = ArenaStats.made_from(readings)
         self._publisher.publish(stats, self._scanner)
         return stats
 
+    def _readings(self, core) -> tuple[dict[str, Any], tuple[int, int, int]]:
+        """What stats() is made from but what /proc/self/smaps says, and
+        what to read of it: (readings, (lo, hi, the frame store's inode))."""
+        core.sweep_members()
+        core.refresh(0, core.high_water)
+        c = core.counts(0, core.high_water)
+        store = os.fstat(core.memfd)
+        members = core.shared_counts()
+        # A shared store: this arena's frames, and their memory (the
+        # store holds other members' frames too: shared_frames).
+        frames = core.member_frames() if core.shared else core.frames_in_use
+        store_bytes = frames * PAGE_SIZE if core.shared else store.st_blocks * 512
+        readings = dict(
+            c, frames=frames, metadata=core.metadata_bytes(),
+            full_scans=core.full_scans, unshared=core.pages_unshared,
+            volatile=core.pages_volatile, barrier=core.barrier_name,
+            frame_store_bytes=store_bytes, shared_frames=core.frames_in_use if core.shared else 0,
+            frames_by_node=core.frames_by_node(), **core.tile_counts(),
+            ksm_stat=procfs.ksm_stat(),
+            reserved=self._hi - self._lo, page_size=PAGE_SIZE,
+            huge_pages=self._huge_state, **core.huge_counts(),
+            shared_store=self.shared, shared_members=members["members"],
+            shared_pages=members["pages_with_others"],
+            shared_repairs=members["repairs"], members_lost=members["members_lost"])
+        return readings, (self._lo, self._hi, store.st_ino)
+
     def _publish_if_due(self) -> None:
-        # While `pydedup stats` watches, at most a stats() a second: merge()
+        # While `pydedup stats` watches, at most a publication a second: merge()
         # and the scanner keep the published counters fresh (see publish.py).
         if self._publisher.due():
             self._publish()
@@ -582,8 +583,14 @@ class Arena:
             self._publish()
 
     def _publish(self) -> None:
+        """The counters for `pydedup stats`, but those of /proc/self/smaps,
+        which the reader measures (publish.py): the file is tens of megabytes
+        for an arena cut into 100,000 mappings, a second or more to read, and
+        a merge does not wait for that."""
         try:
-            self.stats()
+            with self._locked() as core:
+                readings, smaps_of = self._readings(core)
+            self._publisher.publish_unmeasured(readings, smaps_of, self._scanner)
         except (OSError, ValueError):   # best effort: never fail a merge or stop the scanner
             pass
 

@@ -69,10 +69,11 @@ def smaps_fields(lo: int, hi: int, fields=(b"Pss", b"Pss_Anon", b"Pss_Shmem")):
 _SMAPS_HEADER = re.compile(rb"^([0-9a-f]+)-[0-9a-f]+ [^\n]*$", re.MULTILINE)
 
 
-def arena_smaps(lo: int, hi: int, store_inode: int) -> dict:
-    """What stats() reads of /proc/self/smaps, from one read of it: a merge
-    cut into 100,000 mappings makes that file tens of megabytes, which the
-    kernel takes seconds to write. In bytes, but `mappings`:
+def arena_smaps(lo: int, hi: int, store_inode: int, pid: int | None = None) -> dict:
+    """What stats() reads of /proc/self/smaps (of `pid`'s, for `pydedup
+    stats`), from one read of it: a merge cut into 100,000 mappings makes
+    that file tens of megabytes, which the kernel takes seconds to write. In
+    bytes, but `mappings`:
     - pss, anonhugepages: summed over the mappings inside [lo, hi);
     - mappings: how many mappings lie inside [lo, hi);
     - store_rss, store_pss: of the mappings of the frame store (file
@@ -82,7 +83,7 @@ def arena_smaps(lo: int, hi: int, store_inode: int) -> dict:
       the core reads frames through holds a share of every frame it touched,
       which the arena's own Pss lacks."""
     sums = dict.fromkeys(("pss", "anonhugepages", "mappings", "store_rss", "store_pss", "window_pss"), 0)
-    with open("/proc/self/smaps", "rb") as f:
+    with open(f"/proc/{'self' if pid is None else int(pid)}/smaps", "rb") as f:
         text = f.read()
     headers = list(_SMAPS_HEADER.finditer(text))
     for i, header in enumerate(headers):
@@ -105,6 +106,13 @@ def arena_smaps(lo: int, hi: int, store_inode: int) -> dict:
             elif of_store and name == b"Pss":
                 sums["window_pss"] += value
     return sums
+
+
+def smaps_readings(smaps: dict, shared: bool) -> dict:
+    """The readings stats() takes from arena_smaps()."""
+    return dict(pss=smaps["pss"], anonhugepages=smaps["anonhugepages"], mappings=smaps["mappings"],
+                window_pss=smaps["window_pss"], shared_rss=smaps["store_rss"] if shared else 0,
+                shared_pss=smaps["store_pss"] if shared else 0)
 
 
 def process_pss(pid: int | None = None) -> int:

@@ -8,12 +8,16 @@ computed anyway), and so does an arena's first merge (by merge() or the
 scanner), so that every arena that merged is listed. After that, merge()
 and the background scanner refresh it only while someone is reading:
 `pydedup stats` touches a request file in the directory, and for the next
-WATCH seconds they call stats() at most once every INTERVAL seconds. A
-stats() costs 10 ms for a 1 GiB arena of few mappings and much more for one
-cut into tens of thousands (it reads /proc/self/smaps), so nobody pays for
-it while nobody looks. close() and garbage collection remove
-the file; readers skip files of processes that are gone. Publishing is best
-effort: a directory that cannot be written only means nothing is shown.
+WATCH seconds they refresh it at most once every INTERVAL seconds.
+
+A merge publishes the readings the counters are made from, but not those
+of /proc/self/smaps (PSS, mappings), whose reading would cost the merge
+10 ms for a 1 GiB arena of few mappings and a second or more for one cut
+into 100,000 (tens of megabytes of text): it says where they are instead,
+and the reader reads /proc/<pid>/smaps itself (stats_of). close() and
+garbage collection remove the file; readers skip files of processes that
+are gone. Publishing is best effort: a directory that cannot be written
+only means nothing is shown.
 """
 import json
 import os
@@ -21,6 +25,8 @@ import tempfile
 import threading
 import time
 import weakref
+
+from pydedup import procfs
 
 INTERVAL = 1.0        # seconds between refreshes while watched
 WATCH = 10.0          # seconds a request keeps arenas refreshing
@@ -63,9 +69,17 @@ class Publisher:
 
     def publish(self, stats, scanner=None):
         """Write `stats` (an ArenaStats) and the knobs; never raises OSError."""
+        self._write({"stats": stats.as_dict()}, scanner)
+
+    def publish_unmeasured(self, readings, smaps_of, scanner=None):
+        """Write the readings an ArenaStats is made from but those of
+        procfs.arena_smaps(*smaps_of), which the reader measures."""
+        self._write({"stats": None, "readings": readings, "smaps_of": list(smaps_of)}, scanner)
+
+    def _write(self, counters, scanner):
         record = {
             "pid": os.getpid(), "arena": f"{self._id:x}", "time": time.time(),
-            "knobs": dict(self._knobs), "stats": stats.as_dict(),
+            "knobs": dict(self._knobs), **counters,
             "scanner_cpu_seconds": None if scanner is None else scanner.cpu_seconds,
         }
         with self._lock:
@@ -131,6 +145,19 @@ def published(pid=None, uid=None) -> list:
         except (OSError, ValueError):
             continue                        # removed or replaced meanwhile
     return records
+
+
+def stats_of(record):
+    """The ArenaStats of a published record: as written by stats(), or made
+    from a merge's readings and the smaps of the arena's process, read now
+    (OSError if it cannot be: the process is gone, or not this user's)."""
+    from pydedup.stats import ArenaStats
+    if record.get("stats") is not None:
+        return ArenaStats.from_published(record["stats"])
+    readings = dict(record["readings"])
+    smaps = procfs.arena_smaps(*record["smaps_of"], pid=record["pid"])
+    readings.update(procfs.smaps_readings(smaps, bool(readings["shared_store"])))
+    return ArenaStats.made_from(readings)
 
 
 def _alive(pid) -> bool:

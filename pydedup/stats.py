@@ -122,9 +122,7 @@ class MergeReport(_Readable):
         "write protections the barrier took before comparing pages again and remapping "
         "them: one a run, or, with the `uffd` barrier, one for neighbouring runs together "
         "(each costs system calls that split and join mappings)"))
-    seconds: float = field(metadata=counter(
-        "wall time of the merge(), but for the stats an arena's first merge() then publishes "
-        "(publish.py): reading /proc/self/smaps, a second or more at 100,000 mappings"))
+    seconds: float = field(metadata=counter("wall time of the merge()"))
     phase_seconds: dict[str, float] = field(metadata=counter(
         "seconds of each phase: `refresh`, `decide`, `apply`", value=_per_phase("seconds")))
     threads: int = field(metadata=counter(

@@ -6,10 +6,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import pydedup
-from pydedup import publish, stats
+from pydedup import procfs, publish, stats
 from pydedup.__main__ import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,6 +89,32 @@ def test_the_first_merge_publishes_and_later_ones_only_while_watched(arena, own_
     os.unlink(own_directory / "request")     # nobody watches
     arena.merge()
     assert os.stat(own_directory / name).st_mtime_ns == published
+
+
+def test_a_merge_leaves_reading_smaps_to_the_reader(arena, monkeypatch):
+    """A merge publishes without reading /proc/self/smaps (tens of
+    megabytes for an arena cut into 100,000 mappings); the reader reads the
+    arena's process's smaps and makes the same counters stats() makes."""
+    a = arena.zeros(100_000)
+    a[:] = 0.0
+    b = arena.array(np.arange(50_000, dtype=np.float64))
+    c = arena.array(b)
+    read = []
+    measure = procfs.arena_smaps
+    monkeypatch.setattr(procfs, "arena_smaps", lambda *args, **kw: read.append(kw.get("pid"))
+                        or measure(*args, **kw))
+    arena.merge()
+    assert read == []
+    assert np.array_equal(b, c)                  # read: their frames count in PSS
+    (record,) = publish.published(os.getpid())
+    assert record["stats"] is None
+    measured = publish.stats_of(json.loads(json.dumps(record)))
+    assert read == [os.getpid()]
+    mine = arena.stats()
+    assert measured.pss_bytes == mine.pss_bytes > 0
+    assert measured.mappings == mine.mappings > 1
+    assert (measured.zero_pages, measured.pages_sharing) == (mine.zero_pages, mine.pages_sharing)
+    assert measured.pages_sharing > 0
 
 
 def test_a_forked_child_leaves_the_parent_file(arena, own_directory):
