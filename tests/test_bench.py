@@ -213,6 +213,7 @@ def test_scaling_reports_time_ratios_and_read_passes(tmp_path, capsys):
                    "--out", str(tmp_path)])
     rows = result["scaling"]["rows"]
     assert [r["size_ratio"] for r in rows] == [1.0, 2.0]
+    assert [r["merges"] for r in rows] == [2, 1]     # as often as the largest holds it
     assert rows[0]["time_ratio"] == 1.0 and rows[1]["time_ratio"] > 0
     assert all(r["threads"] == 2 and r["read_passes"] > 0 for r in rows)
     assert set(rows[1]["phase_cpu_seconds"]) == {"refresh", "decide", "apply"}

@@ -2,7 +2,10 @@
 several sizes, each time and each phase as a ratio to the smallest size's
 (linear growth is a ratio equal to the size ratio), and each merge in read
 passes (numpy's OR-reduce over the same memory, in the same run). Every
-size is built afresh in an arena of its own, one after the other."""
+size is built afresh in an arena of its own, one after the other. A size is
+merged up to REPEATS times, as often as the largest size holds it, and its
+merge of median time stands for it: one merge of the smallest size is the
+noisiest figure of the run, and every ratio's denominator."""
 import time
 
 import numpy as np
@@ -12,6 +15,7 @@ from pydedup.bench import workloads
 from pydedup.bench.workloads import best_of, fault_in, read_pass
 
 PHASES = ("refresh", "decide", "apply")
+REPEATS = 5
 
 
 def measure(size: int, workload: str, seed: int = 0, threads: int | None = None) -> dict:
@@ -34,8 +38,11 @@ def measure(size: int, workload: str, seed: int = 0, threads: int | None = None)
 def run(sizes, workload="structured", seed=0, threads=None, progress=print) -> dict:
     rows = []
     for size in sizes:
-        progress(f"scaling: {workload} {size / 2**30:g} GiB")
-        rows.append(measure(size, workload, seed, threads))
+        merges = max(1, min(REPEATS, max(sizes) // size))
+        progress(f"scaling: {workload} {size / 2**30:g} GiB" + (f", {merges} merges" if merges > 1 else ""))
+        runs = sorted((measure(size, workload, seed, threads) for _ in range(merges)),
+                      key=lambda r: r["seconds"])
+        rows.append(dict(runs[(merges - 1) // 2], merges=merges))
     base = rows[0]
     for row in rows:
         row["size_ratio"] = row["bytes"] / base["bytes"]
@@ -46,7 +53,8 @@ def run(sizes, workload="structured", seed=0, threads=None, progress=print) -> d
 
 
 def table(result: dict) -> str:
-    lines = [f"scaling, {result['workload']}: merge() time over the smallest size's",
+    lines = [f"scaling, {result['workload']}: merge() time over the smallest size's "
+             "(a size merged several times: its median merge)",
              f"  {'GiB':>6}{'threads':>8}{'s':>8}{'CPU s':>8}{'x size':>8}{'x time':>8}"
              f"{'passes':>8}   refresh / decide / apply: x time"]
     for r in result["rows"]:
