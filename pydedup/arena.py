@@ -541,7 +541,7 @@ class Arena:
         self._publisher.publish(stats, self._scanner)
         return stats
 
-    def _readings(self, core) -> tuple[dict[str, Any], tuple[int, int, int]]:
+    def _readings(self, core: Core) -> tuple[dict[str, Any], tuple[int, int, int]]:
         """What stats() is made from but what /proc/self/smaps says, and
         what to read of it: (readings, (lo, hi, the frame store's inode))."""
         core.sweep_members()

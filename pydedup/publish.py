@@ -155,7 +155,8 @@ def stats_of(record):
     if record.get("stats") is not None:
         return ArenaStats.from_published(record["stats"])
     readings = dict(record["readings"])
-    smaps = procfs.arena_smaps(*record["smaps_of"], pid=record["pid"])
+    lo, hi, store_inode = record["smaps_of"]
+    smaps = procfs.arena_smaps(lo, hi, store_inode, pid=record["pid"])
     readings.update(procfs.smaps_readings(smaps, bool(readings["shared_store"])))
     return ArenaStats.made_from(readings)
 
