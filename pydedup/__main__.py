@@ -75,6 +75,9 @@ def stats(argv):
         except OSError as e:                     # gone since, or another user's
             print(f"pid {r['pid']}  arena {r['arena']}: {e}\n")
             continue
+        except KeyError as e:                    # published by another version
+            print(f"pid {r['pid']}  arena {r['arena']}: no reading {e} in its file\n")
+            continue
         pss = process_pss(r["pid"])
         print(f"pid {r['pid']}  arena {r['arena']}  counters {time.time() - r['time']:.1f} s old  "
               f"process PSS {'?' if pss is None else f'{pss / 2**20:,.1f} MiB'}")

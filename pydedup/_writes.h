@@ -136,8 +136,9 @@ static inline int pd_writes_finish(pd_writes *w, size_t i, size_t *written)
     pd_write *j = &w->ring[i % PD_WRITES_AHEAD];
     if (pd_writes_take(w, i))
         pd_write_run(j);
-    while (__atomic_load_n(&j->state, __ATOMIC_ACQUIRE) != PD_WRITE_DONE)   /* a helper writes it: */
-        syscall(SYS_futex, &j->state, FUTEX_WAIT_PRIVATE, PD_WRITE_POSTED, NULL, NULL, 0);   /* ms */
+    /* A helper is writing it: up to milliseconds, so sleep, not spin. */
+    while (__atomic_load_n(&j->state, __ATOMIC_ACQUIRE) != PD_WRITE_DONE)
+        syscall(SYS_futex, &j->state, FUTEX_WAIT_PRIVATE, PD_WRITE_POSTED, NULL, NULL, 0);
     *written = j->written;
     return j->err;
 }
