@@ -92,7 +92,6 @@
 #   Block        _block       the buffer arrays are made on; PageOwner
 #   checks       _check       the invariant checker
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
-from pydedup._os cimport iovec
 
 cdef enum:
     NO_PAGE = 0xFFFFFFFF           # end of an unstable-tree chain

@@ -5,7 +5,7 @@ the merge pass, and the buffer that numpy arrays are made from.
 
 Everything here runs under the arena's lock, which pydedup/pages.py holds;
 the loops over pages and the system calls run without the GIL."""
-from libc.errno cimport EBADF, EINVAL, ENOENT, ENOMEM, ENOSYS, ENOTTY, EOPNOTSUPP, EPERM
+from libc.errno cimport EBADF, EINVAL, ENOENT, ENOMEM, ENOTTY, EOPNOTSUPP
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, calloc, realloc, free, qsort
 from libc.string cimport memcmp, memcpy, memset

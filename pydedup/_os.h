@@ -12,7 +12,6 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
-#include <sys/uio.h>
 
 #ifndef MADV_POPULATE_WRITE           /* Linux 5.14 */
 #define MADV_POPULATE_WRITE 23
@@ -88,27 +87,6 @@ static inline long pd_mbind(void *addr, unsigned long length, int mode,
 static inline int pd_memfd_create(const char *name)
 {
     return (int)syscall(SYS_memfd_create, name, 1 /* MFD_CLOEXEC: not for exec'd programs */);
-}
-
-/* pidfd_open (Linux 5.3) and process_madvise (5.10; for the caller itself,
- * every advice since 6.13: MADV_DONTNEED of many ranges in one call, one
- * mmap lock and one TLB flush), through syscall(2): numbers of the common
- * table, for uapi headers that lack them. */
-#ifndef SYS_pidfd_open
-#define SYS_pidfd_open 434
-#endif
-#ifndef SYS_process_madvise
-#define SYS_process_madvise 440
-#endif
-
-static inline int pd_pidfd_self(void)
-{
-    return (int)syscall(SYS_pidfd_open, getpid(), 0);
-}
-
-static inline long pd_process_madvise(int pidfd, const struct iovec *iov, size_t n, int advice)
-{
-    return syscall(SYS_process_madvise, pidfd, iov, n, advice, 0);
 }
 
 /* Whether a page holds only zero bytes. Most pages that are not zero differ

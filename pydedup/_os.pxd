@@ -57,11 +57,6 @@ cdef extern from "_os.h" nogil:
     long pd_mbind(void *addr, unsigned long length, int mode, const unsigned long *nodemask)
 
     int pd_memfd_create(const char *name)
-    struct iovec:
-        void *iov_base
-        size_t iov_len
-    int pd_pidfd_self()
-    long pd_process_madvise(int pidfd, const iovec *iov, size_t n, int advice)
     int pd_page_is_zero(const void *page, size_t size)
     void pd_touch_write(void *page)
 

@@ -20,17 +20,6 @@ cdef enum:
                               # far fewer than a huge page's (512 and more), none kept whole
     GROUP_SPAN_PAGES = 1024   # pages one protection spans at most: long runs gain nothing
 
-cdef enum:
-    ADVICE_BATCH = 64         # runs of a held group advised with one process_madvise
-
-cdef struct advice_batch:          # a held group's runs whose madvise waits (advise_held)
-    int pidfd                      # this process's pidfd, for process_madvise; -1: madvise each
-    size_t zeros                   # zero runs in anonymous mappings, to drop (MADV_DONTNEED)
-    size_t zero_first[ADVICE_BATCH]
-    size_t zero_n[ADVICE_BATCH]
-    size_t framed                  # runs just mapped onto frames (MADV_NOHUGEPAGE)
-    iovec framed_iov[ADVICE_BATCH]
-
 cdef struct target_run:            # pages [first, first + n) that go the same way
     size_t first, n
     run_kind kind
@@ -40,7 +29,6 @@ cdef struct run_group:             # runs gathered for one protection (gather_ru
     size_t n
     long worst                     # what their remaps may cost in mappings, at worst
     bint alone                     # each run is held alone (a budget plan lent apply room)
-    advice_batch advice            # its runs' madvise, together before it lets go
 
 cdef struct remap_cost:            # the mappings one remap of a run changes
     uint64_t lo, hi                # the window: the run and the mappings it touches

@@ -3,22 +3,13 @@
 # pass compared the pages a while ago; a page that changed meanwhile keeps
 # its content. Neighbouring runs may share one protection (gather_run).
 
-cdef int map_frames(Core c, char *addr, size_t length, uint32_t first_frame,
-                    advice_batch *advice) noexcept nogil:
+cdef int map_frames(Core c, char *addr, size_t length, uint32_t first_frame) noexcept nogil:
     """Frames from first_frame on, all in first_frame's tier, over
-    [addr, addr + length), and no huge page there (with the runs of
-    `advice`, if not NULL: advise_held)."""
+    [addr, addr + length)."""
     if mmap(addr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED,
             frame_fd(&c.store, first_frame), <long>first_frame * c.res.page_size) == MAP_FAILED:
         return errno
-    if advice == NULL or advice.pidfd < 0:
-        madvise(addr, length, MADV_NOHUGEPAGE)
-        return 0
-    if advice.framed == ADVICE_BATCH:
-        advise_framed(advice)
-    advice.framed_iov[advice.framed].iov_base = addr
-    advice.framed_iov[advice.framed].iov_len = length
-    advice.framed += 1
+    madvise(addr, length, MADV_NOHUGEPAGE)
     return 0
 
 
@@ -61,21 +52,14 @@ cdef void settle_targets(Core c, size_t first, size_t n, run_kind kind, pass_sta
 
 
 cdef void remap_run(Core c, size_t first, size_t n, run_kind kind, bint charge,
-                    advice_batch *advice, pass_stats *st) noexcept nogil:
+                    pass_stats *st) noexcept nogil:
     """One system call for the run. If `charge`, only if the mapping budget
     allows its worst case, which it is charged: zero pages in an anonymous
-    mapping cost no mapping and always go, gathered in `advice` if not NULL
-    (advise_held)."""
+    mapping cost no mapping and always go."""
     cdef char *addr = page_address(&c.res, first)
     cdef size_t length = n * c.res.page_size
     cdef long cost = worst_remap_cost(kind) if charge else 0
     cdef int err
-    if kind == RUN_ZERO_ANON and advice != NULL and advice.pidfd >= 0:
-        if advice.zeros == ADVICE_BATCH:
-            advise_held(c, advice, st)
-        advice.zero_first[advice.zeros], advice.zero_n[advice.zeros] = first, n
-        advice.zeros += 1
-        return
     if cost > st.mappings_left:
         drop_targets(c, first, n)
         st.skipped_budget += n
@@ -85,7 +69,7 @@ cdef void remap_run(Core c, size_t first, size_t n, run_kind kind, bint charge,
     elif kind == RUN_ZERO_FILE:
         err = map_anonymous(addr, length)
     else:
-        err = map_frames(c, addr, length, c.res.rmap[first].frame, advice)
+        err = map_frames(c, addr, length, c.res.rmap[first].frame)
     st.syscalls += 1
     if err:
         drop_targets(c, first, n)
@@ -97,71 +81,16 @@ cdef void remap_run(Core c, size_t first, size_t n, run_kind kind, bint charge,
     settle_targets(c, first, n, kind, st)
 
 
-cdef void advise_held(Core c, advice_batch *advice, pass_stats *st) noexcept nogil:
-    """The madvise the held runs gathered wait for: zero runs go to the zero
-    page, and runs mapped onto frames take no huge page, each kind with one
-    process_madvise where the kernel takes any advice from it for the
-    caller (Linux 6.13), which takes the mmap lock and flushes the TLB once
-    for all of them; else, and for what it did not do, with madvise each.
-    Each zero run that goes is settled. The runs are held until then."""
-    cdef iovec iov[ADVICE_BATCH]
-    cdef long done = -1
-    cdef size_t i, at = 0, length
-    advise_framed(advice)
-    if advice.zeros > 1:
-        for i in range(advice.zeros):
-            iov[i].iov_base = page_address(&c.res, advice.zero_first[i])
-            iov[i].iov_len = advice.zero_n[i] * c.res.page_size
-        done = advise_all(advice, iov, advice.zeros, MADV_DONTNEED)
-        st.syscalls += done >= 0
-    for i in range(advice.zeros):
-        length = advice.zero_n[i] * c.res.page_size
-        if done >= <long>(at + length):
-            at += length
-            settle_targets(c, advice.zero_first[i], advice.zero_n[i], RUN_ZERO_ANON, st)
-        else:
-            done = -1                   # the rest one by one
-            remap_run(c, advice.zero_first[i], advice.zero_n[i], RUN_ZERO_ANON, False, NULL, st)
-    advice.zeros = 0
-
-
-cdef void advise_framed(advice_batch *advice) noexcept nogil:
-    """MADV_NOHUGEPAGE for the runs map_frames() gathered."""
-    cdef long done = advise_all(advice, advice.framed_iov, advice.framed, MADV_NOHUGEPAGE)
-    cdef size_t i, at = 0
-    for i in range(advice.framed):
-        at += advice.framed_iov[i].iov_len
-        if done < <long>at:
-            madvise(advice.framed_iov[i].iov_base, advice.framed_iov[i].iov_len, MADV_NOHUGEPAGE)
-    advice.framed = 0
-
-
-cdef long advise_all(advice_batch *advice, const iovec *iov, size_t n, int what) noexcept nogil:
-    """One process_madvise of the n ranges: the bytes advised, or -1. A
-    kernel that does not take this advice from it (before 6.13) is not
-    asked again this pass."""
-    cdef long done
-    if n < 2 or advice.pidfd < 0:
-        return -1
-    done = pd_process_madvise(advice.pidfd, iov, n, what)
-    if done < 0 and errno in (EINVAL, ENOSYS, EPERM, EBADF):
-        close(advice.pidfd)
-        advice.pidfd = -1
-    return done
-
-
 cdef long worst_remap_cost(run_kind kind) noexcept nogil:
     return 0 if kind == RUN_ZERO_ANON else MAPPINGS_PER_REMAP
 
 
-cdef void merge_runs(Core c, const target_run *runs, size_t n, advice_batch *advice,
-                     pass_stats *st) noexcept nogil:
+cdef void merge_runs(Core c, const target_run *runs, size_t n, pass_stats *st) noexcept nogil:
     """Remap the pages of the runs that still hold the content they were
     matched on, in as few pieces as the pages that changed leave. The runs
     are write-protected from the comparison to the remap (_barrier.pxi),
     under one protection with the pages between them when the barrier holds
-    several (gather_run), each alone otherwise. Their madvise calls go
-    together (advise_held) before the protection lets go.
+    several (gather_run), each alone otherwise.
 
     When the budget cannot pay a run's worst case, it goes only if the
     kernel's mappings around it say it costs no more than is left
@@ -186,15 +115,14 @@ cdef void merge_runs(Core c, const target_run *runs, size_t n, advice_batch *adv
     if protect_run(&c.wb, &c.tables, &c.res, &held) != 0:
         if n > 1:                       # a mapping between may refuse: each run alone
             for i in range(n):
-                merge_runs(c, &runs[i], 1, advice, st)
+                merge_runs(c, &runs[i], 1, st)
             return
         drop_targets(c, first, span)    # the kernel could not split the mapping, or hold room
         st.skipped_no_memory += span
         return
     st.protections += 1
     for i in range(n):
-        remap_held_run(c, runs[i].first, runs[i].n, runs[i].kind, measured, advice, st)
-    advise_held(c, advice, st)
+        remap_held_run(c, runs[i].first, runs[i].n, runs[i].kind, measured, st)
     unprotect_run(&c.wb, &c.tables, &c.res, &held, n == 1 and runs[0].kind == RUN_ZERO_ANON, st)
     # UFFDIO_UNREGISTER has write-locked the runs' mappings, or mmap has
     # replaced them: no fault in them is left to fill a hole again.
@@ -204,7 +132,7 @@ cdef void merge_runs(Core c, const target_run *runs, size_t n, advice_batch *adv
 
 
 cdef void remap_held_run(Core c, size_t first, size_t n, run_kind kind, bint measured,
-                         advice_batch *advice, pass_stats *st) noexcept nogil:
+                         pass_stats *st) noexcept nogil:
     """merge_runs() for one run the barrier holds: compared, then remapped
     where it still matches."""
     cdef size_t i = 0, j
@@ -217,7 +145,7 @@ cdef void remap_held_run(Core c, size_t first, size_t n, run_kind kind, bint mea
             drop_targets(c, first + i, j - i)
             st.skipped_budget += j - i
         elif j > i:
-            remap_run(c, first + i, j - i, kind, not measured, advice, st)
+            remap_run(c, first + i, j - i, kind, not measured, st)
         if j < n:
             drop_targets(c, first + j, 1)
             st.skipped_changed += 1
@@ -353,8 +281,6 @@ cdef void apply_targets(Core c, pass_stats *st, bint lent) noexcept nogil:
     cdef run_kind k
     PD_ASSERT(c.res.high_water <= c.res.npages, "apply_targets: high_water within the reservation")
     group.n, group.alone = 0, lent or not barrier_holds_runs_together(&c.wb)
-    group.advice.zeros = group.advice.framed = 0
-    group.advice.pidfd = -1 if group.alone else pd_pidfd_self()   # for this pass: a fork waits
     run.first, run.n, run.kind = 0, 0, RUN_NONE
     for p in range(c.res.high_water + 1):
         k = target_kind(c, p) if p < c.res.high_water else RUN_NONE
@@ -367,9 +293,7 @@ cdef void apply_targets(Core c, pass_stats *st, bint lent) noexcept nogil:
         run.first, run.kind = p, k
         run.n = 1 if k != RUN_NONE else 0
     if group.n:
-        merge_runs(c, group.runs, group.n, &group.advice, st)
-    if group.advice.pidfd >= 0:
-        close(group.advice.pidfd)
+        merge_runs(c, group.runs, group.n, st)
 
 
 cdef void gather_run(Core c, run_group *group, const target_run *run, pass_stats *st) noexcept nogil:
@@ -393,7 +317,7 @@ cdef void gather_run(Core c, run_group *group, const target_run *run, pass_stats
     if group.n and (group.alone or group.n == GROUP_RUNS or gap > GROUP_GAP_PAGES
                     or run.first + run.n - head.first > GROUP_SPAN_PAGES
                     or group.worst + worst > st.mappings_left):
-        merge_runs(c, group.runs, group.n, &group.advice, st)
+        merge_runs(c, group.runs, group.n, st)
         group.n = 0
     if group.n == 0:
         group.worst = 0
