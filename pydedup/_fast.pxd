@@ -142,6 +142,7 @@ cdef struct pass_stats:            # what one merge pass did
     uint64_t zeroed                # pages newly sent to the zero page
     uint64_t frames_new            # frames written this pass
     uint64_t tile_frames_new       # of those, frames that grew a tile
+    uint64_t frames_new_on_helpers  # of those, frames the helper threads wrote
     uint64_t unshared              # unique pages left in the unstable tree
     uint64_t volatile              # pages whose checksum changed since the last pass
     uint64_t skipped_unmergeable   # pages the user excluded

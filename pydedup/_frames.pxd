@@ -13,11 +13,14 @@ cdef extern from "_writes.h" nogil:
     void pd_writes_put(pd_writes *w)
     size_t pd_writes_post(pd_writes *w, int fd, const char *content, size_t length, long offset)
     int pd_writes_finish(pd_writes *w, size_t i, size_t *written)
+    size_t pd_writes_helped(pd_writes *w)
 
 cdef enum:
     MAX_TIERS = 8                  # memfds of a frame store: one, plus one a fork level
     MAX_TILE_PAGES = 65536         # frame_item.tile_index is 16 bits
     WRITE_BEHIND_PAGES = 1024      # new frames written with one pwrite, at most
+    POSTED_WRITE_PAGES = 16        # writes of fewer frames are done at once: handing one to
+                                   # a helper (a futex wake, a wait) costs what it would save
 
 cdef struct frame_tier:            # one memfd of the frame store
     uint32_t first_frame           # frames [first_frame, next tier's first_frame) live here
@@ -108,7 +111,7 @@ cdef uint32_t frame_checksum(frame_store *fs, uint32_t f) noexcept nogil
 cdef int frames_write_behind(frame_store *fs) noexcept nogil
 cdef bint frames_write_on_helpers(frame_store *fs) noexcept nogil
 cdef pd_writes *frames_writes(frame_store *fs) noexcept nogil
-cdef void frames_write_here(frame_store *fs) noexcept nogil
+cdef uint64_t frames_write_here(frame_store *fs) noexcept nogil
 cdef void frames_write_other_node(frame_store *fs, uint16_t node) noexcept nogil
 cdef bint frames_take_unwritten(frame_store *fs, uint32_t *lo, uint32_t *hi) noexcept nogil
 cdef bint frame_unwritten(frame_store *fs, uint32_t f) noexcept nogil

@@ -242,8 +242,9 @@ cdef int frame_write(frame_store *fs, uint32_t f, const char *content, uint16_t 
     pwrite writes them all, posted for a helper when the next frame does not
     join or done when something first needs a frame's content
     (frames_write_behind). A copied array's new frames cost a pwrite a
-    WRITE_BEHIND_PAGES instead of one a page. The error of an earlier write
-    collected to make room is this frame's."""
+    WRITE_BEHIND_PAGES instead of one a page. The error of an earlier run's
+    write, collected now (to make room, or done here), refuses this frame
+    too: the store is failing."""
     cdef int err
     fs.frames[f].node = node
     if fs.behind_n and not joins_behind(fs, f, content, node):
@@ -292,7 +293,7 @@ cdef int post_behind(frame_store *fs) noexcept nogil:
         return 0
     fs.behind_n = 0                     # first: the errors below leave nothing behind
     note_source(fs, first, content, n)
-    if fs.writes == NULL:
+    if fs.writes == NULL or n < POSTED_WRITE_PAGES:
         return write_frames(fs, first, content, n)
     if fs.writes_posted - fs.writes_collected == PD_WRITES_AHEAD:
         err = collect_write(fs)
@@ -356,14 +357,18 @@ cdef pd_writes *frames_writes(frame_store *fs) noexcept nogil:
     return fs.writes
 
 
-cdef void frames_write_here(frame_store *fs) noexcept nogil:
+cdef uint64_t frames_write_here(frame_store *fs) noexcept nogil:
     """Every write posted is done (by this thread if nobody took it), and
-    writes are done at once again: before the helpers leave."""
+    writes are done at once again: before the helpers leave. The frames the
+    helpers wrote."""
+    cdef uint64_t helped
     if fs.writes == NULL:
-        return
+        return 0
     frames_write_behind(fs)
+    helped = pd_writes_helped(fs.writes) // fs.page_size
     pd_writes_put(fs.writes)
     fs.writes = NULL
+    return helped
 
 
 cdef void unwrite_frames(frame_store *fs, uint32_t first, uint32_t n) noexcept nogil:

@@ -6,7 +6,8 @@
  * not fork-safe, and pydedup forks. The threads here live for one job (a
  * scan's hash stream, or a held run's comparison) and never touch Python;
  * a helper takes grains of pages until none is left, writes only the
- * answers of its grains, and leaves. A job ends inside the merge that
+ * answers of its grains (and the new frames the scan posts, _writes.h),
+ * and leaves. A job ends inside the merge that
  * started it, under the arena's lock, which a fork waits for: a helper can
  * outlive it only by its last look at the shared record (which the last one
  * out frees), and nothing of it matters to a fork. A page's zero test and
@@ -156,7 +157,7 @@ static void *pd_stream_helper(void *arg)
     size_t lo;
     for (;;) {
         uint32_t seen = __atomic_load_n(&s->wake, __ATOMIC_ACQUIRE);
-        double start = pd_thread_cpu();
+        double start = pd_thread_cpu();  /* for the write or grain below, if any */
         if (s->writes != NULL && pd_writes_help(s->writes)) {
             pd_add_cpu(&s->helper_ns, start);
         } else if (pd_stream_take(s, SIZE_MAX, &lo)) {

@@ -334,7 +334,7 @@ cdef int scan_range(Core c, size_t first, size_t end, scan_knobs *k,
         scan_chunk(c, chunk, k, st)
         hashes_forget(&c.scan.hashes, &chunk.hashed)
         looked += 1
-    frames_write_here(&c.store)         # while the helpers are there to finish theirs
+    st.frames_new_on_helpers += frames_write_here(&c.store)   # while the helpers are there
     cpu = hashes_close(&c.scan.hashes)  # the helpers' CPU time is the decision's
     st.decide_cpu_seconds += cpu
     st.helper_cpu_seconds += cpu

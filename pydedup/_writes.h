@@ -44,6 +44,7 @@ typedef struct {
     size_t posted;               /* writes posted */
     size_t taken;                /* writes someone took */
     uint32_t *wake;              /* the helpers' futex word while they may help, or NULL */
+    size_t helped;               /* bytes the helpers wrote */
     int refs;
 } pd_writes;
 
@@ -67,8 +68,9 @@ static inline void pd_writes_put(pd_writes *w)
 }
 
 /* Write it all, or stop at the first error: a page written in part is not
- * written (the caller takes written / page size). */
-static void pd_write_run(pd_write *j)
+ * written (the caller takes written / page size). A helper wakes the scan,
+ * which may wait for it. */
+static void pd_write_run(pd_write *j, int wake)
 {
     size_t at = 0;
     int err = 0;
@@ -83,7 +85,8 @@ static void pd_write_run(pd_write *j)
     j->written = at;
     j->err = err;
     __atomic_store_n(&j->state, PD_WRITE_DONE, __ATOMIC_RELEASE);
-    syscall(SYS_futex, &j->state, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+    if (wake)
+        syscall(SYS_futex, &j->state, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
 }
 
 /* Take write number i if nobody has: whether it was taken here. */
@@ -99,7 +102,8 @@ static inline int pd_writes_help(pd_writes *w)
     size_t i = __atomic_load_n(&w->taken, __ATOMIC_ACQUIRE);
     while (i < __atomic_load_n(&w->posted, __ATOMIC_ACQUIRE)) {
         if (pd_writes_take(w, i)) {
-            pd_write_run(&w->ring[i % PD_WRITES_AHEAD]);
+            pd_write_run(&w->ring[i % PD_WRITES_AHEAD], 1);
+            __atomic_add_fetch(&w->helped, w->ring[i % PD_WRITES_AHEAD].written, __ATOMIC_RELAXED);
             return 1;
         }
         i = __atomic_load_n(&w->taken, __ATOMIC_ACQUIRE);
@@ -135,12 +139,18 @@ static inline int pd_writes_finish(pd_writes *w, size_t i, size_t *written)
 {
     pd_write *j = &w->ring[i % PD_WRITES_AHEAD];
     if (pd_writes_take(w, i))
-        pd_write_run(j);
+        pd_write_run(j, 0);
     /* A helper is writing it: up to milliseconds, so sleep, not spin. */
     while (__atomic_load_n(&j->state, __ATOMIC_ACQUIRE) != PD_WRITE_DONE)
         syscall(SYS_futex, &j->state, FUTEX_WAIT_PRIVATE, PD_WRITE_POSTED, NULL, NULL, 0);
     *written = j->written;
     return j->err;
+}
+
+/* Bytes the helpers wrote, of the writes collected. */
+static inline size_t pd_writes_helped(pd_writes *w)
+{
+    return __atomic_load_n(&w->helped, __ATOMIC_RELAXED);
 }
 
 #endif

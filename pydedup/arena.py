@@ -588,6 +588,7 @@ class Arena:
         for an arena cut into 100,000 mappings, a second or more to read, and
         a merge does not wait for that."""
         try:
+            self._flush_allocator_cache()   # as stats(): its pages count as free
             with self._locked() as core:
                 readings, smaps_of = self._readings(core)
             self._publisher.publish_unmeasured(readings, smaps_of, self._scanner)

@@ -142,10 +142,11 @@ KNOBS = {knob.name: knob for knob in (
          _integer_at_least(1, MAX_THREADS), f"an integer from 1 to {MAX_THREADS}", "",
          "Threads that read pages in a merge() and a background scan: the zero "
          "tests and checksums of each chunk of pages run on this many threads "
-         "without the GIL, over disjoint slices; the decisions, the trees and "
-         "the remaps stay on the calling thread, in page order, so a pass "
-         "merges the same pages whatever the count. Default: the CPUs the "
-         "process may run on (os.sched_getaffinity)."),
+         "without the GIL, over disjoint slices, and the copies into new frames "
+         "go to the same threads; the decisions, the trees and the remaps stay "
+         "on the calling thread, in page order, so a pass merges the same pages "
+         "whatever the count. Default: the CPUs the process may run on "
+         "(os.sched_getaffinity)."),
     Knob("max_cpu", lambda: 100, _integer_at_least(1, 100 * MAX_THREADS),
          f"an integer from 1 to {100 * MAX_THREADS}", "",
          "The background scanner's CPU budget, in percent of one CPU (KSM's "

@@ -82,6 +82,9 @@ class MergeReport(_Readable):
         "frames written for new shared content", value=_reading("frames_new")))
     tile_frames_new: int = field(metadata=counter(
         "of those, frames that grew a tile (`tile_pages`)", value=_reading("tile_frames_new")))
+    frames_new_on_helpers: int = field(metadata=counter(
+        "of those, frames the helper threads wrote (`threads` > 1): runs of new frames go to "
+        "them once 16 or more long"))
     pages_unshared: int = field(metadata=counter(
         "unique pages: nothing else holds their content", ksm="pages_unshared",
         value=_reading("unshared")))
@@ -122,11 +125,14 @@ class MergeReport(_Readable):
         "write protections the barrier took before comparing pages again and remapping "
         "them: one a run, or, with the `uffd` barrier, one for neighbouring runs together "
         "(each costs system calls that split and join mappings)"))
-    seconds: float = field(metadata=counter("wall time of the merge()"))
+    seconds: float = field(metadata=counter(
+        "wall time of the merge()'s pass (not the counters it then publishes for `pydedup "
+        "stats`)"))
     phase_seconds: dict[str, float] = field(metadata=counter(
         "seconds of each phase: `refresh`, `decide`, `apply`", value=_per_phase("seconds")))
     threads: int = field(metadata=counter(
-        "threads that read pages (zero tests, checksums): the `threads` knob"))
+        "threads that read pages (zero tests, checksums) and write new frames: the "
+        "`threads` knob"))
     phase_cpu_seconds: dict[str, float] = field(metadata=counter(
         "CPU seconds of each phase, every thread's: `refresh`, `decide`, `apply`",
         value=_per_phase("cpu_seconds")))

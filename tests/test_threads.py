@@ -17,7 +17,9 @@ from kernel import PAGE, frame_offsets, zero_page_mapped
 PAGE_FLOATS = PAGE // 8
 CHUNK_PAGES = 16384              # the scan's chunk (_scan.pxd STATE_CHUNK): chunks are
                                 # hashed on the helpers while one before is looked at
-TIMING = {"seconds", "phase_seconds", "phase_cpu_seconds", "helper_cpu_seconds", "threads"}
+# What threads change: times, and who wrote the new frames.
+TIMING = {"seconds", "phase_seconds", "phase_cpu_seconds", "helper_cpu_seconds", "threads",
+          "frames_new_on_helpers"}
 
 
 def build(arena, seed=7):
@@ -194,7 +196,7 @@ def test_no_write_is_lost_while_helpers_write_new_frames(barrier):
 
         thread = threading.Thread(target=writer, daemon=True)
         thread.start()
-        frames_new, lost, torn = 0, [], []
+        frames_new, on_helpers, lost, torn = 0, 0, [], []
         try:
             for _ in range(8):
                 with lock:
@@ -202,7 +204,9 @@ def test_no_write_is_lost_while_helpers_write_new_frames(barrier):
                     content = rng.random((rows, PAGE_FLOATS))
                     first[:], second[:], expected[:] = content, content, content
                     budget[0] = 600
-                frames_new += arena.merge().frames_new
+                report = arena.merge()
+                frames_new += report.frames_new
+                on_helpers += report.frames_new_on_helpers
                 torn += [int(r) for r in np.flatnonzero((first != content).any(axis=1))]
         finally:
             stop.set()
@@ -211,6 +215,7 @@ def test_no_write_is_lost_while_helpers_write_new_frames(barrier):
         assert lost == [], f"{len(lost)} stores lost, rows {lost[:8]}"
         assert torn == [], f"the first copy took stores into the second, rows {torn[:8]}"
         assert frames_new > 4 * rows                    # most pairs merged, round after round
+        assert 0 < on_helpers <= frames_new             # the helpers took writes
         testing.check_invariants(arena)
 
 

@@ -4,8 +4,9 @@ several sizes, each time and each phase as a ratio to the smallest size's
 passes (numpy's OR-reduce over the same memory, in the same run). Every
 size is built afresh in an arena of its own, one after the other. A size is
 merged up to REPEATS times, as often as the largest size holds it, and its
-merge of median time stands for it: one merge of the smallest size is the
-noisiest figure of the run, and every ratio's denominator."""
+merge of median time (the lower middle one of an even count) stands for
+it: one merge of the smallest size is the noisiest figure of the run, and
+every ratio's denominator."""
 import time
 
 import numpy as np
