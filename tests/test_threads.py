@@ -123,6 +123,25 @@ def test_the_report_says_threads_and_cpu_seconds_a_phase():
     assert report.pages_zeroed == 1024
 
 
+def start_writer(store, rows, stop, lock, budget, seed, pause):
+    """A thread that stores 1, 2, 3, ... into random rows, store(row, value)
+    under `lock`, while budget[0] allows (each store spends one), until
+    `stop`; it pauses between stores to spread them over a merge."""
+    def write():
+        pick, value = np.random.default_rng(seed), 0.0
+        while not stop.is_set():
+            with lock:
+                if budget[0] > 0:
+                    budget[0] -= 1
+                    value += 1
+                    store(int(pick.integers(rows)), value)
+            time.sleep(pause)
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    return thread
+
+
 def test_no_write_is_lost_with_threads(barrier):
     """A writer stores into pages of a long zero run (hashed and compared on
     threads, the comparison under the barrier) while merges run, a few
@@ -134,18 +153,10 @@ def test_no_write_is_lost_with_threads(barrier):
         expected = np.zeros(rows)
         stop, lock, budget = threading.Event(), threading.Lock(), [0]
 
-        def writer():
-            rng, value = np.random.default_rng(9), 0.0
-            while not stop.is_set():
-                with lock:
-                    if budget[0] > 0:
-                        budget[0] -= 1
-                        row, value = int(rng.integers(rows)), value + 1
-                        a[row, 5] = expected[row] = value
-                time.sleep(0.00005)             # spread over the merge
+        def store(row, value):
+            a[row, 5] = expected[row] = value
 
-        thread = threading.Thread(target=writer, daemon=True)
-        thread.start()
+        thread = start_writer(store, rows, stop, lock, budget, seed=9, pause=0.00005)
         zeroed, changed, lost = 0, 0, []
         try:
             for _ in range(20):
@@ -184,18 +195,10 @@ def test_no_write_is_lost_while_helpers_write_new_frames(barrier):
         stop, lock, budget = threading.Event(), threading.Lock(), [0]
         expected = np.zeros((rows, PAGE_FLOATS))
 
-        def writer():
-            pick, value = np.random.default_rng(13), 0.0
-            while not stop.is_set():
-                with lock:
-                    if budget[0] > 0:
-                        budget[0] -= 1
-                        row, value = int(pick.integers(rows)), value + 1
-                        second[row, 5] = expected[row, 5] = value
-                time.sleep(0.00002)             # spread over the merge
+        def store(row, value):
+            second[row, 5] = expected[row, 5] = value
 
-        thread = threading.Thread(target=writer, daemon=True)
-        thread.start()
+        thread = start_writer(store, rows, stop, lock, budget, seed=13, pause=0.00002)
         frames_new, on_helpers, lost, torn = 0, 0, [], []
         try:
             for _ in range(8):
