@@ -214,11 +214,11 @@ cdef uint32_t frame_alloc(frame_store *fs, uint32_t hint) noexcept nogil:
     cdef uint32_t nslots = <uint32_t>fs.nslots
     cdef uint32_t f = hint
     cdef uint32_t tries = 0
-    if f >= nslots or f < fs.fork_fence or fs.frames[f].mapcount != 0:
+    if f >= nslots or f < fs.fork_fence or not slot_free(fs, f):
         f = max(fs.frame_cursor, fs.fork_fence)
         if f >= nslots:
             f = 0
-        while f < fs.fork_fence or fs.frames[f].mapcount != 0:
+        while f < fs.fork_fence or not slot_free(fs, f):
             f = f + 1 if f + 1 < nslots else 0
             tries += 1
             if tries == nslots:
@@ -229,6 +229,15 @@ cdef uint32_t frame_alloc(frame_store *fs, uint32_t hint) noexcept nogil:
         if fs.common != NULL:           # at once: a member dying now leaves its record
             fs.common.frame_high = f + 1    # below the high the next one repairs up to
     return f
+
+
+cdef inline bint slot_free(frame_store *fs, uint32_t f) noexcept nogil:
+    """Whether frame slot f may take a new frame: never used, or reclaimed.
+    A frame no page maps any more is an orphan until the next reclaim, still
+    in the stable tree: taking its slot would link it there twice (a page
+    whose frames all moved to another node's tree leaves such orphans in
+    the middle of a scan, _scan.pxi go_home)."""
+    return fs.frames[f].mapcount == 0 and not (f < fs.frame_high and stable_tree_holds(fs, f))
 
 
 cdef int frame_write(frame_store *fs, uint32_t f, const char *content, uint16_t node) noexcept nogil:
@@ -676,17 +685,9 @@ cdef bint slot_free_after(frame_store *fs, uint32_t g) noexcept nogil:
     it: never used or reclaimed (not an orphan waiting for reclaim), above
     the fork fence, not the first of another tier."""
     cdef uint32_t h = g + 1
-    cdef size_t i
     if h >= fs.nslots or h < fs.fork_fence or tier_starts_at(fs, h):
         return False
-    if h >= fs.frame_high:
-        return True
-    if fs.frames[h].mapcount != 0:
-        return False
-    for i in range(fs.norphans):         # still in the stable tree
-        if fs.orphans[i] == h:
-            return False
-    return True
+    return slot_free(fs, h)
 
 
 cdef uint32_t tile_next(frame_store *fs, uint32_t g, const char *page, uint32_t checksum,

@@ -3,6 +3,8 @@ placement of arrays. The per-node logic runs on simulated nodes (a map page
 -> node standing in for the kernel); the kernel paths run for real on this
 machine's node 0."""
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -151,6 +153,42 @@ def test_a_merged_page_that_moved_is_merged_again_on_its_own_node(two_nodes, rng
     assert arena.stats().frames_by_node == {0: 16, 1: 16}
     np.testing.assert_array_equal(b, a)
     np.testing.assert_array_equal(c, a)
+
+
+MOVE_EVERY_COPY = """
+import numpy as np, pydedup
+from pydedup import testing
+from kernel import PAGE, address, frame_offsets
+arena = pydedup.Arena(size=64 << 20, threads=1)
+page_nodes = testing.simulate_numa(arena, 2)
+arena.merge_across_nodes = False
+a = arena.array(np.random.default_rng(5).random((16, PAGE // 8)), node=0)
+b = arena.array(a, node=0)
+arena.merge()
+first = (address(a) - testing.address_range(arena)[0]) // PAGE
+page_nodes[first:first + 32] = 1                 # a's pages and b's after them
+report = arena.merge()
+testing.check_invariants(arena)
+assert (report.pages_moved, report.pages_merged, report.frames_new) == (32, 32, 16), report
+assert frame_offsets(a) == frame_offsets(b) and None not in frame_offsets(a)
+assert arena.stats().frames_by_node == {1: 16}
+np.testing.assert_array_equal(a, b)
+print("merged on node 1")
+"""
+
+
+def test_the_slots_of_frames_whose_pages_all_left_are_not_reused_in_the_same_pass():
+    """Every page of some frames moves to another node: each goes home in
+    one pass, its frames become orphans still in the stable tree, and the
+    new frames of the pass must take other slots (taking theirs linked a
+    frame into the tree twice, and the merge looped forever: in a child,
+    so that such a loop fails the test instead of hanging the run)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", MOVE_EVERY_COPY], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PYTHONPATH=path))
+    assert done.returncode == 0, done.stderr
+    assert "merged on node 1" in done.stdout
 
 
 def test_across_nodes_a_moved_page_stays_on_its_frame(two_nodes, rng):
