@@ -9,6 +9,14 @@ cdef extern from "_writes.h" nogil:
         PD_WRITES_AHEAD
     ctypedef struct pd_writes:     # new frames written on the scan's helper threads
         pass
+    ctypedef struct pd_write:      # one pwrite of a run of frames, to the end or an error
+        int fd
+        const char *content
+        size_t length
+        long offset
+        size_t written
+        int err
+    void pd_write_run(pd_write *j, int wake)
     pd_writes *pd_writes_open()
     void pd_writes_put(pd_writes *w)
     size_t pd_writes_post(pd_writes *w, int fd, const char *content, size_t length, long offset)
@@ -109,7 +117,7 @@ cdef bint frames_trusted(frame_store *fs, uint32_t first, uint32_t n) noexcept n
 cdef uint16_t frame_node(frame_store *fs, uint32_t f) noexcept nogil
 cdef uint32_t frame_checksum(frame_store *fs, uint32_t f) noexcept nogil
 cdef int frames_write_behind(frame_store *fs) noexcept nogil
-cdef bint frames_write_on_helpers(frame_store *fs) noexcept nogil
+cdef void frames_write_on_helpers(frame_store *fs) noexcept nogil
 cdef pd_writes *frames_writes(frame_store *fs) noexcept nogil
 cdef uint64_t frames_write_here(frame_store *fs) noexcept nogil
 cdef void frames_write_other_node(frame_store *fs, uint16_t node) noexcept nogil

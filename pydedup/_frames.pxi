@@ -316,22 +316,18 @@ cdef int post_behind(frame_store *fs) noexcept nogil:
 
 cdef int write_frames(frame_store *fs, uint32_t first, const char *content,
                       uint32_t n) noexcept nogil:
-    """Frames [first, first + n) written from `content` here; 0 or an errno,
-    and the frames not written are unwritten."""
-    cdef size_t ps = fs.page_size
-    cdef size_t left = <size_t>n * ps, at = 0
-    cdef long done = 0, offset = <long>first * <long>ps
-    cdef int fd = tier_of(fs, first).fd, err = 0
-    while left:
-        done = pwrite(fd, content + at, left, offset + <long>at)
-        if done <= 0:
-            err = errno if done < 0 else ENOMEM
-            break
-        at += <size_t>done
-        left -= <size_t>done
-    if err:
-        unwrite_frames(fs, first + <uint32_t>(at // ps), n - <uint32_t>(at // ps))
-    return err
+    """Frames [first, first + n) written from `content` here, with the
+    helpers' pwrite loop; 0 or an errno, and the frames not written are
+    unwritten (a page written in part is not written)."""
+    cdef pd_write j
+    cdef uint32_t done
+    j.fd, j.content = tier_of(fs, first).fd, content
+    j.length, j.offset = <size_t>n * fs.page_size, <long>first * <long>fs.page_size
+    pd_write_run(&j, False)
+    if j.err:
+        done = <uint32_t>(j.written // fs.page_size)
+        unwrite_frames(fs, first + done, n - done)
+    return j.err
 
 
 cdef int collect_write(frame_store *fs) noexcept nogil:
@@ -348,17 +344,16 @@ cdef int collect_write(frame_store *fs) noexcept nogil:
     return err
 
 
-cdef bint frames_write_on_helpers(frame_store *fs) noexcept nogil:
+cdef void frames_write_on_helpers(frame_store *fs) noexcept nogil:
     """From now on writes are posted for the scan's helpers (pass
-    frames_writes() to them), not done at once; False without memory for
-    it. The pwrite of a frame is most of a first shared member's merge, and
+    frames_writes() to them), not done at once; without memory for that,
+    they still are. The pwrite of a frame is most of a first shared member's merge, and
     the helpers, which hash faster than the scan decides, have time for it.
     frames_write_here() ends it."""
     PD_ASSERT(fs.writes == NULL, "frames_write_on_helpers: not already")
     frames_write_behind(fs)
     fs.writes = pd_writes_open()
     fs.writes_posted = fs.writes_collected = 0
-    return fs.writes != NULL
 
 
 cdef pd_writes *frames_writes(frame_store *fs) noexcept nogil:
