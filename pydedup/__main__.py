@@ -44,7 +44,7 @@ def process_pss(pid):
 
 
 def stats(argv):
-    from pydedup import publish
+    from pydedup import procfs, publish
     parser = argparse.ArgumentParser(
         prog="pydedup stats", description="The counters running arenas publish (see "
         "pydedup/publish.py): arenas refresh them at stats(), and at merge() and "
@@ -69,9 +69,15 @@ def stats(argv):
         print(f"no arena of {who} has published counters in {publish.directory(args.uid)} "
               "(an arena publishes at its first merge() or stats() call)")
         return 1
+    smaps: dict[int, bytes | None] = {}         # pid: its smaps, read once for all its arenas
     for r in records:
+        if r.get("stats") is None and r["pid"] not in smaps:
+            try:
+                smaps[r["pid"]] = procfs.read_smaps(r["pid"])
+            except OSError:
+                smaps[r["pid"]] = None           # stats_of says why
         try:
-            counters = publish.stats_of(r)
+            counters = publish.stats_of(r, smaps.get(r["pid"]))
         except OSError as e:                     # gone since, or another user's
             print(f"pid {r['pid']}  arena {r['arena']}: {e}\n")
             continue
@@ -79,8 +85,12 @@ def stats(argv):
             print(f"pid {r['pid']}  arena {r['arena']}: no reading {e} in its file\n")
             continue
         pss = process_pss(r["pid"])
-        print(f"pid {r['pid']}  arena {r['arena']}  counters {time.time() - r['time']:.1f} s old  "
-              f"process PSS {'?' if pss is None else f'{pss / 2**20:,.1f} MiB'}")
+        measured_now = " (PSS and mappings: now)" if r.get("stats") is None else ""
+        print(f"pid {r['pid']}  arena {r['arena']}  counters {time.time() - r['time']:.1f} s old"
+              f"{measured_now}  process PSS {'?' if pss is None else f'{pss / 2**20:,.1f} MiB'}")
+        if counters.pss_bytes is None:
+            print(f"PSS, mappings and huge pages unknown (None): /proc/{r['pid']}/smaps cannot "
+                  "be read (a process that is not dumpable, or /proc mounted with hidepid)")
         if counters.shared_store:                # a store shared by processes (issue 16)
             print(f"shared store {counters.shared_store!r}, members (pids): "
                   + ", ".join(str(pid) for pid in counters.shared_members))

@@ -69,9 +69,18 @@ def smaps_fields(lo: int, hi: int, fields=(b"Pss", b"Pss_Anon", b"Pss_Shmem")):
 _SMAPS_HEADER = re.compile(rb"^([0-9a-f]+)-[0-9a-f]+ [^\n]*$", re.MULTILINE)
 
 
-def arena_smaps(lo: int, hi: int, store_inode: int, pid: int | None = None) -> dict:
+def read_smaps(pid: int | None = None) -> bytes:
+    """The text of /proc/self/smaps, or of `pid`'s (which needs the right to
+    read it: the same user, and a process that is dumpable)."""
+    with open(f"/proc/{'self' if pid is None else int(pid)}/smaps", "rb") as f:
+        return f.read()
+
+
+def arena_smaps(lo: int, hi: int, store_inode: int, pid: int | None = None,
+                text: bytes | None = None) -> dict:
     """What stats() reads of /proc/self/smaps (of `pid`'s, for `pydedup
-    stats`), from one read of it: a merge cut into 100,000 mappings makes
+    stats`), from one read of it (or from `text`, read_smaps() of a process
+    with several arenas): a merge cut into 100,000 mappings makes
     that file tens of megabytes, which the kernel takes seconds to write. In
     bytes, but `mappings`:
     - pss, anonhugepages: summed over the mappings inside [lo, hi);
@@ -83,8 +92,8 @@ def arena_smaps(lo: int, hi: int, store_inode: int, pid: int | None = None) -> d
       the core reads frames through holds a share of every frame it touched,
       which the arena's own Pss lacks."""
     sums = dict.fromkeys(("pss", "anonhugepages", "mappings", "store_rss", "store_pss", "window_pss"), 0)
-    with open(f"/proc/{'self' if pid is None else int(pid)}/smaps", "rb") as f:
-        text = f.read()
+    if text is None:
+        text = read_smaps(pid)
     headers = list(_SMAPS_HEADER.finditer(text))
     for i, header in enumerate(headers):
         inside = lo <= int(header.group(1), 16) < hi

@@ -147,17 +147,22 @@ def published(pid=None, uid=None) -> list:
     return records
 
 
-def stats_of(record):
+def stats_of(record, smaps=None):
     """The ArenaStats of a published record: as written by stats(), or made
-    from a merge's readings and the smaps of the arena's process, read now
-    (OSError if it cannot be: the process is gone, or not this user's)."""
+    from a merge's readings and `smaps`, the text of the arena's process's
+    /proc/PID/smaps (read now if None). If that file cannot be read (the
+    process is not dumpable, or /proc hides it), the counters made from it
+    (PSS, mappings, huge pages) are None; OSError if the process is gone."""
     from pydedup.stats import ArenaStats
     if record.get("stats") is not None:
         return ArenaStats.from_published(record["stats"])
     readings = dict(record["readings"])
     lo, hi, store_inode = record["smaps_of"]
-    smaps = procfs.arena_smaps(lo, hi, store_inode, pid=record["pid"])
-    readings.update(procfs.smaps_readings(smaps, bool(readings["shared_store"])))
+    try:
+        found = procfs.arena_smaps(lo, hi, store_inode, pid=record["pid"], text=smaps)
+    except PermissionError:
+        return ArenaStats.made_from(readings, partial=True)
+    readings.update(procfs.smaps_readings(found, bool(readings["shared_store"])))
     return ArenaStats.made_from(readings)
 
 

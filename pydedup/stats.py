@@ -59,10 +59,18 @@ def _show(name: str, value: Any) -> str:
 R = TypeVar("R", bound=_Readable)
 
 
-def _made_from(record: type[R], readings: Readings) -> R:
-    """A record whose every counter is computed from `readings` by its entry."""
-    return record(**{f.name: (f.metadata["value"] or _reading(f.name))(readings)
-                     for f in fields(record)})  # type: ignore[arg-type]
+def _made_from(record: type[R], readings: Readings, partial: bool = False) -> R:
+    """A record whose every counter is computed from `readings` by its entry;
+    with `partial`, a counter whose readings are missing is None."""
+    values: dict[str, Any] = {}
+    for f in fields(record):  # type: ignore[arg-type]  # every record is a dataclass
+        try:
+            values[f.name] = (f.metadata["value"] or _reading(f.name))(readings)
+        except KeyError:
+            if not partial:
+                raise
+            values[f.name] = None
+    return record(**values)
 
 
 @dataclass(frozen=True)
@@ -294,8 +302,10 @@ class ArenaStats(_Readable):
         "members of the store that died and whose frame references were given back"))
 
     @classmethod
-    def made_from(cls, readings: Readings) -> ArenaStats:
-        return _made_from(cls, readings)
+    def made_from(cls, readings: Readings, partial: bool = False) -> ArenaStats:
+        """With `partial`, the counters of readings that are missing (those
+        of smaps, where `pydedup stats` may not read it) are None."""
+        return _made_from(cls, readings, partial)
 
     @classmethod
     def from_published(cls, values: Mapping[str, Any]) -> ArenaStats:

@@ -117,6 +117,55 @@ def test_a_merge_leaves_reading_smaps_to_the_reader(arena, monkeypatch):
     assert measured.pages_sharing > 0
 
 
+def test_a_process_smaps_is_read_once_for_all_its_arenas(arena, monkeypatch, capsys):
+    with contextlib.closing(pydedup.Arena()) as other:
+        arrays = [each.array(np.zeros(50_000)) for each in (arena, other)]
+        for each, a in zip((arena, other), arrays):
+            a.fill(0.0)
+            each.merge()
+        read = []
+        measure = procfs.read_smaps
+        monkeypatch.setattr(procfs, "read_smaps", lambda pid=None: read.append(pid) or measure(pid))
+        assert main(["stats", str(os.getpid()), "--wait", "0"]) == 0
+    out = capsys.readouterr().out
+    assert read == [os.getpid()]
+    assert out.count("(PSS and mappings: now)") == 2 and "unknown" not in out
+
+
+NOT_DUMPABLE = """
+import ctypes, sys
+import numpy as np
+import pydedup
+arena = pydedup.Arena()
+a = arena.array(np.zeros(50_000))
+a.fill(0.0)
+arena.merge()
+if ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) != 0:   # PR_SET_DUMPABLE: 0
+    sys.exit("prctl failed")
+print("merged", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads the smaps of every process")
+def test_a_process_whose_smaps_cannot_be_read_shows_the_other_counters(capsys):
+    """A process that is not dumpable hides /proc/PID/smaps from its own
+    user: `pydedup stats` shows the counters not made from it, and says so."""
+    with subprocess.Popen([sys.executable, "-c", NOT_DUMPABLE], cwd=ROOT, text=True,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE) as child:
+        try:
+            assert child.stdout.readline() == "merged\n"
+            assert main(["stats", str(child.pid), "--wait", "0"]) == 0
+        finally:
+            child.stdin.close()
+    out = capsys.readouterr().out
+    assert f"/proc/{child.pid}/smaps cannot be read" in out
+    table = {name: value.strip() for name, _, value in
+             (line.partition(" ") for line in out.split("\n\n")[0].splitlines()[3:])}
+    assert table["zero_pages"] == "98" and table["pages_in_use"] == "98"
+    assert table["pss_bytes"] == table["mappings"] == table["general_profit"] == "None"
+
+
 def test_a_forked_child_leaves_the_parent_file(arena, own_directory):
     arena.stats()
     parent_files = os.listdir(own_directory)
