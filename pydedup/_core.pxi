@@ -89,7 +89,7 @@ cdef class Core:
         self.tables.pagemap.fd = self.tables.maps.fd = -1
         self.store.tiers[0] = frame_tier(0, -1, <char *>MAP_FAILED)
         self.store.ntiers = 1
-        self.shm.fd, self.shm.slot, self.fork_slot = -1, -1, -1
+        self.shm.fd, self.shm.slot, self.shm.fork_lock, self.fork_slot = -1, -1, -1, -1
         if npages == 0 or npages >= NO_PAGE:
             raise ValueError(f"an arena holds 1 to {NO_PAGE - 1} pages, not {npages}")
         self.res.npages = npages
@@ -538,11 +538,12 @@ cdef class Core:
         have one, it may not merge (it can still read, write, free, unmerge).
         Called from the at-fork hooks: never raises."""
         cdef int err
-        if self.shm.head != NULL:
+        cdef bint shared = self.shm.head != NULL
+        if shared:
             self.fork_shared(in_child)
         else:
             frames_fence(&self.store)
-        if in_child and self.shm.head == NULL:
+        if in_child and not shared:
             self.forked_child = True
             err = push_tier(&self.store)
             if err == 0:
@@ -762,7 +763,10 @@ cdef class Core:
 
     def fork_prepare(self):
         """Before a fork (the arena's lock held): a member slot for the
-        child, with this process's references; -1 for a private store."""
+        child, with this process's references; -1 for a private store. If
+        none can be had, the child copies its merged pages, and the parent
+        waits for that after the fork (fork_shared), because the frames
+        under them go once the parent frees its own pages."""
         cdef int slot = -1
         if self.shm.head == NULL or self.shm.slot < 0:
             return -1
@@ -770,38 +774,71 @@ cdef class Core:
         slot = shared_fork_prepare(&self.shm, &self.store)
         self.unlock_store()
         self.fork_slot = slot
+        if slot < 0:
+            try:
+                self.fork_handshake = os.pipe2(os.O_CLOEXEC)
+            except OSError:
+                self.fork_handshake = None
         return slot
 
     cdef fork_shared(self, bint in_child):
         """A fork of a member: the child is a member too, in the slot
         fork_prepare() filled for it. No fence: the store counts every
-        member's references, so no frame is punched while either maps it."""
+        member's references, so no frame is punched while either maps it.
+        A child without a slot leaves the store, its merged pages copied
+        while its fork lock, or the parent waiting, keeps their frames."""
+        cdef bint member = False
+        handshake, self.fork_handshake = self.fork_handshake, None
         if in_child and self.fork_slot >= 0:
             self.forked_child = True
             with nogil:
-                shared_fork_child(&self.shm, &self.store, self.fork_slot)
-        elif in_child:
+                member = shared_fork_child(&self.shm, &self.store, self.fork_slot)
+        if in_child and not member:
             self.leave_store_unmerged()
+        shared_fork_done(&self.shm)
         self.fork_slot = -1
+        if handshake is not None:
+            done, copied = handshake    # the child says it copied; its exit or exec says so too
+            try:
+                if in_child:
+                    os.write(copied, b"c")
+                else:
+                    os.close(copied)
+                    copied = -1
+                    os.read(done, 1)
+            except OSError:
+                pass
+            for fd in (done, copied):
+                if fd >= 0:
+                    os.close(fd)
 
     cdef leave_store_unmerged(self):
         """A forked child the store had no member slot for: its merged pages
-        get their own copies (the frames under them may go when the parent
-        frees them), and it no longer uses the store; it cannot merge."""
-        cdef size_t p = 0, first, hw = self.res.high_water
-        while p < hw:
-            first = p
-            while p < hw and self.res.rmap[p].state == PAGE_MERGED:
-                self.res.rmap[p].state = PAGE_BROKEN
-                p += 1
-            if p > first:
-                populate_write(&self.res, first, p - first)
-            else:
-                p += 1
+        get their own copies, under the store's lock (the frames under them
+        go when the parent frees them, which it does under the lock), and
+        it no longer uses the store; it cannot merge."""
+        cdef size_t p = 0, first, i, hw = self.res.high_water
+        cdef bint locked
+        self.shm.locked = False             # the parent's state, copied by the fork
+        with nogil:
+            locked = shared_lock(&self.shm, &self.store)
+            while p < hw:
+                first = p
+                while p < hw and self.res.rmap[p].state == PAGE_MERGED:
+                    self.res.rmap[p].state = PAGE_BROKEN
+                    p += 1
+                if p > first and populate_write(&self.res, first, p - first) != 0:
+                    for i in range(first, p):   # each a fault: its copy, or the OOM killer
+                        pd_touch_write(page_address(&self.res, i))
+                elif p == first:
+                    p += 1
+            if locked:
+                shared_unlock(&self.shm, &self.store)
         self.shm.head, self.shm.slot = NULL, -1     # its mapping stays, unused, till exit
         frames_use_ledger(&self.store, NULL)
         self.merge_refusal = ("merging in this forked process is not possible: the shared "
-                              f"store had no free member slot (of {MAX_MEMBERS}) for it")
+                              f"store had no member slot for it (of {MAX_MEMBERS}, or none "
+                              f"could be kept for it during the fork)")
 
 
 def userfaultfd_allowed():

@@ -197,6 +197,8 @@ cdef class Core:
     cdef readonly object merge_refusal  # why this process may not merge (a forked
                                         # child without a tier of its own), or None
     cdef int fork_slot                 # the member slot fork_prepare() took for the child
+    cdef object fork_handshake         # (read, write) pipe: a child without a slot copies
+                                       # its merged pages before the parent may free them
     cdef object simulated_nodes        # the writable uint16 buffer nodes.simulated is, or None
     # counters of the last pass, after KSM
     cdef readonly uint64_t full_scans, pages_unshared, pages_volatile

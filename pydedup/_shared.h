@@ -1,6 +1,7 @@
 /* The C a frame store shared by processes needs (_shared.pxi): a robust,
- * process-shared mutex that lives in the shared mapping, and the start time
- * of a process, which tells a member from a later process of the same pid. */
+ * process-shared mutex that lives in the shared mapping, the start time of
+ * a process, which tells a member from a later process of the same pid,
+ * and the lock that keeps a slot for a child being forked. */
 #ifndef PYDEDUP_SHARED_H
 #define PYDEDUP_SHARED_H
 
@@ -45,22 +46,29 @@ static int pd_mutex_unlock(void *at) { return pthread_mutex_unlock((pthread_mute
  * would keep the store alive after its last member. */
 static int pd_dup_cloexec(int fd) { return fcntl(fd, F_DUPFD_CLOEXEC, 0); }
 
+#define PD_START_UNKNOWN UINT64_MAX
+
 /* When process `pid` started, in clock ticks after boot (field 22 of
- * /proc/<pid>/stat), 0 if there is no such process or it is a zombie (its
- * memory, and with it every mapping of a frame, is gone already). */
+ * /proc/<pid>/stat); 0 if there is no such process or it is a zombie (its
+ * memory, and with it every mapping of a frame, is gone already); and
+ * PD_START_UNKNOWN if /proc could not say (no file descriptor or memory
+ * left): a member must never be taken for dead for want of a descriptor. */
 static uint64_t pd_process_start(int pid)
 {
     char path[64], text[1024];
     const char *p;
     ssize_t n;
-    int fd, field;
+    int fd, field, err;
     snprintf(path, sizeof(path), "/proc/%d/stat", pid);
     fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
-        return 0;
+        return errno == ENOENT || errno == ESRCH ? 0 : PD_START_UNKNOWN;
     n = read(fd, text, sizeof(text) - 1);
+    err = errno;
     close(fd);
-    if (n <= 0)
+    if (n < 0)
+        return err == ESRCH ? 0 : PD_START_UNKNOWN;
+    if (n == 0)
         return 0;
     text[n] = 0;
     p = strrchr(text, ')');         /* the command may hold spaces and parentheses */
@@ -70,6 +78,40 @@ static uint64_t pd_process_start(int pid)
         if (*p == ' ')
             field++;
     return strtoull(p, NULL, 10);
+}
+
+/* The lock that keeps the member slot reserved for a child while it is
+ * being forked: an open file description of the records memfd of its own,
+ * write-locked at byte `slot`. An OFD lock belongs to the description,
+ * which the fork gives the child too, so it holds until both have closed
+ * it or died, whatever the order; a child that execs drops it (CLOEXEC).
+ * The new descriptor, or -1 (errno). */
+static int pd_fork_lock(int records_fd, int slot)
+{
+    struct flock lock = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = slot, .l_len = 1};
+    char path[64];
+    int fd, err;
+    snprintf(path, sizeof(path), "/proc/self/fd/%d", records_fd);
+    fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    if (fcntl(fd, F_OFD_SETLK, &lock) != 0) {
+        err = errno;
+        close(fd);
+        errno = err;
+        return -1;
+    }
+    return fd;
+}
+
+/* Whether any description holds the lock of `slot` (pd_fork_lock); asked
+ * through `records_fd`, which holds none. 1 also when it cannot be told. */
+static int pd_fork_locked(int records_fd, int slot)
+{
+    struct flock lock = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = slot, .l_len = 1};
+    if (fcntl(records_fd, F_OFD_GETLK, &lock) != 0)
+        return 1;
+    return lock.l_type != F_UNLCK;
 }
 
 #endif

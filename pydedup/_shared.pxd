@@ -11,7 +11,10 @@ cdef extern from "_shared.h" nogil:
     int pd_mutex_trylock(void *at)    # EBUSY: held by another
     int pd_mutex_consistent(void *at)
     int pd_mutex_unlock(void *at)
+    uint64_t PD_START_UNKNOWN
     uint64_t pd_process_start(int pid)
+    int pd_fork_lock(int records_fd, int slot)
+    int pd_fork_locked(int records_fd, int slot)
     int EOWNERDEAD
     int pd_dup_cloexec(int fd)
 
@@ -22,12 +25,14 @@ cdef enum:
     SHARED_SLOTS = 1 << 25         # frame slots of a shared store (128 GiB of 4 KiB frames)
     MEMBER_FREE = 0
     MEMBER_LIVE = 1                # a process with a Core on the store
-    MEMBER_FORKING = 2             # reserved by a process for the child it is forking
+    MEMBER_FORKING = 2             # reserved by a process for the child it is forking:
+                                   # alive while its fork lock is held (pd_fork_lock)
 
 cdef struct shared_member:         # one slot of the member table
     int pid                        # the process; for MEMBER_FORKING, the forking parent
     uint32_t state                 # MEMBER_FREE, MEMBER_LIVE, MEMBER_FORKING
     uint64_t start                 # pd_process_start(pid): a later process of that pid differs
+                                   # (PD_START_UNKNOWN: /proc could not say; then the pid alone)
 
 cdef struct shared_header:         # the first page of the records memfd
     uint32_t magic                 # SHARED_MAGIC once formatted
@@ -46,6 +51,7 @@ cdef struct shared_store:          # Core.shm
     int fd                         # the records memfd
     int slot                       # this member's slot, -1 before it has one
     bint locked                    # this process holds the lock (for this Core)
+    int fork_lock                  # the fork lock of the slot of a child being forked, or -1
 
 cdef int shared_format(int fd, size_t page_size) noexcept nogil
 cdef int shared_map(shared_store *ss, int fd, size_t page_size) noexcept nogil
@@ -57,5 +63,6 @@ cdef void shared_unlock(shared_store *ss, frame_store *fs) noexcept nogil
 cdef int shared_join(shared_store *ss, frame_store *fs) noexcept nogil
 cdef void shared_sweep(shared_store *ss, frame_store *fs) noexcept nogil
 cdef int shared_fork_prepare(shared_store *ss, frame_store *fs) noexcept nogil
-cdef void shared_fork_child(shared_store *ss, frame_store *fs, int slot) noexcept nogil
+cdef bint shared_fork_child(shared_store *ss, frame_store *fs, int slot) noexcept nogil
+cdef void shared_fork_done(shared_store *ss) noexcept nogil
 cdef uint32_t *member_ledger(shared_store *ss, int slot) noexcept nogil

@@ -70,7 +70,7 @@ cdef int shared_map(shared_store *ss, int fd, size_t page_size) noexcept nogil:
     on); 0, an errno, or EINVAL if it is not a store of this version and
     page size."""
     cdef shared_header h
-    ss.fd, ss.slot, ss.locked = fd, -1, False
+    ss.fd, ss.slot, ss.locked, ss.fork_lock = fd, -1, False, -1
     ss.head = NULL
     if pread(fd, &h, sizeof(h), 0) != <long>sizeof(h):
         return EINVAL
@@ -123,8 +123,20 @@ cdef void shared_close(shared_store *ss, frame_store *fs) noexcept nogil:
         ss.fd = -1
 
 
-cdef bint member_dead(shared_member *m) noexcept nogil:
-    return m.state != MEMBER_FREE and pd_process_start(m.pid) != m.start
+cdef bint member_dead(shared_store *ss, int slot) noexcept nogil:
+    """Whether the member of `slot` is gone. A slot reserved for a child
+    lives while its fork lock is held; a member, while its process does:
+    never dead when /proc cannot tell."""
+    cdef shared_member *m = &ss.head.members[slot]
+    cdef uint64_t start
+    if m.state == MEMBER_FREE:
+        return False
+    if m.state == MEMBER_FORKING:
+        return not pd_fork_locked(ss.fd, slot)
+    start = pd_process_start(m.pid)
+    if start == PD_START_UNKNOWN:
+        return False
+    return start == 0 if m.start == PD_START_UNKNOWN else start != m.start
 
 
 cdef void release_member(shared_store *ss, frame_store *fs, int slot) noexcept nogil:
@@ -144,7 +156,7 @@ cdef void shared_repair(shared_store *ss, frame_store *fs) noexcept nogil:
         mb = &ss.head.members[m]
         if mb.state == MEMBER_FREE:
             continue
-        if member_dead(mb):
+        if member_dead(ss, m):
             memset(member_ledger(ss, m), 0, fs.frame_high * sizeof(uint32_t))
             mb.state, mb.pid = MEMBER_FREE, 0
             ss.head.members_lost += 1
@@ -218,35 +230,58 @@ cdef int shared_join(shared_store *ss, frame_store *fs) noexcept nogil:
 
 cdef void shared_sweep(shared_store *ss, frame_store *fs) noexcept nogil:
     """Under the lock: give back the references of members that died (or
-    of children whose fork never completed, once their parent is gone)."""
+    of children whose fork never completed: their fork lock is gone)."""
     cdef int m
     for m in range(MAX_MEMBERS):
-        if m != ss.slot and member_dead(&ss.head.members[m]):
+        if m != ss.slot and member_dead(ss, m):
             release_member(ss, fs, m)
 
 
 cdef int shared_fork_prepare(shared_store *ss, frame_store *fs) noexcept nogil:
     """Before a fork: a slot for the child, holding the references its
-    pages will hold (this process's); -1 if none is free. Under the lock.
-    If the fork fails the slot stays reserved until this process is gone."""
+    pages will hold (this process's), and its fork lock, which parent and
+    child both hold until the child has taken the slot, so that a sweep
+    keeps it however soon the parent exits; -1 if no slot is free or no
+    lock can be had. Under the lock. If the fork fails, the slot is swept
+    once the parent let its lock go (shared_fork_done)."""
     cdef int slot
     if ss.head == NULL or ss.slot < 0:
         return -1
     slot = claim_slot(ss, getpid(), MEMBER_FORKING)
-    if slot >= 0:
-        frames_copy_ledger(fs, member_ledger(ss, slot))
+    if slot < 0:
+        return -1
+    ss.fork_lock = pd_fork_lock(ss.fd, slot)
+    if ss.fork_lock < 0:
+        ss.head.members[slot].state, ss.head.members[slot].pid = MEMBER_FREE, 0
+        return -1
+    frames_copy_ledger(fs, member_ledger(ss, slot))
     return slot
 
 
-cdef void shared_fork_child(shared_store *ss, frame_store *fs, int slot) noexcept nogil:
-    """In the child, after the fork: the reserved slot is its own."""
+cdef void shared_fork_done(shared_store *ss) noexcept nogil:
+    """Let the fork lock go: in the parent after a fork (or a failed one),
+    which leaves it to the child; in the child once it is a member, or has
+    left the store."""
+    if ss.fork_lock >= 0:
+        close(ss.fork_lock)
+        ss.fork_lock = -1
+
+
+cdef bint shared_fork_child(shared_store *ss, frame_store *fs, int slot) noexcept nogil:
+    """In the child, after the fork: the reserved slot is its own; False
+    if the store's lock cannot be had (the slot is swept once this process
+    has gone or closed its fork lock)."""
     cdef shared_member *mb = &ss.head.members[slot]
     ss.locked = False                   # the parent's state, copied by the fork
     if not shared_lock(ss, fs):
-        return
+        return False
+    if mb.state != MEMBER_FORKING:      # cannot be while the fork lock holds it
+        shared_unlock(ss, fs)
+        return False
     mb.pid = getpid()
     mb.start = pd_process_start(mb.pid)
     mb.state = MEMBER_LIVE
     ss.slot = slot
     frames_use_ledger(fs, member_ledger(ss, slot))
     shared_unlock(ss, fs)
+    return True

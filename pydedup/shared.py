@@ -17,6 +17,8 @@ vanish with their last holder, even if every member was killed.
 - The uid is part of the name, so another user naming the same store gets
   one of their own; a process of another user that connects to this one's
   socket anyway is refused (and told so).
+- A server that does not answer in CONNECT_SECONDS (a stopped process, or
+  not pydedup's) leaves the arena with a store of its own, and a warning.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from pydedup._fast import Core
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _HELLO = b"pydedup-store 1 "    # then the server's pid, as it sees it
+CONNECT_SECONDS = 10.0          # to wait for a store's server to answer
 _REFUSED = b"pydedup-refused "
 
 
@@ -117,13 +120,16 @@ class Store:
 
     def _living_clients(self) -> list[socket.socket]:
         """The connections of members still alive: a member's end closes with
-        its process (members never send), so a readable one has gone."""
-        if not self._clients:
-            return []
-        gone, _, _ = select.select(self._clients, [], [], 0)
-        for conn in gone:
-            conn.close()
-        return [c for c in self._clients if c not in gone]
+        its process (members never send), so a readable one has gone. poll,
+        not select, which cannot take a descriptor above 1,023."""
+        poller = select.poll()
+        for conn in self._clients:
+            poller.register(conn, select.POLLIN)
+        gone = {fd for fd, _ in poller.poll(0)}
+        for conn in self._clients:
+            if conn.fileno() in gone:
+                conn.close()
+        return [c for c in self._clients if c.fileno() >= 0]
 
     # -- watching the server -------------------------------------------------
 
@@ -173,6 +179,7 @@ def _connect(name: str) -> tuple[socket.socket, list[int], int]:
     """Connect to the server of `name` and receive its memfds; raises
     ConnectionRefusedError if no one serves it."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(CONNECT_SECONDS)    # a server that is stopped, or a squatter, never answers
     try:
         sock.connect(address(name))
         pid, uid, _ = _peer(sock)
@@ -194,6 +201,7 @@ def _connect(name: str) -> tuple[socket.socket, list[int], int]:
                 os.close(fd)
             raise SharedStoreError(errno.EPERM, f"shared store {name!r} is served from another "
                                                 f"pid namespace: not joined")
+        sock.settimeout(None)           # from now on the connection only tells the server's end
         return sock, fds, os.fstat(fds[0]).st_ino
     except BaseException:
         sock.close()

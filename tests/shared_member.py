@@ -12,8 +12,11 @@ import time
 
 import numpy as np
 
-import pydedup
-from pydedup import procfs
+if os.environ.get("SLOW_CHILD"):    # a forked child waits before pydedup's hooks run
+    os.register_at_fork(after_in_child=lambda: time.sleep(float(os.environ["SLOW_CHILD"])))
+
+import pydedup  # noqa: E402  (after the hook above, so that it runs first)
+from pydedup import procfs  # noqa: E402
 
 FSIZE = resource.getrlimit(resource.RLIMIT_FSIZE)
 
@@ -86,6 +89,60 @@ def main():
                     code = 0 if ok and arena.stats().shared_members[0] == os.getpid() else 2
                 finally:
                     os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            say(dict(child=os.waitstatus_to_exitcode(status)))
+        elif cmd == "nofds":            # merge with no file descriptor left
+            fds = []
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+            try:
+                while True:
+                    fds.append(os.open("/dev/null", os.O_RDONLY))
+            except OSError:
+                pass
+            try:
+                arena.merge()
+                error = None
+            except OSError as e:
+                error = e.errno
+            for fd in fds:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            say(dict(error=error))
+        elif cmd == "orphan":           # fork and exit at once; the child checks later
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(float(args[1]))
+                with open(args[0], "w") as f:
+                    json.dump(dict(equal=bool(np.array_equal(x, data))), f)
+                os._exit(0)
+            say(dict(child=pid))
+            os._exit(0)
+        elif cmd == "fill":             # forked children that hold every member slot left
+            held, keep = [], os.pipe()
+            for _ in range(int(args[0])):
+                pid = os.fork()
+                if pid == 0:
+                    os.close(keep[1])
+                    os.read(keep[0], 1)
+                    os._exit(0)
+                held.append(pid)
+            os.close(keep[0])
+            say(dict(children=len(held)))
+        elif cmd == "unfill":
+            os.close(keep[1])
+            for pid in held:
+                os.waitpid(pid, 0)
+            say(dict(members=arena.stats().shared_members))
+        elif cmd == "fork-free":        # fork, then free merged pages only this process maps
+            mine = np.random.default_rng(99).integers(0, 2**63, 2**20, dtype=np.uint64)
+            y = arena.array(mine)
+            arena.merge()
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0 if np.array_equal(y, mine) else 1)
+            del y
+            arena.merge()
             _, status = os.waitpid(pid, 0)
             say(dict(child=os.waitstatus_to_exitcode(status)))
         elif cmd == "quit":

@@ -1,6 +1,7 @@
 """A frame store shared by processes (issue 16): members are real spawned
 processes (tests/shared_member.py), so what is checked is what the kernel
 does: their PSS, their pages after a kill -9, the files left behind."""
+import errno
 import json
 import os
 import pathlib
@@ -222,6 +223,51 @@ def test_a_forked_child_of_a_member_is_a_member(store_name, members):
     assert a.ask("check")["checked"]
 
 
+def test_a_member_without_file_descriptors_takes_no_other_for_dead(store_name, members):
+    """Its sweep cannot open /proc/PID/stat: that says nothing of PID."""
+    a = members(store_name, seed=1)
+    a.ask("merge")
+    b = members(store_name, seed=2)
+    assert b.ask("nofds")["error"] == errno.EMFILE
+    assert b.ask("merge")["merged"] >= 0
+    assert a.ask("verify")["equal"] and a.ask("check")["checked"]
+    s = a.ask("stats")
+    assert s["lost"] == 0 and sorted(s["members"]) == sorted([a.pid, b.pid])
+
+
+def test_a_child_keeps_its_pages_when_its_parent_exits_at_once(store_name, members, tmp_path):
+    """The daemon idiom: fork, and the parent exits. Another member sweeps
+    before the child has taken the slot its parent kept for it (its
+    pydedup hook waits 0.5 s here): the fork lock keeps the slot."""
+    a = members(store_name, seed=1, env={"SLOW_CHILD": "0.5"})
+    a.ask("merge")
+    b = members(store_name, seed=2)
+    out = tmp_path / "child.json"
+    child = a.ask(f"orphan {out} 1.0")["child"]
+    a.proc.wait(10)
+    deadline = time.monotonic() + 0.8
+    while time.monotonic() < deadline:  # sweeps, while the child's slot is still reserved
+        assert b.ask("merge")["merged"] >= 0
+    while not out.exists() or not out.stat().st_size:
+        time.sleep(0.05)
+    assert json.loads(out.read_text()) == {"equal": True}
+    assert b.ask("check")["checked"]
+    with pytest.raises(ProcessLookupError):
+        for _ in range(100):
+            os.kill(child, 0)
+            time.sleep(0.05)
+
+
+def test_a_child_without_a_slot_copies_its_pages_before_the_parent_frees_them(store_name,
+                                                                              members):
+    a = members(store_name, seed=1)
+    a.ask("merge")
+    a.ask("fill 63")                    # every slot of MAX_MEMBERS (64) is taken
+    assert a.ask("fork-free")["child"] == 0
+    assert len(a.ask("unfill")["members"]) == 1
+    assert a.ask("verify")["equal"] and a.ask("check")["checked"]
+
+
 def test_frames_a_first_member_cannot_write_are_not_shared(store_name, members):
     """A first member's new frames are written behind, a run at once; when
     the frame store stops taking them (RLIMIT_FSIZE here, a full memory
@@ -272,6 +318,28 @@ def test_the_command_line_shows_the_store_and_its_members(store_name, members, t
     assert main(["stats", str(os.getpid()), "--wait", "0"]) == 0
     out = capsys.readouterr().out
     assert f"shared store {store_name!r}, members (pids): {os.getpid()}, {other.pid}" in out
+    arena.close()
+
+
+def test_the_server_takes_members_whose_connections_are_above_descriptor_1023(store_name,
+                                                                             members):
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"RLIMIT_NOFILE's hard limit is {hard}: no descriptor above 1,023 to use")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (2048, hard))
+    fillers = []
+    try:
+        while not fillers or fillers[-1] < 1100:   # the connections accepted land above
+            fillers.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+        arena = pydedup.Arena(size=1 << 28, shared=store_name)      # serves the store
+        joined = [members(store_name, seed=1) for _ in range(3)]
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert [m.store for m in joined] == [store_name] * 3
+    assert sorted(arena.stats().shared_members) == sorted([os.getpid()] + [m.pid for m in joined])
     arena.close()
 
 
