@@ -49,16 +49,21 @@ static int pd_dup_cloexec(int fd) { return fcntl(fd, F_DUPFD_CLOEXEC, 0); }
 #define PD_START_UNKNOWN UINT64_MAX
 
 /* When process `pid` started, in clock ticks after boot (field 22 of
- * /proc/<pid>/stat); 0 if there is no such process or it is a zombie (its
- * memory, and with it every mapping of a frame, is gone already); and
+ * /proc/<pid>/stat), 0 if there is no such process or it is a zombie (its
+ * memory, and with it every mapping of a frame, is gone already), or
  * PD_START_UNKNOWN if /proc could not say (no file descriptor or memory
- * left): a member must never be taken for dead for want of a descriptor. */
-static uint64_t pd_process_start(int pid)
+ * left): a member must never be taken for dead for want of a descriptor.
+ * And in *stack where its stack begins (field 28), which an exec moves (a
+ * new address space, placed at random), or 0 where /proc hides it (a
+ * process that is not dumpable). */
+static uint64_t pd_process_start(int pid, uint64_t *stack)
 {
-    char path[64], text[1024];
+    char path[64], text[1024], *end;
     const char *p;
     ssize_t n;
     int fd, field, err;
+    uint64_t start;
+    *stack = 0;
     snprintf(path, sizeof(path), "/proc/%d/stat", pid);
     fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
@@ -77,7 +82,13 @@ static uint64_t pd_process_start(int pid)
     for (field = 2; *p && field < 22; p++)
         if (*p == ' ')
             field++;
-    return strtoull(p, NULL, 10);
+    start = strtoull(p, &end, 10);
+    for (p = end; *p && field < 28; p++)
+        if (*p == ' ')
+            field++;
+    if (field == 28)
+        *stack = strtoull(p, NULL, 10);
+    return start;
 }
 
 /* The lock that keeps the member slot reserved for a child while it is

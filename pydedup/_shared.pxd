@@ -12,7 +12,7 @@ cdef extern from "_shared.h" nogil:
     int pd_mutex_consistent(void *at)
     int pd_mutex_unlock(void *at)
     uint64_t PD_START_UNKNOWN
-    uint64_t pd_process_start(int pid)
+    uint64_t pd_process_start(int pid, uint64_t *stack)
     int pd_fork_lock(int records_fd, int slot)
     int pd_fork_locked(int records_fd, int slot)
     int EOWNERDEAD
@@ -20,7 +20,7 @@ cdef extern from "_shared.h" nogil:
 
 cdef enum:
     SHARED_MAGIC = 0x31646470      # "pdd1"
-    SHARED_VERSION = 2             # 2: frames keyed by pydedup's own checksum (_checksum.h)
+    SHARED_VERSION = 3             # 3: a member's stack address
     MAX_MEMBERS = 64               # member slots, each with a ledger
     SHARED_SLOTS = 1 << 25         # frame slots of a shared store (128 GiB of 4 KiB frames)
     MEMBER_FREE = 0
@@ -33,6 +33,7 @@ cdef struct shared_member:         # one slot of the member table
     uint32_t state                 # MEMBER_FREE, MEMBER_LIVE, MEMBER_FORKING
     uint64_t start                 # pd_process_start(pid): a later process of that pid differs
                                    # (PD_START_UNKNOWN: /proc could not say; then the pid alone)
+    uint64_t stack                 # where its stack began: it moves when the process execs
 
 cdef struct shared_header:         # the first page of the records memfd
     uint32_t magic                 # SHARED_MAGIC once formatted

@@ -125,18 +125,21 @@ cdef void shared_close(shared_store *ss, frame_store *fs) noexcept nogil:
 
 cdef bint member_dead(shared_store *ss, int slot) noexcept nogil:
     """Whether the member of `slot` is gone. A slot reserved for a child
-    lives while its fork lock is held; a member, while its process does:
-    never dead when /proc cannot tell."""
+    lives while its fork lock is held; a member, while its process does and
+    has not exec'd (a forked child may: its pages went with it). Never dead
+    when /proc cannot tell."""
     cdef shared_member *m = &ss.head.members[slot]
-    cdef uint64_t start
+    cdef uint64_t start, stack
     if m.state == MEMBER_FREE:
         return False
     if m.state == MEMBER_FORKING:
         return not pd_fork_locked(ss.fd, slot)
-    start = pd_process_start(m.pid)
+    start = pd_process_start(m.pid, &stack)
     if start == PD_START_UNKNOWN:
         return False
-    return start == 0 if m.start == PD_START_UNKNOWN else start != m.start
+    if m.start == PD_START_UNKNOWN:
+        return start == 0
+    return start != m.start or (stack != 0 and m.stack != 0 and stack != m.stack)
 
 
 cdef void release_member(shared_store *ss, frame_store *fs, int slot) noexcept nogil:
@@ -207,7 +210,7 @@ cdef int claim_slot(shared_store *ss, int pid, uint32_t state) noexcept nogil:
     for m in range(MAX_MEMBERS):
         mb = &ss.head.members[m]
         if mb.state == MEMBER_FREE:
-            mb.pid, mb.start, mb.state = pid, pd_process_start(pid), state
+            mb.pid, mb.start, mb.state = pid, pd_process_start(pid, &mb.stack), state
             return m
     return -1
 
@@ -279,7 +282,7 @@ cdef bint shared_fork_child(shared_store *ss, frame_store *fs, int slot) noexcep
         shared_unlock(ss, fs)
         return False
     mb.pid = getpid()
-    mb.start = pd_process_start(mb.pid)
+    mb.start = pd_process_start(mb.pid, &mb.stack)
     mb.state = MEMBER_LIVE
     ss.slot = slot
     frames_use_ledger(fs, member_ledger(ss, slot))

@@ -15,9 +15,9 @@ of /proc/self/smaps (PSS, mappings), whose reading would cost the merge
 10 ms for a 1 GiB arena of few mappings and a second or more for one cut
 into 100,000 (tens of megabytes of text): it says where they are instead,
 and the reader reads /proc/<pid>/smaps itself (stats_of). close() and
-garbage collection remove the file; readers skip files of processes that
-are gone. Publishing is best effort: a directory that cannot be written
-only means nothing is shown.
+garbage collection remove the file; readers, and an arena's first write,
+remove those of processes that are gone (killed). Publishing is best
+effort: a directory that cannot be written only means nothing is shown.
 """
 import json
 import os
@@ -87,6 +87,8 @@ class Publisher:
             path = os.path.join(directory(), f"{os.getpid()}-{self._id:x}.json")
             try:
                 os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+                if self._path is None:      # this arena's first file: clear away the killed's
+                    _living_files(os.path.dirname(path))
                 tmp = f"{path}.tmp"
                 with open(tmp, "w") as f:
                     json.dump(record, f)
@@ -122,23 +124,14 @@ def published(pid=None, uid=None) -> list:
     process first. Files of processes that are gone are removed."""
     folder = directory(uid)
     try:
-        names = sorted(os.listdir(folder))
+        names = _living_files(folder)
     except OSError:
         return []
     records = []
     for name in names:
-        if not name.endswith(".json"):
-            continue
-        owner = int(name.split("-", 1)[0]) if name.split("-", 1)[0].isdigit() else None
-        if owner is None or (pid is not None and owner != pid):
+        if pid is not None and _owner(name) != pid:
             continue
         path = os.path.join(folder, name)
-        if not _alive(owner):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-            continue
         try:
             with open(path) as f:
                 records.append(json.load(f))
@@ -164,6 +157,29 @@ def stats_of(record, smaps=None):
         return ArenaStats.made_from(readings, partial=True)
     readings.update(procfs.smaps_readings(found, bool(readings["shared_store"])))
     return ArenaStats.made_from(readings)
+
+
+def _owner(name):
+    """The pid a published file's name begins with; None if not one's."""
+    head = name.split("-", 1)[0]
+    return int(head) if name.endswith(".json") and head.isdigit() else None
+
+
+def _living_files(folder) -> list:
+    """The published files in `folder` of processes that live, sorted; the
+    files of processes that are gone (killed: close() never ran) are
+    removed."""
+    living = []
+    for name in sorted(os.listdir(folder)):
+        owner = _owner(name)
+        if owner is not None and _alive(owner):
+            living.append(name)
+        elif owner is not None:
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
+    return living
 
 
 def _alive(pid) -> bool:

@@ -284,6 +284,8 @@ def claim(name: str, owner: object) -> None:
 
 
 def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()            # another thread may have held it at the fork
     for store in _STORES.values():
         store.forget_after_fork()
 

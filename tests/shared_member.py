@@ -145,6 +145,11 @@ def main():
             arena.merge()
             _, status = os.waitpid(pid, 0)
             say(dict(child=os.waitstatus_to_exitcode(status)))
+        elif cmd == "fork-exec":        # a child forked with the arena runs another program
+            pid = os.fork()
+            if pid == 0:
+                os.execv(args[0], args)
+            say(dict(child=pid))
         elif cmd == "quit":
             return
 

@@ -6,6 +6,8 @@ import json
 import os
 import pathlib
 import random
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +16,7 @@ import uuid
 import pytest
 
 import pydedup
-from pydedup import procfs, shared
+from pydedup import procfs, publish, shared
 
 MEMBER = pathlib.Path(__file__).with_name("shared_member.py")
 MIB = 16
@@ -209,6 +211,8 @@ def test_nothing_is_left_behind_and_the_next_member_starts_clean(store_name, mem
     c = members(store_name, seed=3)
     s = c.ask("stats")
     assert s["members"] == [c.pid] and s["frames"] == 0 and s["lost"] == 0
+    killed = (f"{a.pid}-", f"{b.pid}-")     # their counters' files: c's stats() removed them
+    assert [f for f in os.listdir(publish.directory()) if f.startswith(killed)] == []
 
 
 def test_a_forked_child_of_a_member_is_a_member(store_name, members):
@@ -266,6 +270,23 @@ def test_a_child_without_a_slot_copies_its_pages_before_the_parent_frees_them(st
     assert a.ask("fork-free")["child"] == 0
     assert len(a.ask("unfill")["members"]) == 1
     assert a.ask("verify")["equal"] and a.ask("check")["checked"]
+
+
+def test_a_child_that_execs_leaves_the_store(store_name, members):
+    """Its pid and start time stay, but its pages are gone with the exec:
+    the stack's new address tells."""
+    a = members(store_name, seed=1)
+    a.ask("merge")
+    child = a.ask(f"fork-exec {shutil.which('sleep')} 30")["child"]
+    try:
+        deadline = time.monotonic() + 10
+        while a.ask("stats")["members"] != [a.pid] and time.monotonic() < deadline:
+            time.sleep(0.05)            # the child's hook made it a member; then it exec'd
+        s = a.ask("stats")
+        assert s["members"] == [a.pid] and s["lost"] == 1
+        assert a.ask("check")["checked"] and a.ask("verify")["equal"]
+    finally:
+        os.kill(child, signal.SIGKILL)
 
 
 def test_frames_a_first_member_cannot_write_are_not_shared(store_name, members):
