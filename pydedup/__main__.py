@@ -85,7 +85,8 @@ def stats(argv):
             print(f"pid {r['pid']}  arena {r['arena']}: no reading {e} in its file\n")
             continue
         pss = process_pss(r["pid"])
-        measured_now = " (PSS and mappings: now)" if r.get("stats") is None else ""
+        measured_now = " (PSS and mappings: now)" if r.get("stats") is None \
+            and counters.pss_bytes is not None else ""
         print(f"pid {r['pid']}  arena {r['arena']}  counters {time.time() - r['time']:.1f} s old"
               f"{measured_now}  process PSS {'?' if pss is None else f'{pss / 2**20:,.1f} MiB'}")
         if counters.pss_bytes is None:

@@ -788,6 +788,7 @@ cdef class Core:
         A child without a slot leaves the store, its merged pages copied
         while its fork lock, or the parent waiting, keeps their frames."""
         cdef bint member = False
+        cdef int done, copied
         handshake, self.fork_handshake = self.fork_handshake, None
         if in_child and self.fork_slot >= 0:
             self.forked_child = True
@@ -798,19 +799,16 @@ cdef class Core:
         shared_fork_done(&self.shm)
         self.fork_slot = -1
         if handshake is not None:
-            done, copied = handshake    # the child says it copied; its exit or exec says so too
-            try:
+            done, copied = handshake
+            with nogil:
                 if in_child:
-                    os.write(copied, b"c")
+                    pd_handshake_say(copied)
                 else:
-                    os.close(copied)
-                    copied = -1
-                    os.read(done, 1)
-            except OSError:
-                pass
-            for fd in (done, copied):
-                if fd >= 0:
-                    os.close(fd)
+                    close(copied)       # the child's alone now: its exit or exec closes it
+                    pd_handshake_wait(done)
+                close(done)
+                if in_child:
+                    close(copied)
 
     cdef leave_store_unmerged(self):
         """A forked child the store had no member slot for: its merged pages

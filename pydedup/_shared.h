@@ -125,4 +125,23 @@ static int pd_fork_locked(int records_fd, int slot)
     return lock.l_type != F_UNLCK;
 }
 
+/* The handshake of a child forked without a member slot (Core.fork_prepare):
+ * the child writes one byte once it has copied its merged pages; the parent
+ * waits for it, or for the pipe's end (the child exited or exec'd). Both
+ * retry on EINTR, in C: a Python signal handler that raised in between
+ * would end the parent's wait while the child's pages still map frames
+ * the parent may free. */
+static void pd_handshake_say(int fd)
+{
+    while (write(fd, "c", 1) < 0 && errno == EINTR)
+        ;
+}
+
+static void pd_handshake_wait(int fd)
+{
+    char c;
+    while (read(fd, &c, 1) < 0 && errno == EINTR)
+        ;
+}
+
 #endif

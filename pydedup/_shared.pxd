@@ -15,6 +15,8 @@ cdef extern from "_shared.h" nogil:
     uint64_t pd_process_start(int pid, uint64_t *stack)
     int pd_fork_lock(int records_fd, int slot)
     int pd_fork_locked(int records_fd, int slot)
+    void pd_handshake_say(int fd)
+    void pd_handshake_wait(int fd)
     int EOWNERDEAD
     int pd_dup_cloexec(int fd)
 

@@ -15,7 +15,7 @@
 # while mapped anywhere: a frame is punched only when the sum of the
 # ledgers, its mapcount, is 0.
 
-from libc.errno cimport EBUSY
+from libc.errno cimport EACCES, EAGAIN, EBUSY
 
 
 cdef inline size_t round_up(size_t n, size_t to) noexcept nogil:
@@ -202,15 +202,18 @@ cdef void shared_unlock(shared_store *ss, frame_store *fs) noexcept nogil:
     pd_mutex_unlock(ss.head.lock)
 
 
+cdef void take_slot(shared_store *ss, int slot, int pid, uint32_t state) noexcept nogil:
+    cdef shared_member *mb = &ss.head.members[slot]
+    mb.pid, mb.start, mb.state = pid, pd_process_start(pid, &mb.stack), state
+
+
 cdef int claim_slot(shared_store *ss, int pid, uint32_t state) noexcept nogil:
-    """A free member slot, now this process's (or its coming child's); -1 if
-    every slot is taken by a living member. Under the lock."""
+    """A free member slot, now this process's; -1 if every slot is taken by
+    a living member. Under the lock."""
     cdef int m
-    cdef shared_member *mb
     for m in range(MAX_MEMBERS):
-        mb = &ss.head.members[m]
-        if mb.state == MEMBER_FREE:
-            mb.pid, mb.start, mb.state = pid, pd_process_start(pid, &mb.stack), state
+        if ss.head.members[m].state == MEMBER_FREE:
+            take_slot(ss, m, pid, state)
             return m
     return -1
 
@@ -250,15 +253,19 @@ cdef int shared_fork_prepare(shared_store *ss, frame_store *fs) noexcept nogil:
     cdef int slot
     if ss.head == NULL or ss.slot < 0:
         return -1
-    slot = claim_slot(ss, getpid(), MEMBER_FORKING)
-    if slot < 0:
-        return -1
-    ss.fork_lock = pd_fork_lock(ss.fd, slot)
-    if ss.fork_lock < 0:
-        ss.head.members[slot].state, ss.head.members[slot].pid = MEMBER_FREE, 0
-        return -1
-    frames_copy_ledger(fs, member_ledger(ss, slot))
-    return slot
+    shared_sweep(ss, fs)                # the slots of members gone since the last one
+    for slot in range(MAX_MEMBERS):
+        if ss.head.members[slot].state != MEMBER_FREE:
+            continue
+        ss.fork_lock = pd_fork_lock(ss.fd, slot)
+        if ss.fork_lock >= 0:
+            take_slot(ss, slot, getpid(), MEMBER_FORKING)
+            frames_copy_ledger(fs, member_ledger(ss, slot))
+            return slot
+        if errno != EAGAIN and errno != EACCES:
+            return -1                   # no lock can be had (no descriptor left)
+        # else a description about to close still holds its byte: try the next slot
+    return -1
 
 
 cdef void shared_fork_done(shared_store *ss) noexcept nogil:

@@ -224,10 +224,17 @@ def _before_fork():
 
 
 def _after_fork(in_child: bool):
-    for pages in _forking:
-        pages.core.fork_happened(in_child)
-        pages._lock.release()
+    error = None
+    for pages in _forking:          # each arena's lock let go, whatever raised (a signal)
+        try:
+            pages.core.fork_happened(in_child)
+        except BaseException as e:
+            error = error or e
+        finally:
+            pages._lock.release()
     _forking.clear()
+    if error is not None:
+        raise error
 
 
 os.register_at_fork(before=_before_fork,

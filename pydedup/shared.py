@@ -181,7 +181,16 @@ def _connect(name: str) -> tuple[socket.socket, list[int], int]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(CONNECT_SECONDS)    # a server that is stopped, or a squatter, never answers
     try:
-        sock.connect(address(name))
+        deadline = time.monotonic() + CONNECT_SECONDS
+        while True:
+            try:
+                sock.connect(address(name))
+                break
+            except BlockingIOError:     # its queue is full (a timeout makes connect not wait)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(errno.ETIMEDOUT, f"shared store {name!r}: its server "
+                                                        f"takes no one") from None
+                time.sleep(0.01)
         pid, uid, _ = _peer(sock)
         if uid != os.getuid():
             raise SharedStoreError(errno.EPERM, f"the socket of shared store {name!r} is served "

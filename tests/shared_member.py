@@ -8,6 +8,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -145,6 +146,23 @@ def main():
             arena.merge()
             _, status = os.waitpid(pid, 0)
             say(dict(child=os.waitstatus_to_exitcode(status)))
+        elif cmd == "fork-signal":      # a signal whose handler raises, while the fork waits
+            def alarm(*_):
+                raise RuntimeError("the alarm's handler")
+            signal.signal(signal.SIGALRM, alarm)
+            signal.setitimer(signal.ITIMER_REAL, float(args[0]))
+            start = time.monotonic()
+            try:
+                pid = os.fork()
+                if pid == 0:
+                    os._exit(0)
+            except RuntimeError:        # raised once the fork's hooks are done
+                pid = None
+            waited = time.monotonic() - start
+            merger = threading.Thread(target=arena.merge, daemon=True)
+            merger.start()
+            merger.join(10)             # a lock the fork left held would stop it
+            say(dict(waited=waited, merged=not merger.is_alive()))
         elif cmd == "fork-exec":        # a child forked with the arena runs another program
             pid = os.fork()
             if pid == 0:

@@ -247,7 +247,7 @@ def test_a_child_keeps_its_pages_when_its_parent_exits_at_once(store_name, membe
     a.ask("merge")
     b = members(store_name, seed=2)
     out = tmp_path / "child.json"
-    child = a.ask(f"orphan {out} 1.0")["child"]
+    a.ask(f"orphan {out} 1.0")
     a.proc.wait(10)
     deadline = time.monotonic() + 0.8
     while time.monotonic() < deadline:  # sweeps, while the child's slot is still reserved
@@ -256,10 +256,6 @@ def test_a_child_keeps_its_pages_when_its_parent_exits_at_once(store_name, membe
         time.sleep(0.05)
     assert json.loads(out.read_text()) == {"equal": True}
     assert b.ask("check")["checked"]
-    with pytest.raises(ProcessLookupError):
-        for _ in range(100):
-            os.kill(child, 0)
-            time.sleep(0.05)
 
 
 def test_a_child_without_a_slot_copies_its_pages_before_the_parent_frees_them(store_name,
@@ -269,6 +265,19 @@ def test_a_child_without_a_slot_copies_its_pages_before_the_parent_frees_them(st
     a.ask("fill 63")                    # every slot of MAX_MEMBERS (64) is taken
     assert a.ask("fork-free")["child"] == 0
     assert len(a.ask("unfill")["members"]) == 1
+    assert a.ask("verify")["equal"] and a.ask("check")["checked"]
+
+
+def test_a_signal_while_a_parent_waits_for_its_child_without_a_slot(store_name, members):
+    """The alarm's handler raises while the parent waits for the child to
+    copy (the child's hook is late by 1 s here): the parent still waits,
+    and its arena's lock is let go after."""
+    a = members(store_name, seed=1, env={"SLOW_CHILD": "1.0"})
+    a.ask("merge")
+    a.ask("fill 63")
+    forked = a.ask("fork-signal 0.3")
+    assert forked["waited"] >= 1.0 and forked["merged"]
+    a.ask("unfill")
     assert a.ask("verify")["equal"] and a.ask("check")["checked"]
 
 
