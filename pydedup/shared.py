@@ -19,6 +19,10 @@ vanish with their last holder, even if every member was killed.
   socket anyway is refused (and told so).
 - A server that does not answer in CONNECT_SECONDS (a stopped process, or
   not pydedup's) leaves the arena with a store of its own, and a warning.
+- A process serves, and holds the memfds, while it is a member: when its
+  arena's pages go (the Core leaves the store), the store's thread stops
+  serving and closes them, so that a process that starts after every
+  member died finds no one, even if this one still runs.
 """
 from __future__ import annotations
 
@@ -73,7 +77,9 @@ class Store:
         self._sock: socket.socket | None = None
         self._clients: list[socket.socket] = []
         self._thread: threading.Thread | None = None
+        self._conn: socket.socket | None = None         # to the server, while watching
         self._stop = False
+        self._orphaned = False          # this process's member went; join() may take it again
 
     @property
     def fds(self) -> tuple[int, int]:
@@ -101,9 +107,15 @@ class Store:
 
     def _serve(self, sock: socket.socket) -> None:
         while not self._stop:
+            if self._orphaned and self._leave_if_unused():
+                return                  # orphaned before the socket was there to wake
             try:
                 conn, _ = sock.accept()
             except OSError:
+                if self._orphaned and not self._leave_if_unused():
+                    sock.close()        # taken again meanwhile: serve or watch anew
+                    self._sock, self.serving = None, False
+                    _rejoin(self)
                 return
             pid, uid, _ = _peer(conn)
             try:
@@ -137,13 +149,18 @@ class Store:
         """Wait for the server to go; then serve the name, or connect to
         whoever does now, so later processes still find the members."""
         while not self._stop:
+            self._conn = conn
+            if self._orphaned and self._leave_if_unused():
+                conn.close()            # orphaned before the connection was there to wake
+                return
             try:
                 while conn.recv(4096):
                     pass
             except OSError:
                 pass
+            self._conn = None
             conn.close()
-            if self._stop:
+            if self._stop or (self._orphaned and self._leave_if_unused()):
                 return
             for _ in range(100):
                 if self._try_serve():
@@ -165,6 +182,38 @@ class Store:
         self._thread = threading.Thread(target=target, args=(arg,), daemon=True,
                                         name=f"pydedup-store-{self.name}")
         self._thread.start()
+
+    # -- leaving -------------------------------------------------------------
+
+    def orphan(self) -> None:
+        """This process's member is gone (its pages' finalizer: garbage
+        collection, which must not wait for a lock): wake the thread, which
+        leaves the store unless an arena took it again meanwhile."""
+        self._orphaned = True
+        for sock in (self._sock, self._conn):
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)     # accept() or recv() returns
+                except OSError:
+                    pass
+
+    def _leave_if_unused(self) -> bool:
+        """On the store's thread, once woken: stop serving and close the
+        memfds, unless join() took the store again (True if left)."""
+        with _lock:
+            if not self._orphaned:
+                return False
+            if _STORES.get(self.name) is self:
+                del _STORES[self.name]
+            self._stop = True
+            for sock in [self._sock, *self._clients]:
+                if sock is not None:
+                    sock.close()
+            self._sock, self._clients, self.serving = None, [], False
+            for fd in self.fds:
+                os.close(fd)
+            self.records = self.frames = -1
+            return True
 
     def forget_after_fork(self) -> None:
         """In a forked child: the sockets are the parent's; let them go (the
@@ -229,6 +278,7 @@ def join(name: str) -> Store:
     with _lock:
         store = _STORES.get(name)
         if store is not None:
+            store._orphaned = False         # its thread, if woken, keeps it
             if store._thread is None:       # a forked child: watch again
                 _rejoin(store)
             return store
@@ -290,6 +340,7 @@ def claim(name: str, owner: object) -> None:
             raise ValueError(f"this process has an arena on shared store {name!r} already; "
                              f"a process holds one arena per store")
         _IN_USE[name] = owner
+        weakref.finalize(owner, _STORES[name].orphan)
 
 
 def _after_fork_in_child() -> None:

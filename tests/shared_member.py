@@ -3,6 +3,7 @@ process: `python shared_member.py NAME SEED MIB`. It loads MIB MiB of
 random data made from SEED into an arena on store NAME (or, with NAME "-",
 the store PYDEDUP_SHARED names), then answers one command a line on stdin
 with one JSON line on stdout."""
+import gc
 import json
 import os
 import resource
@@ -168,8 +169,27 @@ def main():
             if pid == 0:
                 os.execv(args[0], args)
             say(dict(child=pid))
+        elif cmd == "leave":            # close the arena and drop its arrays: a member no more
+            arena.close()
+            del x, pages
+            gc.collect()
+            deadline = time.monotonic() + 10
+            while memfds() and time.monotonic() < deadline:
+                time.sleep(0.05)        # the store's thread lets them go
+            say(dict(memfds=memfds()))
         elif cmd == "quit":
             return
+
+
+def memfds():
+    """The store's memfds this process holds."""
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:       # the listing's own
+            pass
+    return sorted(link for link in links if link.startswith("/memfd:pydedup-"))
 
 
 def say(message):

@@ -215,6 +215,22 @@ def test_nothing_is_left_behind_and_the_next_member_starts_clean(store_name, mem
     assert [f for f in os.listdir(publish.directory()) if f.startswith(killed)] == []
 
 
+def test_a_process_that_left_the_store_serves_it_no_more(store_name, members):
+    """The first member serves the store; once its arena and arrays are gone
+    it lets the store go though it lives on, so that a process that starts
+    after every member died starts a clean store."""
+    a = members(store_name, seed=1)
+    b = members(store_name, seed=2)
+    a.ask("merge")
+    b.ask("merge")
+    assert a.ask("leave")["memfds"] == []
+    assert b.ask("stats")["members"] == [b.pid]
+    b.kill()
+    c = members(store_name, seed=3)
+    s = c.ask("stats")
+    assert s["members"] == [c.pid] and s["frames"] == 0 and s["lost"] == 0
+
+
 def test_a_forked_child_of_a_member_is_a_member(store_name, members):
     a = members(store_name)
     b = members(store_name)
