@@ -803,12 +803,11 @@ cdef class Core:
             with nogil:
                 if in_child:
                     pd_handshake_say(copied)
+                    close(copied)
                 else:
                     close(copied)       # the child's alone now: its exit or exec closes it
                     pd_handshake_wait(done)
                 close(done)
-                if in_child:
-                    close(copied)
 
     cdef leave_store_unmerged(self):
         """A forked child the store had no member slot for: its merged pages
