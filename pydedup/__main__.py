@@ -8,6 +8,7 @@ stats  the counters of running processes' arenas (of PID if given)
 """
 import argparse
 import contextlib
+import functools
 import sys
 import time
 
@@ -69,15 +70,10 @@ def stats(argv):
         print(f"no arena of {who} has published counters in {publish.directory(args.uid)} "
               "(an arena publishes at its first merge() or stats() call)")
         return 1
-    smaps: dict[int, bytes | None] = {}         # pid: its smaps, read once for all its arenas
+    read_smaps = functools.cache(procfs.read_smaps)   # once a process, for all its arenas
     for r in records:
-        if r.get("stats") is None and r["pid"] not in smaps:
-            try:
-                smaps[r["pid"]] = procfs.read_smaps(r["pid"])
-            except OSError:
-                smaps[r["pid"]] = None           # stats_of says why
         try:
-            counters = publish.stats_of(r, smaps.get(r["pid"]))
+            counters = publish.stats_of(r, read_smaps)
         except OSError as e:                     # gone since, or another user's
             print(f"pid {r['pid']}  arena {r['arena']}: {e}\n")
             continue

@@ -140,10 +140,10 @@ def published(pid=None, uid=None) -> list:
     return records
 
 
-def stats_of(record, smaps=None):
+def stats_of(record, read_smaps=procfs.read_smaps):
     """The ArenaStats of a published record: as written by stats(), or made
-    from a merge's readings and `smaps`, the text of the arena's process's
-    /proc/PID/smaps (read now if None). If that file cannot be read (the
+    from a merge's readings and read_smaps(pid), the text of the arena's
+    process's /proc/PID/smaps, read now. If that file cannot be read (the
     process is not dumpable, or /proc hides it), the counters made from it
     (PSS, mappings, huge pages) are None; OSError if the process is gone."""
     from pydedup.stats import ArenaStats
@@ -152,7 +152,8 @@ def stats_of(record, smaps=None):
     readings = dict(record["readings"])
     lo, hi, store_inode = record["smaps_of"]
     try:
-        found = procfs.arena_smaps(lo, hi, store_inode, pid=record["pid"], text=smaps)
+        found = procfs.arena_smaps(lo, hi, store_inode, pid=record["pid"],
+                                   text=read_smaps(record["pid"]))
     except PermissionError:
         return ArenaStats.made_from(readings, partial=True)
     readings.update(procfs.smaps_readings(found, bool(readings["shared_store"])))
