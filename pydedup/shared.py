@@ -42,6 +42,9 @@ _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _HELLO = b"pydedup-store 1 "    # then the server's pid, as it sees it
 CONNECT_SECONDS = 10.0          # to wait for a store's server to answer
 _REFUSED = b"pydedup-refused "
+# accept() failures that pass: short of descriptors or memory for a while
+# (the connection stays queued), or a client that went before it was taken.
+_PASSING = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED}
 
 
 class SharedStoreError(OSError):
@@ -111,7 +114,10 @@ class Store:
                 return                  # orphaned before the socket was there to wake
             try:
                 conn, _ = sock.accept()
-            except OSError:
+            except OSError as e:
+                if e.errno in _PASSING and not self._stop and not self._orphaned:
+                    time.sleep(0.05)    # the connection waits in the queue meanwhile
+                    continue
                 if self._orphaned and not self._leave_if_unused():
                     sock.close()        # taken again meanwhile: serve or watch anew
                     self._sock, self.serving = None, False
@@ -244,9 +250,14 @@ def _connect(name: str) -> tuple[socket.socket, list[int], int]:
         if uid != os.getuid():
             raise SharedStoreError(errno.EPERM, f"the socket of shared store {name!r} is served "
                                                 f"by uid {uid}, not this user: not joined")
-        message, fds, _, _ = socket.recv_fds(sock, 256, 2)
+        message, fds, flags, _ = socket.recv_fds(sock, 256, 2)
         for fd in fds:                  # not for programs this process may exec
             os.set_inheritable(fd, False)
+        if flags & socket.MSG_CTRUNC:   # the kernel had no descriptor for them here
+            for fd in fds:
+                os.close(fd)
+            raise OSError(errno.EMFILE, f"shared store {name!r}: no file descriptor left in "
+                                        f"this process for its memfds")
         if message.startswith(_REFUSED):
             raise SharedStoreError(errno.EPERM, f"shared store {name!r} refused this process: "
                                                 f"{message[len(_REFUSED):].decode()}")

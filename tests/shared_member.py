@@ -111,6 +111,21 @@ def main():
                 os.close(fd)
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
             say(dict(error=error))
+        elif cmd == "nofds-for":        # hold no file descriptor free for args[0] seconds
+            fds = []
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+            try:
+                while True:
+                    fds.append(os.open("/dev/null", os.O_RDONLY))
+            except OSError:
+                pass
+            say(dict(filled=len(fds)))
+            time.sleep(float(args[0]))
+            for fd in fds:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            say(dict(freed=True))
         elif cmd == "orphan":           # fork and exit at once; the child checks later
             pid = os.fork()
             if pid == 0:

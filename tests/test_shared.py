@@ -1,6 +1,7 @@
 """A frame store shared by processes (issue 16): members are real spawned
 processes (tests/shared_member.py), so what is checked is what the kernel
 does: their PSS, their pages after a kill -9, the files left behind."""
+import contextlib
 import errno
 import json
 import os
@@ -387,6 +388,46 @@ def test_the_server_takes_members_whose_connections_are_above_descriptor_1023(st
     assert [m.store for m in joined] == [store_name] * 3
     assert sorted(arena.stats().shared_members) == sorted([os.getpid()] + [m.pid for m in joined])
     arena.close()
+
+
+def test_the_server_serves_on_after_its_process_ran_out_of_descriptors(store_name, members):
+    """accept() fails at once while the server's process has no descriptor
+    free (the one accept() it was waiting in had reserved one, which the
+    first joiner gets); the server must wait, not stop, for the next."""
+    server = members(store_name, seed=1)
+    server.send("nofds-for 1.0")
+    assert server.read()["filled"] > 0
+    arena = pydedup.Arena(size=1 << 28, shared=store_name)
+    assert server.read()["freed"]
+    later = members(store_name, seed=2)
+    assert arena.shared == store_name and later.store == store_name
+    assert sorted(server.ask("stats")["members"]) == sorted([server.pid, os.getpid(), later.pid])
+    arena.close()
+
+
+def test_a_joiner_without_descriptors_for_the_memfds_is_told_so(store_name, members):
+    """An OSError the arena turns into a warning and a store of its own, not
+    a SharedStoreError that the store is not pydedup's."""
+    import resource
+    members(store_name)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                fillers.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+        for fd in fillers[-2:]:         # one for the socket, one of the two memfds
+            os.close(fd)
+        del fillers[-2:]
+        with pytest.raises(OSError, match="no file descriptor left") as raised:
+            shared._connect(store_name)
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert raised.value.errno == errno.EMFILE and not isinstance(raised.value,
+                                                                 shared.SharedStoreError)
 
 
 def test_a_bad_name_is_refused():
