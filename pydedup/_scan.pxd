@@ -20,6 +20,7 @@ cdef struct scan_state:            # Core.scan: the scan in progress
 cdef struct chunk_tables:          # what the scan read of a chunk's page tables
     size_t first, n                # its pages
     uint8_t *cats                  # PAGE_IS_* of each, PAGE_IS_WRITTEN taken
+    const uint8_t *taken_before    # PAGE_IS_WRITTEN of each, taken before the helpers ran, or NULL
     uint16_t *nodes                # the NUMA node of each one's memory, or NULL
     hashed_span hashed             # its pages in the hash stream
 
