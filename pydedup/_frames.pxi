@@ -236,8 +236,12 @@ cdef inline bint slot_free(frame_store *fs, uint32_t f) noexcept nogil:
     A frame no page maps any more is an orphan until the next reclaim, still
     in the stable tree: taking its slot would link it there twice (a page
     whose frames all moved to another node's tree leaves such orphans in
-    the middle of a scan, _scan.pxi go_home)."""
-    return fs.frames[f].mapcount == 0 and not (f < fs.frame_high and stable_tree_holds(fs, f))
+    the middle of a scan, _scan.pxi go_home). A slot above every one used
+    is free unread: reading its record first would map the zero page there,
+    and the write that follows would then flush the TLB of every CPU that
+    runs the process, interrupting the scan's helpers (_scan.pxi
+    take_written_before_helpers)."""
+    return f >= fs.frame_high or (fs.frames[f].mapcount == 0 and not stable_tree_holds(fs, f))
 
 
 cdef int frame_write(frame_store *fs, uint32_t f, const char *content, uint16_t node) noexcept nogil:
