@@ -4,6 +4,7 @@ machine's noise from one merge to the next.
 
     python benchmarks/merge_builds.py OLD_TREE NEW_TREE [--threads 2] [--barrier mprotect]
         [--rounds 4] [--merges 3] [--gib 1] [--workload structured|first-member]
+        [--perf-control FIFO]
 
 Each tree is a checkout of pydedup with its extension built in place
 (`python setup.py build_ext --inplace`). Each round runs every tree once,
@@ -23,6 +24,20 @@ The workloads:
   it, as its baseline, a private arena merging two copies of half as much
   (a frame for every two pages: benchmarks/shared.py's two-copy merge);
   seconds a GiB of each, and their ratio.
+
+Besides each tree's medians over all its merges, the structured workload
+prints each later tree against the first round by round (the ratio of
+their medians in one round, and the median of those ratios): a burst of
+noise then falls on both trees of a round, not on one tree's median.
+
+With --perf-control, the path of a FIFO that `perf record --control
+fifo:FIFO -D -1` reads, each merge alone is recorded (one tree, one round,
+one merge, to read a profile):
+
+    mkfifo /tmp/ctl
+    perf record -F 20000 -g -D -1 --control fifo:/tmp/ctl -o merge.data -- \
+        python benchmarks/merge_builds.py . --rounds 1 --merges 1 --perf-control /tmp/ctl
+    perf report -i merge.data --no-children --sort pid,sym -g none
 """
 import argparse
 import json
@@ -36,9 +51,25 @@ import time
 CHILD = "--child"
 
 
-def child(workload, threads, barrier, gib, merges):
+class Recorded:
+    """perf records what runs inside `with recorded:` (nothing without a FIFO)."""
+
+    def __init__(self, fifo):
+        self.fd = os.open(fifo, os.O_WRONLY) if fifo else None
+
+    def __enter__(self):
+        if self.fd is not None:
+            os.write(self.fd, b"enable\n")
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.write(self.fd, b"disable\n")
+
+
+def child(workload, threads, barrier, gib, merges, fifo):
+    recorded = Recorded(fifo)
     if workload == "first-member":
-        return first_member(threads, barrier, gib, merges)
+        return first_member(threads, barrier, gib, merges, recorded)
     import numpy as np
 
     import pydedup
@@ -56,14 +87,17 @@ def child(workload, threads, barrier, gib, merges):
                 start = time.perf_counter()
                 np.bitwise_or.reduce(ones.view(np.uint64))
                 passes.append(time.perf_counter() - start)
-            report = arena.merge()
+            with recorded:
+                report = arena.merge()
             out.append({"read_passes": report.seconds / min(passes),
-                        "decide": report.phase_seconds["decide"], "apply": report.phase_seconds["apply"]})
+                        "decide": report.phase_seconds["decide"],
+                        "decide_cpu": report.phase_cpu_seconds["decide"],
+                        "apply": report.phase_seconds["apply"]})
             del workload
     print(json.dumps(out))
 
 
-def first_member(threads, barrier, gib, merges):
+def first_member(threads, barrier, gib, merges, recorded):
     import uuid
 
     import numpy as np
@@ -82,7 +116,8 @@ def first_member(threads, barrier, gib, merges):
                                shared=shared) as arena:
                 held = ([arena.array(data)] if shared
                         else [arena.array(data[:size // 16]) for _ in range(2)])
-                seconds[kind] = arena.merge().seconds / gib
+                with recorded:
+                    seconds[kind] = arena.merge().seconds / gib
                 del held
         out.append({"first_member": seconds["first member"], "two_copies": seconds["two copies"],
                     "ratio": seconds["first member"] / seconds["two copies"]})
@@ -98,17 +133,21 @@ def main(argv=None):
     parser.add_argument("--merges", type=int, default=3)
     parser.add_argument("--gib", type=float, default=1.0)
     parser.add_argument("--workload", default="structured", choices=["structured", "first-member"])
+    parser.add_argument("--perf-control", default="", metavar="FIFO")
     args = parser.parse_args(argv)
     fifo = ["chrt", "-f", "50"] if shutil.which("chrt") and os.geteuid() == 0 else []
     found = {tree: [] for tree in args.trees}
+    rounds = []                         # per round: each tree's rows
     for r in range(args.rounds):
+        rounds.append({})
         for tree in (args.trees if r % 2 == 0 else args.trees[::-1]):
             done = subprocess.run(
                 [*fifo, sys.executable, __file__, CHILD, args.workload, str(args.threads), args.barrier,
-                 str(args.gib), str(args.merges)],
+                 str(args.gib), str(args.merges), args.perf_control],
                 cwd=tree, env={**os.environ, "PYTHONPATH": os.path.abspath(tree)},
                 capture_output=True, text=True, check=True)
-            found[tree] += json.loads(done.stdout)
+            rounds[-1][tree] = json.loads(done.stdout)
+            found[tree] += rounds[-1][tree]
     print(f"{args.workload} {args.gib:g} GiB, {args.threads} thread(s), {args.barrier} barrier, "
           f"{args.rounds} rounds x {args.merges} merges a tree")
     for tree, rows in found.items():
@@ -121,12 +160,23 @@ def main(argv=None):
         passes = [row["read_passes"] for row in rows]
         print(f"{tree}: read passes median {statistics.median(passes):.2f} "
               f"(min {min(passes):.2f}, max {max(passes):.2f}); decide median "
-              f"{statistics.median(row['decide'] for row in rows):.3f} s, apply median "
+              f"{statistics.median(row['decide'] for row in rows):.3f} s (CPU, all threads "
+              f"{statistics.median(row['decide_cpu'] for row in rows):.3f} s), apply median "
               f"{statistics.median(row['apply'] for row in rows):.3f} s")
+    if args.workload == "structured":
+        for tree in args.trees[1:]:
+            print(f"{tree} / {args.trees[0]}, round by round:")
+            for key in ("read_passes", "decide", "decide_cpu"):
+                ratios = [statistics.median(row[key] for row in r[tree])
+                          / statistics.median(row[key] for row in r[args.trees[0]]) for r in rounds]
+                print(f"  {key}: median {statistics.median(ratios):.2f} "
+                      f"({sum(x < 1 for x in ratios)} of {len(ratios)} below 1): "
+                      + " ".join(f"{x:.2f}" for x in ratios))
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == CHILD:
-        child(sys.argv[2], int(sys.argv[3]), sys.argv[4], float(sys.argv[5]), int(sys.argv[6]))
+        child(sys.argv[2], int(sys.argv[3]), sys.argv[4], float(sys.argv[5]), int(sys.argv[6]),
+              sys.argv[7])
     else:
         main()
