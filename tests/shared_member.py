@@ -3,6 +3,7 @@ process: `python shared_member.py NAME SEED MIB`. It loads MIB MiB of
 random data made from SEED into an arena on store NAME (or, with NAME "-",
 the store PYDEDUP_SHARED names), then answers one command a line on stdin
 with one JSON line on stdout."""
+import contextlib
 import gc
 import json
 import os
@@ -94,37 +95,17 @@ def main():
             _, status = os.waitpid(pid, 0)
             say(dict(child=os.waitstatus_to_exitcode(status)))
         elif cmd == "nofds":            # merge with no file descriptor left
-            fds = []
-            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
-            try:
-                while True:
-                    fds.append(os.open("/dev/null", os.O_RDONLY))
-            except OSError:
-                pass
-            try:
-                arena.merge()
-                error = None
-            except OSError as e:
-                error = e.errno
-            for fd in fds:
-                os.close(fd)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            with no_descriptor_left():
+                try:
+                    arena.merge()
+                    error = None
+                except OSError as e:
+                    error = e.errno
             say(dict(error=error))
         elif cmd == "nofds-for":        # hold no file descriptor free for args[0] seconds
-            fds = []
-            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
-            try:
-                while True:
-                    fds.append(os.open("/dev/null", os.O_RDONLY))
-            except OSError:
-                pass
-            say(dict(filled=len(fds)))
-            time.sleep(float(args[0]))
-            for fd in fds:
-                os.close(fd)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            with no_descriptor_left() as fds:
+                say(dict(filled=len(fds)))
+                time.sleep(float(args[0]))
             say(dict(freed=True))
         elif cmd == "orphan":           # fork and exit at once; the child checks later
             pid = os.fork()
@@ -194,6 +175,24 @@ def main():
             say(dict(memfds=memfds()))
         elif cmd == "quit":
             return
+
+
+@contextlib.contextmanager
+def no_descriptor_left():
+    """Take every file descriptor left (under a limit of 256); the list of
+    them. Given back, and the limit restored, at the end."""
+    fds = []
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                fds.append(os.open("/dev/null", os.O_RDONLY))
+        yield fds
+    finally:
+        for fd in fds:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def memfds():
