@@ -299,7 +299,7 @@ cdef int scan_range(Core c, size_t first, size_t end, scan_knobs *k,
     cdef chunk_tables chunks[CHUNKS_AHEAD]
     cdef chunk_tables *chunk
     cdef size_t looked = 0, read = 0, i
-    cdef size_t next_first = first
+    cdef size_t next_first = first, looked_end = first
     cdef uint8_t *taken_before = NULL
     cdef double cpu
     cdef int err = 0
@@ -338,6 +338,9 @@ cdef int scan_range(Core c, size_t first, size_t end, scan_knobs *k,
         scan_chunk(c, chunk, k, st)
         hashes_forget(&c.scan.hashes, &chunk.hashed)
         looked += 1
+        looked_end = chunk.first + chunk.n
+    if err:
+        forget_checksums(c, looked_end, end)
     st.frames_new_on_helpers += frames_write_here(&c.store)   # while the helpers are there
     cpu = hashes_close(&c.scan.hashes)  # the helpers' CPU time is the decision's
     st.decide_cpu_seconds += cpu
@@ -347,6 +350,17 @@ cdef int scan_range(Core c, size_t first, size_t end, scan_knobs *k,
     free(taken_before)
     drop_unwritten(c, st)
     return err
+
+
+cdef void forget_checksums(Core c, size_t first, size_t end) noexcept nogil:
+    """After a take of written bits failed: the pages of [first, end) are
+    hashed again next pass. Their bits may have been taken (by the whole
+    range's take, a chunk read ahead, or the failed call itself, partway)
+    and not looked at: gone with the failure, while the pages stay
+    protected and would pass for unwritten."""
+    cdef size_t p
+    for p in range(first, end):
+        c.res.rmap[p].flags &= ~PAGE_CHECKSUMMED
 
 
 cdef int take_written_before_helpers(Core c, size_t first, size_t end,

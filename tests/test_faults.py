@@ -5,9 +5,12 @@ arrays exist. Each keeps every value and leaves the core consistent.
 (tests/test_barrier.py covers faulthandler enabled after the arena exists,
 and a real crash reported through it; tests/test_limits.py a frame store
 stopped by RLIMIT_FSIZE and a merge that starts near the mapping limit.)"""
+import contextlib
+import errno
 import gc
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +26,7 @@ from pydedup import testing
 from kernel import PAGE
 from test_barrier import WRITER_UNDER_MERGES
 from test_limits import fill_mappings, max_map_count, process_mappings, scattered_workload
+from test_threads import CHUNK_PAGES
 
 PAGE_FLOATS = PAGE // 8
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -196,3 +200,85 @@ def test_the_mapping_limit_reached_by_other_code_after_the_merge():
     # go once the other code lets go of its mappings.
     assert out["free_after"] == {"result": repr(out["b_pages"])}, out
     assert out["end"] == dict(pages_in_use=0, frames_in_use=0, frame_store_bytes=0), out
+
+
+# LD_PRELOAD: PAGEMAP_SCAN fails with EIO once, the first time it would take
+# the written bits (PM_SCAN_WP_MATCHING) of exactly one scan chunk while the
+# file $PD_FAIL_TAKE exists (it is removed then).
+FAIL_TAKE = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#define PAGEMAP_SCAN 0xC0606610UL        /* _IOWR('f', 16, struct pm_scan_arg) */
+#define PM_SCAN_WP_MATCHING 1
+struct pm_scan_arg { uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages,
+                     category_inverted, category_mask, category_anyof_mask, return_mask; };
+
+int ioctl(int fd, unsigned long request, ...)
+{
+    static int (*real)(int, unsigned long, ...);
+    va_list ap;
+    va_start(ap, request);
+    void *arg = va_arg(ap, void *);
+    va_end(ap);
+    if (real == NULL)
+        real = (int (*)(int, unsigned long, ...))dlsym(RTLD_NEXT, "ioctl");
+    if (request == PAGEMAP_SCAN) {
+        const struct pm_scan_arg *a = arg;
+        const char *armed = getenv("PD_FAIL_TAKE");
+        if ((a->flags & PM_SCAN_WP_MATCHING) && a->end - a->start == CHUNK_BYTES
+                && armed != NULL && unlink(armed) == 0) {
+            errno = EIO;
+            return -1;
+        }
+    }
+    return real(fd, request, arg);
+}
+"""
+
+
+@pytest.mark.skipif(not shutil.which("gcc"), reason="needs gcc to build the failing ioctl")
+def test_a_failed_take_of_written_bits_hides_no_written_page_from_the_next_pass(tmp_path,
+                                                                             barrier):
+    """A chunk's take fails in a threaded merge. Its written bits, those of
+    the chunks read ahead and those the whole range's take held for the
+    chunks after it are gone, while their pages stay protected: the next
+    merge must read them all the same."""
+    with contextlib.closing(pydedup.Arena(size=1 << 28)) as arena:
+        if not testing.core(arena).tracking:
+            pytest.skip("no written-page tracking here: every page counts as written")
+    source, shim, armed = tmp_path / "fail_take.c", tmp_path / "fail_take.so", tmp_path / "armed"
+    source.write_text(FAIL_TAKE)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", f"-DCHUNK_BYTES={CHUNK_PAGES * PAGE}ULL",
+                    "-o", str(shim), str(source), "-ldl"], check=True)
+    done = run_python(f"""
+        import json, os
+        import numpy as np
+        import pydedup
+        n = 3 * {CHUNK_PAGES * PAGE_FLOATS}             # three chunks each
+        with pydedup.Arena(size=1 << 30, threads=2, barrier={barrier!r},
+                           huge_pages="off") as arena:
+            rng = np.random.default_rng(1)
+            a = arena.array(rng.integers(0, 2**63, n, dtype=np.uint64))
+            b = arena.array(rng.integers(0, 2**63, n, dtype=np.uint64))
+            arena.merge()                               # every page hashed and protected
+            b[:] = a                                    # written: b's pages now hold a's
+            open({str(armed)!r}, "w").close()
+            try:
+                arena.merge()
+                failed = None
+            except OSError as e:
+                failed = e.errno
+            merged = arena.merge().pages_merged
+            print(json.dumps(dict(failed=failed, armed=os.path.exists({str(armed)!r}),
+                                  merged=merged, equal=bool(np.array_equal(a, b)))))
+        """, env={"LD_PRELOAD": str(shim), "PD_FAIL_TAKE": str(armed)})
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.splitlines()[-1])
+    assert out["failed"] == errno.EIO and not out["armed"], out    # the fault happened
+    assert out["merged"] >= 2 * 3 * CHUNK_PAGES - 8 and out["equal"], out
