@@ -31,7 +31,8 @@ their medians in one round, and the median of those ratios): a burst of
 noise then falls on both trees of a round, not on one tree's median.
 
 With --perf-control, the path of a FIFO that `perf record --control
-fifo:FIFO -D -1` reads, each merge alone is recorded (one tree, one round,
+fifo:FIFO -D -1` reads (and which blocks until perf does), each merge alone
+is recorded (one tree, one round,
 one merge, to read a profile):
 
     mkfifo /tmp/ctl
@@ -91,7 +92,8 @@ def child(workload, threads, barrier, gib, merges, fifo):
                 report = arena.merge()
             out.append({"read_passes": report.seconds / min(passes),
                         "decide": report.phase_seconds["decide"],
-                        "decide_cpu": report.phase_cpu_seconds["decide"],
+                        "decide_cpu": getattr(report, "phase_cpu_seconds",   # none before 047b2c8
+                                              {}).get("decide", float("nan")),
                         "apply": report.phase_seconds["apply"]})
             del workload
     print(json.dumps(out))
@@ -136,18 +138,22 @@ def main(argv=None):
     parser.add_argument("--perf-control", default="", metavar="FIFO")
     args = parser.parse_args(argv)
     fifo = ["chrt", "-f", "50"] if shutil.which("chrt") and os.geteuid() == 0 else []
-    found = {tree: [] for tree in args.trees}
-    rounds = []                         # per round: each tree's rows
+    # A tree given twice is run twice, as two builds: its noise against itself.
+    names = [tree if args.trees.count(tree) == 1 else f"{tree} (#{i + 1})"
+             for i, tree in enumerate(args.trees)]
+    found = {name: [] for name in names}
+    rounds = []                         # per round: each build's rows
+    builds = list(zip(names, args.trees))
     for r in range(args.rounds):
         rounds.append({})
-        for tree in (args.trees if r % 2 == 0 else args.trees[::-1]):
+        for name, tree in (builds if r % 2 == 0 else builds[::-1]):
             done = subprocess.run(
                 [*fifo, sys.executable, __file__, CHILD, args.workload, str(args.threads), args.barrier,
                  str(args.gib), str(args.merges), args.perf_control],
                 cwd=tree, env={**os.environ, "PYTHONPATH": os.path.abspath(tree)},
                 capture_output=True, text=True, check=True)
-            rounds[-1][tree] = json.loads(done.stdout)
-            found[tree] += rounds[-1][tree]
+            rounds[-1][name] = json.loads(done.stdout)
+            found[name] += rounds[-1][name]
     print(f"{args.workload} {args.gib:g} GiB, {args.threads} thread(s), {args.barrier} barrier, "
           f"{args.rounds} rounds x {args.merges} merges a tree")
     for tree, rows in found.items():
@@ -164,11 +170,11 @@ def main(argv=None):
               f"{statistics.median(row['decide_cpu'] for row in rows):.3f} s), apply median "
               f"{statistics.median(row['apply'] for row in rows):.3f} s")
     if args.workload == "structured":
-        for tree in args.trees[1:]:
-            print(f"{tree} / {args.trees[0]}, round by round:")
+        for name in names[1:]:
+            print(f"{name} / {names[0]}, round by round:")
             for key in ("read_passes", "decide", "decide_cpu"):
-                ratios = [statistics.median(row[key] for row in r[tree])
-                          / statistics.median(row[key] for row in r[args.trees[0]]) for r in rounds]
+                ratios = [statistics.median(row[key] for row in r[name])
+                          / statistics.median(row[key] for row in r[names[0]]) for r in rounds]
                 print(f"  {key}: median {statistics.median(ratios):.2f} "
                       f"({sum(x < 1 for x in ratios)} of {len(ratios)} below 1): "
                       + " ".join(f"{x:.2f}" for x in ratios))
