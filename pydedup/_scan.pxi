@@ -383,8 +383,8 @@ cdef int take_written_before_helpers(Core c, size_t first, size_t end,
 cdef int read_chunk(Core c, chunk_tables *chunk) noexcept nogil:
     """Read a chunk's page tables, taking the written bits, and give the
     hash stream the pages the scan will need hashed."""
-    cdef int err = take_written(&c.tables, chunk.first, chunk.n, chunk.cats)
     cdef size_t i
+    cdef int err = take_written(&c.tables, chunk.first, chunk.n, chunk.cats)
     if err == 0 and chunk.taken_before != NULL:
         for i in range(chunk.n):
             chunk.cats[i] |= chunk.taken_before[i] & PD_PAGE_IS_WRITTEN
