@@ -212,10 +212,7 @@ class Store:
             if _STORES.get(self.name) is self:
                 del _STORES[self.name]
             self._stop = True
-            for sock in [self._sock, *self._clients]:
-                if sock is not None:
-                    sock.close()
-            self._sock, self._clients, self.serving = None, [], False
+            self._close_sockets()
             for fd in self.fds:
                 os.close(fd)
             self.records = self.frames = -1
@@ -224,10 +221,15 @@ class Store:
     def forget_after_fork(self) -> None:
         """In a forked child: the sockets are the parent's; let them go (the
         child keeps the memfds; it is a member through its parent's slot)."""
+        self._close_sockets()
+        self._thread = None
+
+    def _close_sockets(self) -> None:
+        """Serve no more: the listening socket and the members' connections."""
         for sock in [self._sock, *self._clients]:
             if sock is not None:
                 sock.close()
-        self._sock, self._clients, self.serving, self._thread = None, [], False, None
+        self._sock, self._clients, self.serving = None, [], False
 
 
 def _connect(name: str) -> tuple[socket.socket, list[int], int]:
