@@ -1,7 +1,6 @@
 """A frame store shared by processes (issue 16): members are real spawned
 processes (tests/shared_member.py), so what is checked is what the kernel
 does: their PSS, their pages after a kill -9, the files left behind."""
-import contextlib
 import errno
 import json
 import os
@@ -18,6 +17,8 @@ import pytest
 
 import pydedup
 from pydedup import procfs, publish, shared
+
+from shared_member import no_descriptor_left
 
 MEMBER = pathlib.Path(__file__).with_name("shared_member.py")
 MIB = 16
@@ -407,24 +408,13 @@ def test_the_server_serves_on_after_its_process_ran_out_of_descriptors(store_nam
 def test_a_joiner_without_descriptors_for_the_memfds_is_told_so(store_name, members):
     """An OSError the arena turns into a warning and a store of its own, not
     a SharedStoreError that the store is not pydedup's."""
-    import resource
     members(store_name)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    fillers = []
-    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
-    try:
-        with contextlib.suppress(OSError):
-            while True:
-                fillers.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+    with no_descriptor_left() as fillers:
         for fd in fillers[-2:]:         # one for the socket, one of the two memfds
             os.close(fd)
         del fillers[-2:]
         with pytest.raises(OSError, match="no file descriptor left") as raised:
             shared._connect(store_name)
-    finally:
-        for fd in fillers:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert raised.value.errno == errno.EMFILE and not isinstance(raised.value,
                                                                  shared.SharedStoreError)
 
