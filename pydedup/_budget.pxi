@@ -67,7 +67,7 @@ cdef bint apart(Core c, size_t q) noexcept nogil:
         return True
     if a == PAGE_MERGED and b == PAGE_MERGED:
         f = c.res.rmap[q + 1].frame
-        return f != c.res.rmap[q].frame + 1 or tier_starts_at(&c.store, f)
+        return f != c.res.rmap[q].frame + 1 or files_part_at(&c.store, f)
     return False
 
 

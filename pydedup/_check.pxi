@@ -136,7 +136,7 @@ cdef check_tile_frame(frame_store *fs, uint32_t f):
     tile grows a slot at a time, never across a tier's start or below the
     fork fence it grew above."""
     cdef uint32_t k = fs.frames[f].tile_index
-    if k > f or tier_of(fs, f - k) != tier_of(fs, f):
+    if k > f or file_of(fs, f - k) != file_of(fs, f):
         fail("a tile's frames lie in one memfd, after its first",
              f"frame {f}: tile_index {k}")
 
@@ -205,14 +205,15 @@ cdef check_unstable_tree(Core c):
 
 
 cdef check_tiers(frame_store *fs):
-    cdef int t
+    cdef int t, i
     cdef frame_tier *top = &fs.tiers[fs.ntiers - 1]
     if not 1 <= fs.ntiers <= MAX_TIERS or fs.tiers[0].first_frame != 0:
         fail("the frame store has 1 to MAX_TIERS tiers, the first from frame 0",
              f"{fs.ntiers} tiers")
     for t in range(fs.ntiers):
-        if fs.tiers[t].fd < 0 or <void *>fs.tiers[t].view == MAP_FAILED:
-            fail("every tier has its memfd and view", f"tier {t}")
+        for i in range(FRAME_STRIPES):
+            if fs.tiers[t].files[i].fd < 0 or <void *>fs.tiers[t].files[i].view == MAP_FAILED:
+                fail("every tier has its memfds and their views", f"tier {t}, memfd {i}")
         if t and fs.tiers[t].first_frame <= fs.tiers[t - 1].first_frame:
             fail("tiers are ordered by first_frame", f"tier {t}")
     if not top.first_frame <= fs.fork_fence <= fs.frame_high:
@@ -254,24 +255,31 @@ cdef check_shared(Core c):
 
 def check_frame_memory(Core c):
     """A frame this process may punch (top tier, at or above the fence)
-    holds memory exactly while a page maps it: no frame leaks."""
+    holds memory exactly while a page maps it, in its own stripe's memfd:
+    no frame leaks."""
     cdef frame_store *fs = &c.store
     cdef frame_tier *top = &fs.tiers[fs.ntiers - 1]
     cdef uint32_t f, lo = max(top.first_frame, fs.fork_fence)
+    cdef int i
     ps = fs.page_size
     data = set()
-    offset = lo * ps
-    end = fs.nslots * ps
-    while offset < end:
-        try:
-            offset = os.lseek(top.fd, offset, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == 6:            # ENXIO: no data after offset
-                break
-            raise
-        hole = os.lseek(top.fd, offset, os.SEEK_HOLE)
-        data.update(range(offset // ps, (hole + ps - 1) // ps))
-        offset = hole
+    for i in range(FRAME_STRIPES):
+        offset = lo * ps
+        end = fs.nslots * ps
+        while offset < end:
+            try:
+                offset = os.lseek(top.files[i].fd, offset, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == 6:        # ENXIO: no data after offset
+                    break
+                raise
+            hole = os.lseek(top.files[i].fd, offset, os.SEEK_HOLE)
+            for f in range(offset // ps, (hole + ps - 1) // ps):
+                if f // STRIPE_PAGES % FRAME_STRIPES != i:
+                    fail("a frame holds memory only in its stripe's memfd",
+                         f"frame {f} in memfd {i}")
+                data.add(f)
+            offset = hole
     for f in sorted(data):
         if f >= fs.frame_high or fs.frames[f].mapcount == 0:
             fail("a frame no page maps holds no memory (it was punched)", f"frame {f}")
@@ -284,13 +292,14 @@ def check_mappings(Core c):
     """What the kernel maps agrees with the states: PRIVATE, ZERO and FREE
     pages in anonymous memory, BROKEN pages in a frame-store mapping, and a
     MERGED page in its frame's memfd, at its frame's offset."""
-    cdef int t
+    cdef int t, i
     ps = c.res.page_size
     lo = <size_t>c.res.base
     hi = lo + c.res.high_water * ps
     inodes = {}
     for t in range(c.store.ntiers):
-        inodes[os.fstat(c.store.tiers[t].fd).st_ino] = t
+        for i in range(FRAME_STRIPES):
+            inodes[os.fstat(c.store.tiers[t].files[i].fd).st_ino] = (t, i)
     with io.open("/proc/self/maps", "rb") as maps:
         for line in maps:
             fields = line.split(None, 5)
@@ -304,13 +313,14 @@ def check_mappings(Core c):
                      line.decode().strip())
             check_mapping(c, (max(start, lo) - lo) // ps, (min(end, hi) - lo) // ps,
                           (max(start, lo) - start) // ps + int(fields[2], 16) // ps,
-                          inodes.get(int(fields[4]), -1) if store else -2)
+                          inodes.get(int(fields[4]), (-1, -1)) if store else (-2, -1))
 
 
-cdef check_mapping(Core c, size_t first, size_t end, size_t pgoff, int tier):
-    """Pages [first, end) lie in one mapping: anonymous (tier -2), of the
-    memfd of `tier`, or of a frame-store memfd no tier holds (-1), with page
-    `first` at file page pgoff."""
+cdef check_mapping(Core c, size_t first, size_t end, size_t pgoff, tuple file):
+    """Pages [first, end) lie in one mapping: anonymous (file (-2, -1)),
+    of memfd i of tier t (file (t, i)), or of a frame-store memfd no tier
+    holds ((-1, -1)), with page `first` at file page pgoff."""
+    tier, stripe = file
     cdef size_t p
     cdef rmap_item *it
     for p in range(first, end):
@@ -322,10 +332,11 @@ cdef check_mapping(Core c, size_t first, size_t end, size_t pgoff, int tier):
             fail("FREE, PRIVATE and ZERO pages lie in anonymous memory",
                  f"page {p}, state {it.state}")
         if it.state == PAGE_MERGED and (pgoff + p - first != it.frame
-                                        or tier < 0 or tier_of(&c.store, it.frame) != &c.store.tiers[tier]):
-            fail("a MERGED page maps its own frame, in its tier's memfd",
+                                        or tier < 0
+                                        or file_of(&c.store, it.frame) != &c.store.tiers[tier].files[stripe]):
+            fail("a MERGED page maps its own frame, in its memfd",
                  f"page {p}: frame {it.frame}, mapped at file page {pgoff + p - first} "
-                 f"of tier {tier}")
+                 f"of tier {tier}, memfd {stripe}")
 
 
 def check_page_tables(Core c):

@@ -67,6 +67,10 @@ cdef uint32_t check_tile_pages(uint32_t tile_pages) except 0:
     return tile_pages
 
 
+cdef tuple tier_fds(const frame_tier *t):
+    return tuple(t.files[i].fd for i in range(FRAME_STRIPES))
+
+
 cdef pass_error(int err, str what):
     """An OSError that says what failed and why: a pass refused memory under
     RLIMIT_DATA says "Cannot allocate memory", not only its errno."""
@@ -87,7 +91,7 @@ cdef class Core:
         barrier_init(&self.wb)
         self.tables.track_uffd = -1
         self.tables.pagemap.fd = self.tables.maps.fd = -1
-        self.store.tiers[0] = frame_tier(0, -1, <char *>MAP_FAILED)
+        tier_init(&self.store.tiers[0], 0)
         self.store.ntiers = 1
         self.shm.fd, self.shm.slot, self.shm.fork_lock, self.fork_slot = -1, -1, -1, -1
         if npages == 0 or npages >= NO_PAGE:
@@ -204,11 +208,14 @@ cdef class Core:
         return <size_t>self.res.base
 
     @property
-    def memfd(self):
-        """The memfd new frames go to (the top tier's). In a forked child it
-        is the child's own: the frames it inherited live in its parent's
-        memfd(s), shared with the parent, and are not in this one."""
-        return frames_memfd(&self.store)
+    def memfds(self):
+        """The memfds new frames go to (the top tier's), frame f in
+        memfds[f // STRIPE_PAGES % FRAME_STRIPES]. In a forked child they
+        are the child's own: the frames it inherited live in its parent's
+        memfds, shared with the parent, and are not in these. Every frame
+        is written in them first."""
+        frames_write_behind(&self.store)
+        return tier_fds(frames_top(&self.store))
 
     # -- NUMA nodes (_numa.pxi) ------------------------------------------------
 
@@ -301,8 +308,8 @@ cdef class Core:
 
     @property
     def frame_store_tiers(self):
-        """The tiers of the frame store, bottom first, as (first_frame, memfd)."""
-        return [(self.store.tiers[t].first_frame, self.store.tiers[t].fd)
+        """The tiers of the frame store, bottom first, as (first_frame, memfds)."""
+        return [(self.store.tiers[t].first_frame, tier_fds(&self.store.tiers[t]))
                 for t in range(self.store.ntiers)]
 
     cdef void check_range(self, size_t first, size_t n) except *:
@@ -551,7 +558,7 @@ cdef class Core:
             elif err < 0:
                 self.merge_refusal = (
                     f"merging in this forked process is not possible: its frame store already "
-                    f"has {MAX_TIERS} memfds (one for each generation of forked processes that "
+                    f"has {MAX_TIERS} tiers of memfds (one for each generation of forked processes that "
                     f"merged), the most it can have, and a child needs one more; it can read, "
                     f"write, free and unmerge")
             else:
@@ -671,10 +678,14 @@ cdef class Core:
 
     # -- a frame store shared by processes (_shared.pxi) ---------------------------
 
-    cdef open_shared(self, int records_fd, int frames_fd, uint32_t zero_checksum):
+    cdef open_shared(self, int records_fd, tuple frames_fds, uint32_t zero_checksum):
         """The frame store of the records and frames memfds another member
         passed (pydedup/shared.py); this Core's own copies of them. Joins."""
-        cdef int err, fd = pd_dup_cloexec(records_fd), ffd
+        cdef int err, fd, i, j
+        cdef int ffds[FRAME_STRIPES]
+        if len(frames_fds) != FRAME_STRIPES:
+            raise ValueError(f"a shared store has {FRAME_STRIPES} frames memfds, not {len(frames_fds)}")
+        fd = pd_dup_cloexec(records_fd)
         if fd < 0:
             raise OSError(errno, "cannot take the shared store's records memfd")
         err = shared_map(&self.shm, fd, self.res.page_size)
@@ -683,8 +694,16 @@ cdef class Core:
             raise OSError(err, "the shared store's records are not a store of this pydedup "
                                "(version, page size)" if err == EINVAL else
                                "cannot map the shared store's records")
-        ffd = pd_dup_cloexec(frames_fd)
-        err = shared_open(&self.shm, &self.store, ffd, zero_checksum) if ffd >= 0 else errno
+        err = 0
+        for i in range(FRAME_STRIPES):
+            ffds[i] = pd_dup_cloexec(frames_fds[i])
+            if ffds[i] < 0:
+                err = errno
+                for j in range(i):
+                    close(ffds[j])
+                break
+        if err == 0:
+            err = shared_open(&self.shm, &self.store, ffds, zero_checksum)
         if err == 0:
             with nogil:
                 err = shared_join(&self.shm, &self.store)
@@ -704,6 +723,11 @@ cdef class Core:
     def shared_slots():
         """Frame slots of a shared store."""
         return SHARED_SLOTS
+
+    @staticmethod
+    def frame_stripes():
+        """The memfds of a tier of the frame store (of a shared store)."""
+        return FRAME_STRIPES
 
     @property
     def shared(self):

@@ -206,7 +206,7 @@ cdef class Core:
     cdef void check_range(self, size_t first, size_t n) except *
     cdef check_can_merge(self)
     cdef void note_huge(self, const pass_stats *full, const pass_stats *step) noexcept
-    cdef open_shared(self, int records_fd, int frames_fd, uint32_t zero_checksum)
+    cdef open_shared(self, int records_fd, tuple frames_fds, uint32_t zero_checksum)
     cdef fork_shared(self, bint in_child)
     cdef leave_store_unmerged(self)
 

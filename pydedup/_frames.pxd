@@ -24,17 +24,23 @@ cdef extern from "_writes.h" nogil:
     size_t pd_writes_helped(pd_writes *w)
 
 cdef enum:
-    MAX_TIERS = 8                  # memfds of a frame store: one, plus one a fork level
+    MAX_TIERS = 8                  # tiers of a frame store: one, plus one a fork level
+    FRAME_STRIPES = 4              # memfds a tier, which threads write new frames into side
+                                   # by side: a write into a shmem file holds its inode lock
+    STRIPE_PAGES = 1024            # consecutive frames in one memfd, then the next one's
     MAX_TILE_PAGES = 65536         # frame_item.tile_index is 16 bits
     WRITE_BEHIND_PAGES = 1024      # new frames written with one pwrite, at most
     POSTED_WRITE_PAGES = 16        # writes of fewer frames are done at once: handing one to
                                    # a helper (a futex wake, a wait) costs what it would save
 
-cdef struct frame_tier:            # one memfd of the frame store
-    uint32_t first_frame           # frames [first_frame, next tier's first_frame) live here
-    int fd                         # the memfd, frame f at offset f * page_size; -1 if none
-    char *view                     # read-only shared window on the memfd from frame
+cdef struct frame_file:            # one memfd of the frame store
+    int fd                         # frame f at offset f * page_size; -1 if none
+    char *view                     # read-only shared window on it from its tier's
                                    # first_frame: frame f at (f - first_frame) * page_size
+
+cdef struct frame_tier:            # the memfds of one generation of forked processes
+    uint32_t first_frame           # frames [first_frame, next tier's first_frame) live here,
+    frame_file files[FRAME_STRIPES]    # frame f in files[f / STRIPE_PAGES % FRAME_STRIPES]
 
 # In a store shared by processes: what frame_store holds that its members keep
 # in common, in the shared mapping (frames_load, frames_save).
@@ -98,11 +104,12 @@ cdef int frames_open(frame_store *fs, size_t page_size, size_t nslots,
                      uint32_t zero_checksum) noexcept nogil
 cdef void frames_close(frame_store *fs) noexcept nogil
 cdef frame_tier *tier_of(frame_store *fs, uint32_t f) noexcept nogil
+cdef frame_file *file_of(frame_store *fs, uint32_t f) noexcept nogil
 cdef char *frame_address(frame_store *fs, uint32_t f) noexcept nogil
 cdef const char *frame_content(frame_store *fs, uint32_t f) noexcept nogil
 cdef int frame_fd(frame_store *fs, uint32_t f) noexcept nogil
-cdef int frames_memfd(frame_store *fs) noexcept nogil
-cdef bint tier_starts_at(frame_store *fs, uint32_t f) noexcept nogil
+cdef bint files_part_at(frame_store *fs, uint32_t f) noexcept nogil
+cdef void tier_init(frame_tier *t, uint32_t first_frame) noexcept nogil
 cdef void frames_fence(frame_store *fs) noexcept nogil
 cdef int push_tier(frame_store *fs) noexcept nogil
 cdef uint32_t tree_key(frame_store *fs, uint32_t checksum, uint16_t node) noexcept nogil
@@ -138,12 +145,12 @@ cdef uint32_t tile_next(frame_store *fs, uint32_t g, const char *page, uint32_t 
                         size_t run_pages, bint by_checksum, bint *grow) noexcept nogil
 cdef uint32_t tile_grow(frame_store *fs, uint32_t g, const char *content) noexcept nogil
 cdef void punch_refilled(frame_store *fs, uint32_t lo, uint32_t hi) noexcept nogil
-cdef char *frames_top_view(frame_store *fs) noexcept nogil
+cdef frame_tier *frames_top(frame_store *fs) noexcept nogil
 cdef uint32_t frames_high(frame_store *fs) noexcept nogil
 cdef size_t frames_metadata_bytes(frame_store *fs) noexcept nogil
 cdef bint merges_across_nodes(frame_store *fs) noexcept nogil
 cdef int frames_open_shared(frame_store *fs, size_t page_size, size_t nslots,
-                            uint32_t zero_checksum, int fd, frames_common *common,
+                            uint32_t zero_checksum, const int *fds, frames_common *common,
                             frame_item *frames, uint32_t *stable, uint32_t *orphans,
                             uint32_t *ledger) noexcept nogil
 cdef void frames_load(frame_store *fs) noexcept nogil

@@ -1,8 +1,13 @@
 # The frame store (_frames.pxd): memfds whose pages (frames) hold merged
 # content, the stable tree that finds a frame by content, and reclaim of
-# frames that no arena page maps any more. A process has one memfd, or after
-# a fork one a tier (_fast.pxd); frame f is at offset f * page_size of its
-# tier's memfd.
+# frames that no arena page maps any more. A process has one tier of memfds,
+# or after a fork one a generation (_fast.pxd). A tier stripes its frames
+# over FRAME_STRIPES memfds, STRIPE_PAGES at a time, because shmem writes
+# into one file one at a time (under its inode lock), and a first shared
+# member's merge is mostly such writes: the scan's threads write neighbouring
+# runs of new frames into different memfds side by side. Frame f is at
+# offset f * page_size of its memfd; a mapping of frames ends where a
+# stripe does (files_part_at).
 
 cdef int frames_open(frame_store *fs, size_t page_size, size_t nslots,
                      uint32_t zero_checksum) noexcept nogil:
@@ -12,7 +17,7 @@ cdef int frames_open(frame_store *fs, size_t page_size, size_t nslots,
     memset(fs, 0, sizeof(frame_store))
     fs.page_size = page_size
     fs.nslots = nslots
-    fs.tiers[0] = frame_tier(0, -1, <char *>MAP_FAILED)
+    tier_init(&fs.tiers[0], 0)
     fs.ntiers = 1
     fs.zero_checksum = zero_checksum
     fs.zero_colours = 1
@@ -27,14 +32,7 @@ cdef int frames_open(frame_store *fs, size_t page_size, size_t nslots,
     if fs.stable == NULL or fs.orphans == NULL:
         return ENOMEM
     memset(fs.stable, 0xFF, 16 * sizeof(uint32_t))
-    fs.tiers[0].fd = pd_memfd_create(b"pydedup-frames")
-    if fs.tiers[0].fd < 0 or ftruncate(fs.tiers[0].fd, <long>(nslots * page_size)) != 0:
-        return errno
-    fs.tiers[0].view = <char *>mmap(NULL, nslots * page_size, PROT_READ,
-                                    MAP_SHARED | MAP_NORESERVE, fs.tiers[0].fd, 0)
-    if <void *>fs.tiers[0].view == MAP_FAILED:
-        return errno
-    return 0
+    return tier_open(fs, &fs.tiers[0], NULL)
 
 
 cdef void frames_close(frame_store *fs) noexcept nogil:
@@ -66,6 +64,11 @@ cdef frame_tier *tier_of(frame_store *fs, uint32_t f) noexcept nogil:
     return &fs.tiers[t]
 
 
+cdef inline frame_file *file_of(frame_store *fs, uint32_t f) noexcept nogil:
+    """The memfd holding frame f, and its view."""
+    return &tier_of(fs, f).files[f // STRIPE_PAGES % FRAME_STRIPES]
+
+
 cdef char *frame_address(frame_store *fs, uint32_t f) noexcept nogil:
     """Where the store's read-only view shows frame f (and the frames after
     it in its tier: every frame is written first)."""
@@ -75,20 +78,15 @@ cdef char *frame_address(frame_store *fs, uint32_t f) noexcept nogil:
 
 cdef inline char *view_address(frame_store *fs, uint32_t f) noexcept nogil:
     cdef frame_tier *t = tier_of(fs, f)
-    return t.view + <size_t>(f - t.first_frame) * fs.page_size
+    return (t.files[f // STRIPE_PAGES % FRAME_STRIPES].view
+            + <size_t>(f - t.first_frame) * fs.page_size)
 
 
 cdef int frame_fd(frame_store *fs, uint32_t f) noexcept nogil:
     """The memfd holding frame f, at offset f * page_size (to be mapped:
     every frame is written first)."""
     frames_write_behind(fs)
-    return tier_of(fs, f).fd
-
-
-cdef int frames_memfd(frame_store *fs) noexcept nogil:
-    """The memfd new frames go to: the top tier's."""
-    frames_write_behind(fs)
-    return fs.tiers[fs.ntiers - 1].fd
+    return file_of(fs, f).fd
 
 
 cdef uint32_t frames_high(frame_store *fs) noexcept nogil:
@@ -96,15 +94,17 @@ cdef uint32_t frames_high(frame_store *fs) noexcept nogil:
     return fs.frame_high
 
 
-cdef char *frames_top_view(frame_store *fs) noexcept nogil:
-    """The top tier's read-only view: the mapping that names its memfd."""
-    return fs.tiers[fs.ntiers - 1].view
+cdef frame_tier *frames_top(frame_store *fs) noexcept nogil:
+    """The tier new frames go to: its memfds and their views, which name them."""
+    return &fs.tiers[fs.ntiers - 1]
 
 
-cdef bint tier_starts_at(frame_store *fs, uint32_t f) noexcept nogil:
-    """Whether frame f is the first of a tier above the bottom one: frames
-    f - 1 and f lie in different memfds, and no mmap can map both."""
+cdef bint files_part_at(frame_store *fs, uint32_t f) noexcept nogil:
+    """Whether frames f - 1 and f lie in different memfds, so that no mmap
+    can map both: f starts a stripe, or a tier above the bottom one."""
     cdef int t
+    if f % STRIPE_PAGES == 0:
+        return True
     for t in range(1, fs.ntiers):
         if fs.tiers[t].first_frame == f:
             return True
@@ -123,34 +123,53 @@ cdef int push_tier(frame_store *fs) noexcept nogil:
     0, an errno, or -1 when the MAX_TIERS tiers are all taken. A top tier that
     starts at the fence holds no frame (every frame is below the fence): the
     new memfd replaces it here, and the parent keeps its own."""
-    cdef size_t ps = fs.page_size
-    cdef uint32_t first = fs.fork_fence
     cdef frame_tier *top = &fs.tiers[fs.ntiers - 1]
-    cdef int fd
-    cdef char *view
+    cdef frame_tier made
+    cdef int err
     PD_ASSERT(fs.frame_high <= fs.fork_fence, "push_tier: after frames_fence")
     PD_ASSERT(fs.behind_n == 0, "push_tier: every frame written")
-    if top.first_frame != first and fs.ntiers == MAX_TIERS:
+    if top.first_frame != fs.fork_fence and fs.ntiers == MAX_TIERS:
         return -1
-    fd = pd_memfd_create(b"pydedup-frames")
-    if fd < 0:
-        return errno
-    if ftruncate(fd, <long>(fs.nslots * ps)) != 0:
-        close(fd)
-        return errno
-    view = <char *>mmap(NULL, view_length(fs, first), PROT_READ, MAP_SHARED | MAP_NORESERVE,
-                        fd, <long>first * ps)
-    if <void *>view == MAP_FAILED:
-        close(fd)
-        return errno
-    if top.first_frame == first:
+    tier_init(&made, fs.fork_fence)
+    err = tier_open(fs, &made, NULL)
+    if err:
+        close_tier(fs, &made)
+        return err
+    if top.first_frame == fs.fork_fence:
         close_tier(fs, top)
     else:
         top = &fs.tiers[fs.ntiers]
         fs.ntiers += 1
-    top.first_frame = first
-    top.fd = fd
-    top.view = view
+    top[0] = made
+    return 0
+
+
+cdef void tier_init(frame_tier *t, uint32_t first_frame) noexcept nogil:
+    """A tier from first_frame with no memfd yet (close_tier() closes none)."""
+    cdef int i
+    t.first_frame = first_frame
+    for i in range(FRAME_STRIPES):
+        t.files[i] = frame_file(-1, <char *>MAP_FAILED)
+
+
+cdef int tier_open(frame_store *fs, frame_tier *t, const int *fds) noexcept nogil:
+    """Tier t's memfds (new ones, or `fds`, which are t's from now on)
+    and their views; 0 or an errno, and close_tier() undoes what was done."""
+    cdef frame_file *file
+    cdef int i
+    for i in range(FRAME_STRIPES):
+        file = &t.files[i]
+        if fds != NULL:
+            file.fd = fds[i]
+        else:
+            file.fd = pd_memfd_create(b"pydedup-frames")
+            if file.fd < 0 or ftruncate(file.fd, <long>(fs.nslots * fs.page_size)) != 0:
+                return errno
+        file.view = <char *>mmap(NULL, view_length(fs, t.first_frame), PROT_READ,
+                                 MAP_SHARED | MAP_NORESERVE, file.fd,
+                                 <long>t.first_frame * <long>fs.page_size)
+        if <void *>file.view == MAP_FAILED:
+            return errno
     return 0
 
 
@@ -161,12 +180,16 @@ cdef inline size_t view_length(frame_store *fs, uint32_t first_frame) noexcept n
 
 
 cdef void close_tier(frame_store *fs, frame_tier *t) noexcept nogil:
-    if <void *>t.view != MAP_FAILED:
-        munmap(t.view, view_length(fs, t.first_frame))
-        t.view = <char *>MAP_FAILED
-    if t.fd >= 0:
-        close(t.fd)
-        t.fd = -1
+    cdef frame_file *file
+    cdef int i
+    for i in range(FRAME_STRIPES):
+        file = &t.files[i]
+        if <void *>file.view != MAP_FAILED:
+            munmap(file.view, view_length(fs, t.first_frame))
+            file.view = <char *>MAP_FAILED
+        if file.fd >= 0:
+            close(file.fd)
+            file.fd = -1
 
 
 # -- keys: one stable tree, or one a node -------------------------------------
@@ -275,7 +298,7 @@ cdef inline bint joins_behind(frame_store *fs, uint32_t f, const char *content,
     """Whether new frame f may be written with the frames not written yet."""
     return (fs.behind_n < WRITE_BEHIND_PAGES and f == fs.behind_first + fs.behind_n
             and content == fs.behind_content + <size_t>fs.behind_n * fs.page_size
-            and node == fs.behind_node and not tier_starts_at(fs, f))
+            and node == fs.behind_node and not files_part_at(fs, f))
 
 
 cdef int frames_write_behind(frame_store *fs) noexcept nogil:
@@ -312,7 +335,7 @@ cdef int post_behind(frame_store *fs) noexcept nogil:
         err = collect_write(fs)
     slot = &fs.writing[fs.writes_posted % PD_WRITES_AHEAD]
     slot[0] = written_from(content, first, n)
-    pd_writes_post(fs.writes, tier_of(fs, first).fd, content, <size_t>n * fs.page_size,
+    pd_writes_post(fs.writes, file_of(fs, first).fd, content, <size_t>n * fs.page_size,
                    <long>first * <long>fs.page_size)
     fs.writes_posted += 1
     return err
@@ -325,7 +348,7 @@ cdef int write_frames(frame_store *fs, uint32_t first, const char *content,
     unwritten (a page written in part is not written)."""
     cdef pd_write j
     cdef uint32_t done
-    j.fd, j.content = tier_of(fs, first).fd, content
+    j.fd, j.content = file_of(fs, first).fd, content
     j.length, j.offset = <size_t>n * fs.page_size, <long>first * <long>fs.page_size
     pd_write_run(&j, False)
     if j.err:
@@ -672,7 +695,7 @@ cdef uint32_t tile_start(frame_store *fs, uint32_t f, uint32_t max_page_sharing)
     if k == 0 or k > f:
         return f
     h = f - k
-    if (fs.frames[h].tile_index == 0 and tier_of(fs, h) == tier_of(fs, f)
+    if (fs.frames[h].tile_index == 0 and file_of(fs, h) == file_of(fs, f)
             and takes_one_more(fs, h, fs.frames[f].checksum, fs.frames[f].node, max_page_sharing)
             and memcmp(frame_content(fs, h), frame_content(fs, f), fs.page_size) == 0):
         return h
@@ -682,9 +705,9 @@ cdef uint32_t tile_start(frame_store *fs, uint32_t f, uint32_t max_page_sharing)
 cdef bint slot_free_after(frame_store *fs, uint32_t g) noexcept nogil:
     """Whether slot g + 1 may become a new frame in g's memfd, right after
     it: never used or reclaimed (not an orphan waiting for reclaim), above
-    the fork fence, not the first of another tier."""
+    the fork fence, in the same memfd."""
     cdef uint32_t h = g + 1
-    if h >= fs.nslots or h < fs.fork_fence or tier_starts_at(fs, h):
+    if h >= fs.nslots or h < fs.fork_fence or files_part_at(fs, h):
         return False
     return slot_free(fs, h)
 
@@ -722,7 +745,7 @@ cdef uint32_t tile_next(frame_store *fs, uint32_t g, const char *page, uint32_t 
     if grow[0] or k > g:
         return NO_FRAME
     h = g - k
-    if tier_of(fs, h) != tier_of(fs, g) or fs.frames[h].tile_index != 0:
+    if file_of(fs, h) != file_of(fs, g) or fs.frames[h].tile_index != 0:
         return NO_FRAME
     if takes_one_more(fs, h, checksum, node, max_page_sharing):
         return h if holds_page(fs, h, page, by_checksum) else NO_FRAME
@@ -773,15 +796,16 @@ cdef int compare_frames(const void *a, const void *b) noexcept nogil:
 
 
 cdef void punch_frames(frame_store *fs, uint32_t first, uint32_t n) noexcept nogil:
+    cdef uint32_t end = first + n, piece
     frames_write_behind(fs)             # a hole written after it is punched holds memory
-    if first < fs.fork_fence:           # another process may still map them
-        n = first + n - fs.fork_fence if first + n > fs.fork_fence else 0
-        first = fs.fork_fence
-    if n == 0:
-        return
-    # At or above the fence: all in the top tier, the memfd no other process writes.
-    fallocate(tier_of(fs, first).fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-              <long>first * fs.page_size, <long>n * fs.page_size)
+    first = max(first, fs.fork_fence)   # below it another process may still map them
+    # At or above the fence: all in the top tier, whose memfds no other process
+    # writes; a fallocate a stripe.
+    while first < end:
+        piece = min(end, (first // STRIPE_PAGES + 1) * STRIPE_PAGES) - first
+        fallocate(file_of(fs, first).fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                  <long>first * fs.page_size, <long>piece * fs.page_size)
+        first += piece
 
 
 cdef void reclaim_frames(frame_store *fs) noexcept nogil:
@@ -814,24 +838,27 @@ cdef void punch_refilled(frame_store *fs, uint32_t lo, uint32_t hi) noexcept nog
     (a fault under the barrier can fill a punched frame's hole:
     barrier_may_refill). Free: no page maps it and the stable tree no longer
     holds it (an orphan still there is reclaim's). SEEK_DATA finds the
-    memory, one call a run of it."""
+    memory, one call a run of it, in each memfd of the top tier."""
     cdef frame_tier *top = &fs.tiers[fs.ntiers - 1]
     cdef long ps = <long>fs.page_size
     cdef long offset, data, hole, end
     cdef uint32_t f
+    cdef int i, fd
     frames_write_behind(fs)
     lo = max(lo, max(top.first_frame, fs.fork_fence))
     hi = min(hi, fs.frame_high)
-    offset, end = <long>lo * ps, <long>hi * ps
-    while offset < end:
-        data = lseek(top.fd, offset, SEEK_DATA)
-        if data < 0 or data >= end:
-            return
-        hole = min(max(lseek(top.fd, data, SEEK_HOLE), data + ps), end)
-        for f in range(<uint32_t>(data // ps), <uint32_t>((hole + ps - 1) // ps)):
-            if fs.frames[f].mapcount == 0 and not stable_tree_holds(fs, f):
-                punch_frames(fs, f, 1)
-        offset = hole
+    for i in range(FRAME_STRIPES):
+        fd = top.files[i].fd
+        offset, end = <long>lo * ps, <long>hi * ps
+        while offset < end:
+            data = lseek(fd, offset, SEEK_DATA)
+            if data < 0 or data >= end:
+                break
+            hole = min(max(lseek(fd, data, SEEK_HOLE), data + ps), end)
+            for f in range(<uint32_t>(data // ps), <uint32_t>((hole + ps - 1) // ps)):
+                if fs.frames[f].mapcount == 0 and not stable_tree_holds(fs, f):
+                    punch_frames(fs, f, 1)
+            offset = hole
 
 
 cdef size_t frames_metadata_bytes(frame_store *fs) noexcept nogil:
@@ -856,28 +883,24 @@ cdef size_t frames_metadata_bytes(frame_store *fs) noexcept nogil:
 # mapcount is counted again from the living ones (frames_recount).
 
 cdef int frames_open_shared(frame_store *fs, size_t page_size, size_t nslots,
-                            uint32_t zero_checksum, int fd, frames_common *common,
+                            uint32_t zero_checksum, const int *fds, frames_common *common,
                             frame_item *frames, uint32_t *stable, uint32_t *orphans,
                             uint32_t *ledger) noexcept nogil:
     """A store whose records are in shared memory (formatted by
-    _shared.pxi) and whose frames are in memfd `fd` (this record's own
-    descriptor from now on). 0 or an errno."""
+    _shared.pxi) and whose frames are in the FRAME_STRIPES memfds `fds`
+    (this record's own descriptors from now on). 0 or an errno."""
     PD_ASSERT(0 < nslots < NO_FRAME and common != NULL, "frames_open_shared: a shared mapping")
     memset(fs, 0, sizeof(frame_store))
     fs.page_size = page_size
     fs.nslots = nslots
-    fs.tiers[0] = frame_tier(0, fd, <char *>MAP_FAILED)
+    tier_init(&fs.tiers[0], 0)
     fs.ntiers = 1
     fs.zero_checksum = zero_checksum
     fs.zero_colours = 1
     fs.common, fs.frames, fs.stable, fs.orphans, fs.ledger = common, frames, stable, orphans, ledger
     fs.orphans_cap = nslots
     frames_load(fs)
-    fs.tiers[0].view = <char *>mmap(NULL, nslots * page_size, PROT_READ,
-                                    MAP_SHARED | MAP_NORESERVE, fd, 0)
-    if <void *>fs.tiers[0].view == MAP_FAILED:
-        return errno
-    return 0
+    return tier_open(fs, &fs.tiers[0], fds)
 
 
 cdef void frames_load(frame_store *fs) noexcept nogil:

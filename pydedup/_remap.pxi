@@ -228,47 +228,60 @@ cdef void frames_under_broken_pages(Core c, size_t first, size_t n,
     Without PROCMAP_QUERY (before Linux 6.11): every frame slot."""
     cdef uint32_t high = frames_high(&c.store)
     cdef size_t p = first, q, end = first + n
-    cdef mapping view
+    cdef frame_tier *top = frames_top(&c.store)
+    cdef mapping views[FRAME_STRIPES]   # the identities of the top tier's memfds
+    cdef int i
     lo[0] = hi[0] = 0
     while p < end and c.res.rmap[p].state != PAGE_BROKEN:
         p += 1
     if p == end:
         return
-    if find_mapping(&c.tables, <uint64_t>frames_top_view(&c.store), &view) != 0:
-        hi[0] = high
-        return
+    for i in range(FRAME_STRIPES):
+        if find_mapping(&c.tables, <uint64_t>top.files[i].view, &views[i]) != 0:
+            hi[0] = high
+            return
     lo[0] = high
     while p < end:
         q = p
         while q < end and c.res.rmap[q].state == PAGE_BROKEN:
             q += 1
         if q > p:
-            widen_by_frames_mapped(c, &view, p, q - p, high, lo, hi)
+            widen_by_frames_mapped(c, views, p, q - p, high, lo, hi)
         p = q + 1
     if lo[0] >= hi[0]:
         lo[0] = hi[0] = 0
 
 
-cdef void widen_by_frames_mapped(Core c, const mapping *view, size_t first, size_t n,
+cdef void widen_by_frames_mapped(Core c, const mapping *views, size_t first, size_t n,
                                  uint32_t high, uint32_t *lo, uint32_t *hi) noexcept nogil:
-    """[lo, hi) grown by the frames below `high` of the store's memfd
-    (`view` is its mapping) that pages [first, first + n) map."""
+    """[lo, hi) grown by the frames below `high` of the top tier's memfds
+    (`views` are their mappings) that pages [first, first + n) map."""
     cdef uint64_t a = <uint64_t>page_address(&c.res, first), b = a + n * c.res.page_size
     cdef uint64_t s, e, f0
     cdef mapping m
     while a < b and find_mapping(&c.tables, a, &m) == 0 and m.start < b:
         s, e = max(a, m.start), min(b, m.end)
-        if m.inode == view.inode and m.dev_major == view.dev_major and m.dev_minor == view.dev_minor:
+        if maps_one_of(&m, views, FRAME_STRIPES):
             f0 = (m.offset + (s - m.start)) // c.res.page_size
             lo[0] = min(lo[0], <uint32_t>min(f0, <uint64_t>high))
             hi[0] = max(hi[0], <uint32_t>min(f0 + (e - s) // c.res.page_size, <uint64_t>high))
         a = e
 
 
+cdef bint maps_one_of(const mapping *m, const mapping *files, int n) noexcept nogil:
+    """Whether mapping m maps the file of one of `files`."""
+    cdef int i
+    for i in range(n):
+        if (m.inode == files[i].inode and m.dev_major == files[i].dev_major
+                and m.dev_minor == files[i].dev_minor):
+            return True
+    return False
+
+
 cdef bint continues_run(Core c, size_t first, size_t n, uint32_t f) noexcept nogil:
     """Whether frame f follows the n frames of the run at page `first` in
     the same memfd, so that one mmap maps them all."""
-    return f == c.res.rmap[first].frame + n and not tier_starts_at(&c.store, f)
+    return f == c.res.rmap[first].frame + n and not files_part_at(&c.store, f)
 
 
 cdef void apply_targets(Core c, pass_stats *st, bint lent) noexcept nogil:

@@ -22,7 +22,7 @@ cdef extern from "_shared.h" nogil:
 
 cdef enum:
     SHARED_MAGIC = 0x31646470      # "pdd1"
-    SHARED_VERSION = 3             # 3: a member's stack address
+    SHARED_VERSION = 4             # 3: a member's stack address; 4: FRAME_STRIPES memfds
     MAX_MEMBERS = 64               # member slots, each with a ledger
     SHARED_SLOTS = 1 << 25         # frame slots of a shared store (128 GiB of 4 KiB frames)
     MEMBER_FREE = 0
@@ -58,7 +58,7 @@ cdef struct shared_store:          # Core.shm
 
 cdef int shared_format(int fd, size_t page_size) noexcept nogil
 cdef int shared_map(shared_store *ss, int fd, size_t page_size) noexcept nogil
-cdef int shared_open(shared_store *ss, frame_store *fs, int frames_fd,
+cdef int shared_open(shared_store *ss, frame_store *fs, const int *frames_fds,
                      uint32_t zero_checksum) noexcept nogil
 cdef void shared_close(shared_store *ss, frame_store *fs) noexcept nogil
 cdef bint shared_lock(shared_store *ss, frame_store *fs, bint wait=*) noexcept nogil

@@ -1,6 +1,6 @@
 # A frame store shared by processes (_shared.pxd). The members reach the
-# same two memfds, passed over a unix socket (pydedup/shared.py): one of
-# frames, one of records laid out as
+# same memfds, passed over a unix socket (pydedup/shared.py): FRAME_STRIPES
+# of frames (_frames.pxi), one of records laid out as
 #
 #   header page | frame table | stable-tree buckets | orphan list | ledgers
 #
@@ -94,13 +94,14 @@ cdef uint32_t *member_ledger(shared_store *ss, int slot) noexcept nogil:
                                  * sizeof(uint32_t))
 
 
-cdef int shared_open(shared_store *ss, frame_store *fs, int frames_fd,
+cdef int shared_open(shared_store *ss, frame_store *fs, const int *frames_fds,
                      uint32_t zero_checksum) noexcept nogil:
-    """The frame store `fs` on the mapped records, frames in memfd
-    `frames_fd`; 0 or an errno. Not a member yet: shared_join()."""
+    """The frame store `fs` on the mapped records, frames in the
+    FRAME_STRIPES memfds `frames_fds`; 0 or an errno. Not a member yet:
+    shared_join()."""
     cdef shared_header *h = ss.head
     PD_ASSERT(h != NULL, "shared_open: after shared_map")
-    return frames_open_shared(fs, h.page_size, h.nslots, zero_checksum, frames_fd, &h.common,
+    return frames_open_shared(fs, h.page_size, h.nslots, zero_checksum, frames_fds, &h.common,
                               <frame_item *>shared_at(ss, h.frames_at),
                               <uint32_t *>shared_at(ss, h.stable_at),
                               <uint32_t *>shared_at(ss, h.orphans_at), NULL)

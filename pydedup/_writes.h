@@ -1,13 +1,15 @@
 /* New frames written on the scan's helper threads (_frames.pxi
  * frames_write_behind; the helpers are _hash.h's).
  *
- * A new frame is a pwrite into the store's memfd: shmem allocates, charges
- * and inserts a page and copies into it, about 1.5 us a page. On the scan's
- * thread that was most of a first shared member's merge (every page a new
- * frame) while the helpers, done hashing, slept. So the scan posts each
- * write behind and goes on; a helper takes it before its next grain; the
- * scan collects the writes in posting order when it needs their frames,
- * doing itself any that nobody took. Only the scan posts and collects.
+ * A new frame is a pwrite into one of the store's memfds: shmem allocates,
+ * charges and inserts a page and copies into it, about 1.5 us a page, under
+ * the file's inode lock. On the scan's thread that was most of a first
+ * shared member's merge (every page a new frame) while the helpers, done
+ * hashing, slept. So the scan posts each write behind and goes on; a helper
+ * takes it before its next grain; the scan collects the writes in posting
+ * order when it needs their frames, doing itself any that nobody took, and
+ * while it waits for one, the later ones (into other memfds). Only the scan
+ * posts and collects.
  *
  * A write's slot is reused only once the scan has collected it, and a
  * helper reads its slot only between taking and finishing it, so the ring
@@ -95,20 +97,28 @@ static inline int pd_writes_take(pd_writes *w, size_t i)
     return __atomic_compare_exchange_n(&w->taken, &i, i + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
 }
 
-/* A helper's turn: the oldest write nobody took, done here; whether there
- * was one. */
-static inline int pd_writes_help(pd_writes *w)
+/* The oldest write nobody took, done here, by a helper or by the scan;
+ * whether there was one. */
+static inline int pd_writes_do_next(pd_writes *w, int helper)
 {
     size_t i = __atomic_load_n(&w->taken, __ATOMIC_ACQUIRE);
     while (i < __atomic_load_n(&w->posted, __ATOMIC_ACQUIRE)) {
         if (pd_writes_take(w, i)) {
-            pd_write_run(&w->ring[i % PD_WRITES_AHEAD], 1);
-            __atomic_add_fetch(&w->helped, w->ring[i % PD_WRITES_AHEAD].written, __ATOMIC_RELAXED);
+            pd_write_run(&w->ring[i % PD_WRITES_AHEAD], helper);
+            if (helper)
+                __atomic_add_fetch(&w->helped, w->ring[i % PD_WRITES_AHEAD].written,
+                                   __ATOMIC_RELAXED);
             return 1;
         }
         i = __atomic_load_n(&w->taken, __ATOMIC_ACQUIRE);
     }
     return 0;
+}
+
+/* A helper's turn: the oldest write nobody took; whether there was one. */
+static inline int pd_writes_help(pd_writes *w)
+{
+    return pd_writes_do_next(w, 1);
 }
 
 /* Post a write of `length` bytes from `content` at `offset` of `fd`; its
@@ -133,13 +143,17 @@ static inline size_t pd_writes_post(pd_writes *w, int fd, const char *content, s
 }
 
 /* Write number i, done here if nobody took it, else waited for: 0 or its
- * errno, and the bytes it wrote in *written. The caller collects in
- * posting order. */
+ * errno, and the bytes it wrote in *written. While a helper writes it, the
+ * scan does the later writes nobody took: neighbouring runs of frames lie
+ * in different memfds (_frames.pxi), which shmem writes side by side. The
+ * caller collects in posting order. */
 static inline int pd_writes_finish(pd_writes *w, size_t i, size_t *written)
 {
     pd_write *j = &w->ring[i % PD_WRITES_AHEAD];
     if (pd_writes_take(w, i))
         pd_write_run(j, 0);
+    while (__atomic_load_n(&j->state, __ATOMIC_ACQUIRE) != PD_WRITE_DONE && pd_writes_do_next(w, 0))
+        ;
     /* A helper is writing it: up to milliseconds, so sleep, not spin. */
     while (__atomic_load_n(&j->state, __ATOMIC_ACQUIRE) != PD_WRITE_DONE)
         syscall(SYS_futex, &j->state, FUTEX_WAIT_PRIVATE, PD_WRITE_POSTED, NULL, NULL, 0);

@@ -541,18 +541,19 @@ class Arena:
         self._publisher.publish(stats, self._scanner)
         return stats
 
-    def _readings(self, core: Core) -> tuple[dict[str, Any], tuple[int, int, int]]:
+    def _readings(self, core: Core) -> tuple[dict[str, Any], tuple[int, int, list[int]]]:
         """What stats() is made from but what /proc/self/smaps says, and
-        what to read of it: (readings, (lo, hi, the frame store's inode))."""
+        what to read of it: (readings, (lo, hi, the frame store's inodes))."""
         core.sweep_members()
         core.refresh(0, core.high_water)
         c = core.counts(0, core.high_water)
-        store = os.fstat(core.memfd)
+        memfds = [os.fstat(fd) for fd in core.memfds]
         members = core.shared_counts()
         # A shared store: this arena's frames, and their memory (the
         # store holds other members' frames too: shared_frames).
         frames = core.member_frames() if core.shared else core.frames_in_use
-        store_bytes = frames * PAGE_SIZE if core.shared else store.st_blocks * 512
+        store_bytes = (frames * PAGE_SIZE if core.shared
+                       else sum(memfd.st_blocks for memfd in memfds) * 512)
         readings = dict(
             c, frames=frames, metadata=core.metadata_bytes(),
             full_scans=core.full_scans, unshared=core.pages_unshared,
@@ -565,7 +566,7 @@ class Arena:
             shared_store=self.shared, shared_members=members["members"],
             shared_pages=members["pages_with_others"],
             shared_repairs=members["repairs"], members_lost=members["members_lost"])
-        return readings, (self._lo, self._hi, store.st_ino)
+        return readings, (self._lo, self._hi, [memfd.st_ino for memfd in memfds])
 
     def _publish_if_due(self) -> None:
         # While `pydedup stats` watches, at most a publication a second: merge()
@@ -608,7 +609,7 @@ class Arena:
         return first, (hi - self._lo + PAGE_SIZE - 1) // PAGE_SIZE - first
 
 
-def _reserve(size: int | None, shared: tuple[int, int] | None = None) -> Pages:
+def _reserve(size: int | None, shared: tuple[int, tuple[int, ...]] | None = None) -> Pages:
     """Reserve `size` bytes, or by default as much as can be had up to the
     default: strict overcommit (vm.overcommit_memory=2) refuses big ones."""
     if size is not None:

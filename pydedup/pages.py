@@ -20,7 +20,7 @@ MADV_HUGEPAGE for its allocations of 4 MiB and more (NPY_HUGEPAGE_THRESHOLD)."""
 
 
 class Pages(PageOwner):
-    def __init__(self, npages: int, shared: tuple[int, int] | None = None):
+    def __init__(self, npages: int, shared: tuple[int, tuple[int, ...]] | None = None):
         # shared: the (records, frames) memfds of a store shared by
         # processes (pydedup/shared.py); the core takes copies of its own.
         self.core = Core(npages, shared)

@@ -76,7 +76,7 @@ def read_smaps(pid: int | None = None) -> bytes:
         return f.read()
 
 
-def arena_smaps(lo: int, hi: int, store_inode: int, pid: int | None = None,
+def arena_smaps(lo: int, hi: int, store_inodes: list[int], pid: int | None = None,
                 text: bytes | None = None) -> dict:
     """What stats() reads of /proc/self/smaps (of `pid`'s, for `pydedup
     stats`), from one read of it (or from `text`, read_smaps() of a process
@@ -85,8 +85,8 @@ def arena_smaps(lo: int, hi: int, store_inode: int, pid: int | None = None,
     bytes, but `mappings`:
     - pss, anonhugepages: summed over the mappings inside [lo, hi);
     - mappings: how many mappings lie inside [lo, hi);
-    - store_rss, store_pss: of the mappings of the frame store (file
-      `store_inode`) inside [lo, hi): for a shared store, the memory its
+    - store_rss, store_pss: of the mappings of the frame store (the files
+      `store_inodes`) inside [lo, hi): for a shared store, the memory its
       frames hold for this arena, and this process's share of it;
     - window_pss: of the frame store's mappings outside [lo, hi): the window
       the core reads frames through holds a share of every frame it touched,
@@ -98,7 +98,7 @@ def arena_smaps(lo: int, hi: int, store_inode: int, pid: int | None = None,
     for i, header in enumerate(headers):
         inside = lo <= int(header.group(1), 16) < hi
         fields = header.group(0).split()
-        of_store = len(fields) >= 5 and int(fields[4]) == store_inode
+        of_store = len(fields) >= 5 and int(fields[4]) in store_inodes
         if not inside and not of_store:
             continue
         sums["mappings"] += inside

@@ -150,9 +150,9 @@ def stats_of(record, read_smaps=procfs.read_smaps):
     if record.get("stats") is not None:
         return ArenaStats.from_published(record["stats"])
     readings = dict(record["readings"])
-    lo, hi, store_inode = record["smaps_of"]
+    lo, hi, store_inodes = record["smaps_of"]
     try:
-        found = procfs.arena_smaps(lo, hi, store_inode, pid=record["pid"],
+        found = procfs.arena_smaps(lo, hi, store_inodes, pid=record["pid"],
                                    text=read_smaps(record["pid"]))
     except PermissionError:
         return ArenaStats.made_from(readings, partial=True)

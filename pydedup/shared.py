@@ -1,6 +1,7 @@
 """Where the processes of one user find a shared frame store (issue 16).
 
-A store is two memfds: its frames, and its records (the frame table, the
+A store is a few memfds: its frames (Core.frame_stripes() of them, written
+side by side: pydedup/_frames.pxi), and its records (the frame table, the
 stable tree, one ledger a member, the lock: pydedup/_shared.pxi). They are
 never named in a file system: a member passes them to the next over an
 abstract unix socket, ``\\0pydedup.<uid>.<name>``, with SCM_RIGHTS, so they
@@ -39,7 +40,8 @@ import weakref
 from pydedup._fast import Core
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_HELLO = b"pydedup-store 1 "    # then the server's pid, as it sees it
+_HELLO = b"pydedup-store 2 "    # then the server's pid, as it sees it; 2: stripes of frames
+_MEMFDS = 1 + Core.frame_stripes()  # a store's: records, then frames
 CONNECT_SECONDS = 10.0          # to wait for a store's server to answer
 _REFUSED = b"pydedup-refused "
 # accept() failures that pass: short of descriptors or memory for a while
@@ -70,10 +72,10 @@ def _peer(sock: socket.socket) -> tuple[int, int, int]:
 
 
 class Store:
-    """This process's handle on a shared store: the two memfds, and the
+    """This process's handle on a shared store: its memfds, and the
     socket through which it serves them or is connected to the server."""
 
-    def __init__(self, name: str, records: int, frames: int):
+    def __init__(self, name: str, records: int, frames: tuple[int, ...]):
         self.name = name
         self.records, self.frames = records, frames     # memfds this object owns
         self.serving = False
@@ -85,8 +87,12 @@ class Store:
         self._orphaned = False          # this process's member went; join() may take it again
 
     @property
-    def fds(self) -> tuple[int, int]:
+    def fds(self) -> tuple[int, tuple[int, ...]]:
+        """(records, frames): the memfds, as Core takes them."""
         return self.records, self.frames
+
+    def _memfds(self) -> list[int]:
+        return [self.records, *self.frames]
 
     def identity(self) -> int:
         """The records memfd's inode: two handles name the same store iff equal."""
@@ -129,8 +135,7 @@ class Store:
                     conn.sendall(_REFUSED + b"another user's store")
                     conn.close()
                     continue
-                socket.send_fds(conn, [_HELLO + str(os.getpid()).encode()],
-                                [self.records, self.frames])
+                socket.send_fds(conn, [_HELLO + str(os.getpid()).encode()], self._memfds())
             except OSError:
                 conn.close()
                 continue
@@ -178,8 +183,7 @@ class Store:
                 except OSError:         # no one serves yet, or its server just went
                     time.sleep(0.01)
                     continue
-                for fd in fds:
-                    os.close(fd)
+                _close(fds)
                 break
             else:
                 return
@@ -213,9 +217,8 @@ class Store:
                 del _STORES[self.name]
             self._stop = True
             self._close_sockets()
-            for fd in self.fds:
-                os.close(fd)
-            self.records = self.frames = -1
+            _close(self._memfds())
+            self.records, self.frames = -1, ()
             return True
 
     def forget_after_fork(self) -> None:
@@ -233,8 +236,8 @@ class Store:
 
 
 def _connect(name: str) -> tuple[socket.socket, list[int], int]:
-    """Connect to the server of `name` and receive its memfds; raises
-    ConnectionRefusedError if no one serves it."""
+    """Connect to the server of `name` and receive its memfds (records
+    first); raises ConnectionRefusedError if no one serves it."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(CONNECT_SECONDS)    # a server that is stopped, or a squatter, never answers
     try:
@@ -252,24 +255,21 @@ def _connect(name: str) -> tuple[socket.socket, list[int], int]:
         if uid != os.getuid():
             raise SharedStoreError(errno.EPERM, f"the socket of shared store {name!r} is served "
                                                 f"by uid {uid}, not this user: not joined")
-        message, fds, flags, _ = socket.recv_fds(sock, 256, 2)
+        message, fds, flags, _ = socket.recv_fds(sock, 256, _MEMFDS)
         for fd in fds:                  # not for programs this process may exec
             os.set_inheritable(fd, False)
         if flags & socket.MSG_CTRUNC:   # the kernel had no descriptor for them here
-            for fd in fds:
-                os.close(fd)
+            _close(fds)
             raise OSError(errno.EMFILE, f"shared store {name!r}: no file descriptor left in "
                                         f"this process for its memfds")
         if message.startswith(_REFUSED):
             raise SharedStoreError(errno.EPERM, f"shared store {name!r} refused this process: "
                                                 f"{message[len(_REFUSED):].decode()}")
-        if not message.startswith(_HELLO) or len(fds) != 2:
-            for fd in fds:
-                os.close(fd)
+        if not message.startswith(_HELLO) or len(fds) != _MEMFDS:
+            _close(fds)
             raise SharedStoreError(errno.EPROTO, f"shared store {name!r}: not a pydedup store")
         if int(message[len(_HELLO):]) != pid:
-            for fd in fds:
-                os.close(fd)
+            _close(fds)
             raise SharedStoreError(errno.EPERM, f"shared store {name!r} is served from another "
                                                 f"pid namespace: not joined")
         sock.settimeout(None)           # from now on the connection only tells the server's end
@@ -278,6 +278,26 @@ def _connect(name: str) -> tuple[socket.socket, list[int], int]:
         sock.close()
         raise
 
+
+
+def _new_memfds() -> tuple[int, tuple[int, ...]]:
+    """The memfds of a new, empty store: (records, frames)."""
+    fds: list[int] = []
+    try:
+        fds.append(os.memfd_create("pydedup-records", os.MFD_CLOEXEC))
+        Core.format_shared(fds[0])
+        for _ in range(Core.frame_stripes()):
+            fds.append(os.memfd_create("pydedup-frames", os.MFD_CLOEXEC))
+            os.ftruncate(fds[-1], Core.shared_slots() * os.sysconf("SC_PAGE_SIZE"))
+    except BaseException:
+        _close(fds)
+        raise
+    return fds[0], tuple(fds[1:])
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 _STORES: dict[str, Store] = {}
 _IN_USE: weakref.WeakValueDictionary[str, object] = weakref.WeakValueDictionary()
@@ -307,39 +327,28 @@ def _rejoin(store: Store) -> None:
         if store._try_serve():
             store._start(store._serve, store._sock)
         return
-    for fd in fds:
-        os.close(fd)
+    _close(fds)
     store._start(store._watch, conn)
 
 
 def _find_or_make(name: str) -> Store:
     for _ in range(200):
         try:
-            conn, (records, frames), _ = _connect(name)
+            conn, (records, *frames), _ = _connect(name)
         except SharedStoreError:
             raise
         except (ConnectionRefusedError, ConnectionResetError, BrokenPipeError):
             pass                        # no one serves it, or its server is going
         else:
-            store = Store(name, records, frames)
+            store = Store(name, records, tuple(frames))
             store._start(store._watch, conn)
             return store
-        records = os.memfd_create("pydedup-records", os.MFD_CLOEXEC)
-        frames = os.memfd_create("pydedup-frames", os.MFD_CLOEXEC)
-        try:
-            Core.format_shared(records)
-            os.ftruncate(frames, Core.shared_slots() * os.sysconf("SC_PAGE_SIZE"))
-        except BaseException:
-            os.close(records)
-            os.close(frames)
-            raise
-        store = Store(name, records, frames)
+        store = Store(name, *_new_memfds())
         if store._try_serve():
             assert store._sock is not None
             store._start(store._serve, store._sock)
             return store
-        os.close(records)                   # someone else made it first: join theirs
-        os.close(frames)
+        _close(store._memfds())             # someone else made it first: join theirs
         time.sleep(0.005)
     raise SharedStoreError(errno.ETIMEDOUT, f"shared store {name!r}: its socket is bound but "
                                             f"no one serves it")

@@ -230,7 +230,7 @@ class ArenaStats(_Readable):
         "`/proc/self/ksm_stat`; with `kernel_ksm`, what pydedup left to it), 0 where the "
         "kernel does not say", value=lambda r: r["ksm_stat"].get("ksm_merging_pages", 0)))
     frame_store_bytes: int = field(metadata=counter(
-        "memory the frame store holds (allocated blocks of the memfd this process writes new "
+        "memory the frame store holds (allocated blocks of the memfds this process writes new "
         "frames to; after a fork, frames inherited from the parent count in the parent's)"))
     metadata_bytes: int = field(metadata=counter(
         "memory of the records and trees: 12 bytes a page up to the highest page used, "

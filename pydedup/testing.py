@@ -57,7 +57,7 @@ def set_debug_checks(arena: Arena, on: bool) -> None:
 
 def core(arena: Arena) -> Core:
     """The arena's Cython core (pydedup._fast.Core), for tests that check
-    what the kernel sees: its frame-store memfd and tiers, the fork fence,
+    what the kernel sees: its frame-store memfds and tiers, the fork fence,
     whether writes are tracked. Call its methods only while no other thread
     uses the arena (they run under the arena's lock otherwise)."""
     return pages(arena).core

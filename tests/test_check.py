@@ -65,7 +65,7 @@ def test_a_healthy_arena_passes_through_its_life(arena, rng):
 
 def test_a_punched_frame_in_use_is_found(merged):
     arena, a, b = merged
-    assert libc.fallocate(core_of(arena).memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+    assert libc.fallocate(core_of(arena).memfds[0], FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                           2 * PAGE, PAGE) == 0
     with pytest.raises(InvariantError, match=r"a frame in use holds memory \(frame 2\)"):
         testing.check_invariants(arena)
@@ -73,7 +73,7 @@ def test_a_punched_frame_in_use_is_found(merged):
 
 def test_memory_in_a_free_frame_slot_is_a_leak(merged):
     arena, a, b = merged
-    os.pwrite(core_of(arena).memfd, b"x" * PAGE, 40 * PAGE)
+    os.pwrite(core_of(arena).memfds[0], b"x" * PAGE, 40 * PAGE)
     with pytest.raises(InvariantError, match=r"a frame no page maps holds no memory .* \(frame 40\)"):
         testing.check_invariants(arena)
 
@@ -91,7 +91,7 @@ def test_a_merged_page_on_the_wrong_frame_is_found(merged):
     arena, a, b = merged
     page = address(b) + PAGE                     # frame 1; map frame 3 there instead
     assert libc.mmap(page, PAGE, mmap.PROT_READ | mmap.PROT_WRITE,
-                     mmap.MAP_PRIVATE | MAP_FIXED, core_of(arena).memfd, 3 * PAGE) == page
+                     mmap.MAP_PRIVATE | MAP_FIXED, core_of(arena).memfds[0], 3 * PAGE) == page
     with pytest.raises(InvariantError, match="a MERGED page maps its own frame"):
         testing.check_invariants(arena)
 
@@ -111,7 +111,7 @@ def test_the_debug_build_checks_after_every_operation(merged):
     check, so the next call after a corruption fails; otherwise only an
     explicit check_invariants() does."""
     arena, a, b = merged
-    os.pwrite(core_of(arena).memfd, b"x" * PAGE, 40 * PAGE)
+    os.pwrite(core_of(arena).memfds[0], b"x" * PAGE, 40 * PAGE)
     if DEBUG_CHECKS:
         with pytest.raises(InvariantError):
             arena.stats()
@@ -130,7 +130,7 @@ def test_the_seams_refuse_a_closed_arena_and_see_an_open_one(rng):
     assert hi - lo == 1 << 26 and lo <= address(a) < hi
     assert testing.page_range(arena, a) == ((address(a) - lo) // PAGE, 4)
     assert testing.free_pages(arena) == (1 << 26) // PAGE - 4
-    assert testing.core(arena).memfd >= 0
+    assert min(testing.core(arena).memfds) >= 0
     assert testing.scan_step(arena) == (0, arena.sleep_millisecs / 1000)
     testing.check_invariants(arena)
     arena.close()

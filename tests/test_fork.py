@@ -78,6 +78,12 @@ def inode(fd):
     return os.fstat(fd).st_ino
 
 
+def first_memfd(core):
+    """The inode of the memfd of the top tier's first stripe: it holds
+    every frame these tests make (fewer than STRIPE_PAGES, 1,024)."""
+    return inode(core.memfds[0])
+
+
 def pair(arena, seed, npages):
     """An array of random content, a copy, and the content: distinct seeds
     give content no other process makes."""
@@ -163,7 +169,7 @@ def test_a_forked_child_without_a_memfd_of_its_own_refuses_to_merge_and_the_pare
 def test_a_forked_child_merges_into_a_memfd_of_its_own(arena):
     a, b, content = pair(arena, 1, 16)
     assert arena.merge().pages_merged == 32
-    parent_store = inode(core_of(arena).memfd)
+    parent_store = first_memfd(core_of(arena))
     parent_bytes = arena.stats().frame_store_bytes
     assert mapped_stores(b) == {parent_store}
 
@@ -171,7 +177,7 @@ def test_a_forked_child_merges_into_a_memfd_of_its_own(arena):
         core = core_of(arena)
         c, d, child_content = pair(arena, 2, 8)
         report = arena.merge()
-        own = inode(core.memfd)
+        own = first_memfd(core)
         fence = core.fork_fence
         return (report.pages_merged == 16 and report.frames_new == 8
                 and own != parent_store and len(core.frame_store_tiers) == 2
@@ -216,7 +222,7 @@ def test_parent_and_child_merging_freeing_and_unmerging_in_turns_keep_their_valu
         assert kid.hear()                            # 1
         e, e2, mine = pair(arena, 4, 8)
         assert arena.merge().frames_new == 8
-        assert mapped_stores(e) == {inode(core_of(arena).memfd)}
+        assert mapped_stores(e) == {first_memfd(core_of(arena))}
         kid.say()                                    # 2
         assert kid.hear()                            # 3: the child freed and merged again
         np.testing.assert_array_equal(e, mine)
@@ -243,8 +249,8 @@ def test_a_run_of_frames_across_the_fence_maps_each_from_its_memfd(arena):
         c, d = arena.array(mixed), arena.array(mixed)
         arena.merge()
         maps = frame_mappings(c)
-        parent_store = inode(core.frame_store_tiers[0][1])
-        own = inode(core.memfd)
+        parent_store = inode(core.frame_store_tiers[0][1][0])
+        own = first_memfd(core)
         if maps != [(parent_store, 3 * PAGE), (own, 4 * PAGE), (own, 5 * PAGE)]:
             print("not the run this test is about:", maps, core.fork_fence)
             return False
@@ -269,7 +275,7 @@ def test_a_grandchild_merges_and_its_parent_and_grandparent_keep_their_values(ar
             g, g2, third = pair(arena, 3, 8)
             assert arena.merge().frames_new == 8
             assert len(core.frame_store_tiers) == 3
-            assert mapped_stores(g) == {inode(core.memfd)}
+            assert mapped_stores(g) == {first_memfd(core)}
             parent.say()                             # 1
             assert parent.hear()                     # 2: the child merged frames of the same numbers
             ok = (np.array_equal(g, third) and np.array_equal(g2, third)
@@ -323,22 +329,22 @@ def test_generations_that_merge_each_add_a_memfd_up_to_the_limit(arena):
 def test_a_child_forked_with_no_frame_above_its_fence_replaces_the_memfd_it_would_not_use(arena):
     # Forked before any merge: the parent's memfd holds no frame the child
     # needs; so for a grandchild forked before the child merged.
-    parent_store = inode(core_of(arena).memfd)
+    parent_store = first_memfd(core_of(arena))
 
     def child():
         core = core_of(arena)
-        if len(core.frame_store_tiers) != 1 or inode(core.memfd) == parent_store:
+        if len(core.frame_store_tiers) != 1 or first_memfd(core) == parent_store:
             return False
 
         def grandchild():
-            own = inode(core.memfd)
+            own = first_memfd(core)
             c, d, more = pair(arena, 2, 4)
             return (len(core.frame_store_tiers) == 1 and own not in (parent_store, child_store)
                     and arena.merge().pages_merged == 16 and mapped_stores(c) == {own}
                     and mapped_stores(a) == {own} and np.array_equal(b, content)
                     and np.array_equal(c, more) and np.array_equal(d, more))
 
-        child_store = inode(core.memfd)
+        child_store = first_memfd(core)
         a, b, content = pair(arena, 1, 4)
         return (run_in_child(grandchild) == 0 and arena.merge().pages_merged == 8
                 and mapped_stores(a) == {child_store} and np.array_equal(b, content))

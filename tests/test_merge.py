@@ -1,11 +1,14 @@
 """merge() and unmerge(), judged by what the kernel maps afterwards."""
 import gc
+import os
 import threading
 
 import numpy as np
 import pytest
 
 import pydedup
+from pydedup import testing
+from pydedup._fast import Core
 
 from kernel import (
     EXCLUSIVE,
@@ -13,6 +16,7 @@ from kernel import (
     PAGE,
     PFN,
     PRESENT,
+    frame_mappings,
     frame_offsets,
     page_addresses,
     pagemap,
@@ -23,12 +27,41 @@ from kernel import (
 )
 
 PAGE_FLOATS = PAGE // 8
+STRIPE_PAGES = 1024             # consecutive frames in one memfd (_frames.pxd)
 
 
 def random_pages(arena, rng, npages):
     a = arena.empty(npages * PAGE_FLOATS)
     a[:] = rng.random(a.size)
     return a
+
+
+def test_new_frames_stripe_over_the_memfds_and_each_page_maps_its_own(arena, rng):
+    """New frames go into Core.frame_stripes() memfds, STRIPE_PAGES at a
+    time, so that threads write them side by side: a copy of more than four
+    stripes maps its frames from every memfd in turn, each page from its
+    frame's, at its frame's offset, and no mapping spans two."""
+    memfds = [os.fstat(fd).st_ino for fd in testing.core(arena).memfds]
+    assert len(memfds) == Core.frame_stripes() == 4
+    npages = 4 * STRIPE_PAGES + 7
+    a = random_pages(arena, rng, npages)
+    b = arena.array(a)
+    expected = a.copy()
+    report = arena.merge()
+    assert report.pages_merged == 2 * npages and report.frames_new == npages
+    for array in (a, b):
+        mapped = frame_mappings(array)
+        frames = [offset // PAGE for _, offset in mapped]
+        assert sorted(frames) == list(range(min(frames), min(frames) + npages))
+        assert [inode for inode, _ in mapped] == [memfds[f // STRIPE_PAGES % 4] for f in frames]
+    testing.check_invariants(arena)
+    written = (STRIPE_PAGES + 3) * PAGE_FLOATS      # copy-on-write in the second stripe
+    a[written] = -1.0
+    expected_a = expected.copy()
+    expected_a[written] = -1.0
+    np.testing.assert_array_equal(a, expected_a)
+    np.testing.assert_array_equal(b, expected)
+    assert arena.stats().frame_store_bytes == npages * PAGE
 
 
 def test_duplicate_pages_share_one_frame(arena, rng):
