@@ -275,7 +275,7 @@ def check_frame_memory(Core c):
                 raise
             hole = os.lseek(top.files[i].fd, offset, os.SEEK_HOLE)
             for f in range(offset // ps, (hole + ps - 1) // ps):
-                if f // STRIPE_PAGES % FRAME_STRIPES != i:
+                if <int>(f // STRIPE_PAGES % FRAME_STRIPES) != i:
                     fail("a frame holds memory only in its stripe's memfd",
                          f"frame {f} in memfd {i}")
                 data.add(f)

@@ -135,6 +135,7 @@ cdef void frame_put(frame_store *fs, uint32_t f) noexcept nogil
 cdef uint32_t stable_tree_search(frame_store *fs, const char *page, uint32_t checksum,
                                  uint16_t node, uint32_t max_page_sharing,
                                  bint by_checksum) noexcept nogil
+cdef void stable_tree_prefetch(frame_store *fs, uint32_t checksum, uint16_t node) noexcept nogil
 cdef uint32_t stable_tree_add(frame_store *fs, const char *content, uint32_t checksum,
                               uint16_t node, uint32_t hint) noexcept nogil
 cdef void reclaim_frames(frame_store *fs) noexcept nogil

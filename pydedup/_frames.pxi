@@ -596,6 +596,11 @@ cdef uint32_t stable_tree_search(frame_store *fs, const char *page, uint32_t che
     return NO_FRAME
 
 
+cdef void stable_tree_prefetch(frame_store *fs, uint32_t checksum, uint16_t node) noexcept nogil:
+    """Start loading the bucket stable_tree_search() will read first."""
+    pd_prefetch(&fs.stable[tree_key(fs, checksum, node) & fs.stable_mask])
+
+
 cdef uint32_t stable_tree_add(frame_store *fs, const char *content, uint32_t checksum,
                               uint16_t node, uint32_t hint) noexcept nogil:
     """A new frame holding `content`, written for `node` and in its stable

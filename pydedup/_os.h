@@ -114,4 +114,10 @@ static inline void pd_touch_write(void *page)
     __atomic_fetch_or((uint64_t *)page, 0, __ATOMIC_RELAXED);
 }
 
+/* A load of what p points at, started now, for later. */
+static inline void pd_prefetch(const void *p)
+{
+    __builtin_prefetch(p);
+}
+
 #endif

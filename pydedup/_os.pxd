@@ -15,6 +15,7 @@ cdef extern from "_os.h" nogil:
     int SEEK_DATA, SEEK_HOLE
 
     void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
+    void pd_prefetch(const void *p)
     int munmap(void *addr, size_t length)
     void *mremap(void *old_addr, size_t old_length, size_t new_length, int flags, void *new_addr)
     int madvise(void *addr, size_t length, int advice)

@@ -3,6 +3,8 @@
 
 cdef enum:
     STATE_CHUNK = 16384            # pages whose categories are read at once
+    BUCKETS_AHEAD = 8              # the stable-tree bucket of the page this far ahead is
+                                   # loaded while the scan looks at this one
     CHUNKS_AHEAD = 4               # chunks read, and given to the hash stream, before
                                    # the scan looks at the first of them
 
