@@ -40,7 +40,9 @@ import weakref
 from pydedup._fast import Core
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_HELLO = b"pydedup-store 2 "    # then the server's pid, as it sees it; 2: stripes of frames
+_PROTOCOL = b"pydedup-store "
+_VERSION = 2                    # 2: the frames in Core.frame_stripes() memfds
+_HELLO = _PROTOCOL + b"%d " % _VERSION  # then the server's pid, as it sees it
 _MEMFDS = 1 + Core.frame_stripes()  # a store's: records, then frames
 CONNECT_SECONDS = 10.0          # to wait for a store's server to answer
 _REFUSED = b"pydedup-refused "
@@ -265,6 +267,12 @@ def _connect(name: str) -> tuple[socket.socket, list[int], int]:
         if message.startswith(_REFUSED):
             raise SharedStoreError(errno.EPERM, f"shared store {name!r} refused this process: "
                                                 f"{message[len(_REFUSED):].decode()}")
+        if message.startswith(_PROTOCOL) and not message.startswith(_HELLO):
+            _close(fds)
+            version = message[len(_PROTOCOL):].split(b" ")[0].decode(errors="replace")
+            raise SharedStoreError(errno.EPROTO, f"shared store {name!r} is served by another "
+                                                 f"version of pydedup (protocol {version}, this one "
+                                                 f"speaks {_VERSION}): not joined")
         if not message.startswith(_HELLO) or len(fds) != _MEMFDS:
             _close(fds)
             raise SharedStoreError(errno.EPROTO, f"shared store {name!r}: not a pydedup store")

@@ -424,6 +424,35 @@ def test_a_bad_name_is_refused():
         pydedup.Arena(size=1 << 28, shared="no/slashes")
 
 
+def test_a_store_served_by_another_version_is_refused_by_name(store_name):
+    """A server of an older pydedup (protocol 1: one frames memfd) is not
+    taken for something that is not pydedup's."""
+    import socket
+    import threading
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    server.bind(shared.address(store_name))
+    server.listen()
+    records, frames = os.memfd_create("records"), os.memfd_create("frames")
+
+    def serve():
+        conn, _ = server.accept()
+        socket.send_fds(conn, [b"pydedup-store 1 %d" % os.getpid()], [records, frames])
+        conn.recv(1)                    # until the client has gone
+        conn.close()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        with pytest.raises(shared.SharedStoreError, match=r"another version of pydedup "
+                                                          r"\(protocol 1, this one speaks 2\)"):
+            pydedup.Arena(size=1 << 28, shared=store_name)
+    finally:
+        thread.join(10)
+        server.close()
+        os.close(records)
+        os.close(frames)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as uid 65534")
 def test_another_user_cannot_join(store_name):
     import socket
