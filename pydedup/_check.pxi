@@ -133,8 +133,8 @@ cdef check_frames(Core c, bytes counts):
 
 cdef check_tile_frame(frame_store *fs, uint32_t f):
     """A frame of a tile lies in its tile's memfd, after its first frame: a
-    tile grows a slot at a time, never across a tier's start or below the
-    fork fence it grew above."""
+    tile grows a slot at a time, never across a tier's or a stripe's start
+    or below the fork fence it grew above."""
     cdef uint32_t k = fs.frames[f].tile_index
     if k > f or file_of(fs, f - k) != file_of(fs, f):
         fail("a tile's frames lie in one memfd, after its first",

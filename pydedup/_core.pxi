@@ -539,8 +539,8 @@ cdef class Core:
     def fork_happened(self, bint in_child):
         """After fork, parent and child share the frame store: frames that
         exist now are fenced, and stay as they are for both (neither punches
-        or reuses them). The parent goes on writing new frames to its memfd,
-        above the fence. The child writes its own to a new memfd (a tier from
+        or reuses them). The parent goes on writing new frames to its memfds,
+        above the fence. The child writes its own to new memfds (a tier from
         the fence up, _fast.pxd), which the parent never sees; if it cannot
         have one, it may not merge (it can still read, write, free, unmerge).
         Called from the at-fork hooks: never raises."""

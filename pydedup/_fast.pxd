@@ -6,17 +6,19 @@
 #               any arena page maps it, and is immutable while one does: arena
 #               pages map it MAP_PRIVATE, so a write to such a page makes the
 #               kernel copy it (copy-on-write) and the frame stays intact.
-# frame store   Where frames live: one memfd, frame f at offset f * page_size;
-#               after a fork, possibly several (tiers). Frame numbers still
+# frame store   Where frames live: memfds, frame f at offset f * page_size of
+#               one; after a fork, several tiers of them. Frame numbers still
 #               index the one `frames` array of the process.
-# tier          One memfd of the frame store, holding frames [first_frame, the
+# tier          The memfds of the frame store holding frames [first_frame, the
 #               next tier's first_frame), each at its own offset f * page_size
-#               (the memfd is sparse: the frames below first_frame are holes).
+#               (sparse: the frames below first_frame are holes), striped:
+#               FRAME_STRIPES memfds, STRIPE_PAGES consecutive frames to each
+#               in turn, so that threads write new frames side by side.
 #               A process starts with one tier from frame 0. A forked child
 #               keeps the tiers it inherits for the frames that existed at the
 #               fork (below its fork fence: shared with the parent, never
-#               written, punched or reused) and pushes a tier of its own, a new
-#               memfd, from the fence up: the parent keeps writing its memfd
+#               written, punched or reused) and pushes a tier of its own, new
+#               memfds, from the fence up: the parent keeps writing its memfds
 #               above the fence, and neither process ever sees the other's new
 #               frames. New frames always go to the top tier.
 # rmap item     The record of one arena page (after KSM's rmap_item: 12 bytes

@@ -16,7 +16,7 @@ cdef extern from "_writes.h" nogil:
         long offset
         size_t written
         int err
-    void pd_write_run(pd_write *j, int wake)
+    void pd_write_run(pd_write *j, size_t *helped)
     pd_writes *pd_writes_open()
     void pd_writes_put(pd_writes *w)
     size_t pd_writes_post(pd_writes *w, int fd, const char *content, size_t length, long offset)

@@ -71,7 +71,8 @@ cdef inline frame_file *file_of(frame_store *fs, uint32_t f) noexcept nogil:
 
 cdef char *frame_address(frame_store *fs, uint32_t f) noexcept nogil:
     """Where the store's read-only view shows frame f (and the frames after
-    it in its tier: every frame is written first)."""
+    it in its memfd, up to the end of its stripe: every frame is written
+    first)."""
     frames_write_behind(fs)
     return view_address(fs, f)
 
@@ -153,15 +154,17 @@ cdef void tier_init(frame_tier *t, uint32_t first_frame) noexcept nogil:
 
 
 cdef int tier_open(frame_store *fs, frame_tier *t, const int *fds) noexcept nogil:
-    """Tier t's memfds (new ones, or `fds`, which are t's from now on)
-    and their views; 0 or an errno, and close_tier() undoes what was done."""
+    """Tier t's memfds (new ones, or `fds`, which are all t's from now
+    on, whatever fails) and their views; 0 or an errno, and close_tier()
+    undoes what was done."""
     cdef frame_file *file
     cdef int i
+    if fds != NULL:
+        for i in range(FRAME_STRIPES):
+            t.files[i].fd = fds[i]
     for i in range(FRAME_STRIPES):
         file = &t.files[i]
-        if fds != NULL:
-            file.fd = fds[i]
-        else:
+        if fds == NULL:
             file.fd = pd_memfd_create(b"pydedup-frames")
             if file.fd < 0 or ftruncate(file.fd, <long>(fs.nslots * fs.page_size)) != 0:
                 return errno
@@ -350,7 +353,7 @@ cdef int write_frames(frame_store *fs, uint32_t first, const char *content,
     cdef uint32_t done
     j.fd, j.content = file_of(fs, first).fd, content
     j.length, j.offset = <size_t>n * fs.page_size, <long>first * <long>fs.page_size
-    pd_write_run(&j, False)
+    pd_write_run(&j, NULL)
     if j.err:
         done = <uint32_t>(j.written // fs.page_size)
         unwrite_frames(fs, first + done, n - done)
@@ -807,7 +810,8 @@ cdef void punch_frames(frame_store *fs, uint32_t first, uint32_t n) noexcept nog
     # At or above the fence: all in the top tier, whose memfds no other process
     # writes; a fallocate a stripe.
     while first < end:
-        piece = min(end, (first // STRIPE_PAGES + 1) * STRIPE_PAGES) - first
+        piece = <uint32_t>(min(<uint64_t>end, (<uint64_t>first // STRIPE_PAGES + 1) * STRIPE_PAGES)
+                           - first)
         fallocate(file_of(fs, first).fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                   <long>first * fs.page_size, <long>piece * fs.page_size)
         first += piece

@@ -4,8 +4,8 @@
 # its content. Neighbouring runs may share one protection (gather_run).
 
 cdef int map_frames(Core c, char *addr, size_t length, uint32_t first_frame) noexcept nogil:
-    """Frames from first_frame on, all in first_frame's tier, over
-    [addr, addr + length)."""
+    """Frames from first_frame on, all in first_frame's memfd (its tier
+    and stripe), over [addr, addr + length)."""
     if mmap(addr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED,
             frame_fd(&c.store, first_frame), <long>first_frame * c.res.page_size) == MAP_FAILED:
         return errno

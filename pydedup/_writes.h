@@ -70,9 +70,11 @@ static inline void pd_writes_put(pd_writes *w)
 }
 
 /* Write it all, or stop at the first error: a page written in part is not
- * written (the caller takes written / page size). A helper wakes the scan,
+ * written (the caller takes written / page size). A helper passes its
+ * count of bytes, `helped`, which grows before the write is marked done
+ * (the scan may then read it, and reuse the slot), and wakes the scan,
  * which may wait for it. */
-static void pd_write_run(pd_write *j, int wake)
+static void pd_write_run(pd_write *j, size_t *helped)
 {
     size_t at = 0;
     int err = 0;
@@ -86,8 +88,10 @@ static void pd_write_run(pd_write *j, int wake)
     }
     j->written = at;
     j->err = err;
+    if (helped != NULL)
+        __atomic_add_fetch(helped, at, __ATOMIC_RELAXED);
     __atomic_store_n(&j->state, PD_WRITE_DONE, __ATOMIC_RELEASE);
-    if (wake)
+    if (helped != NULL)
         syscall(SYS_futex, &j->state, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
 }
 
@@ -104,10 +108,7 @@ static inline int pd_writes_do_next(pd_writes *w, int helper)
     size_t i = __atomic_load_n(&w->taken, __ATOMIC_ACQUIRE);
     while (i < __atomic_load_n(&w->posted, __ATOMIC_ACQUIRE)) {
         if (pd_writes_take(w, i)) {
-            pd_write_run(&w->ring[i % PD_WRITES_AHEAD], helper);
-            if (helper)
-                __atomic_add_fetch(&w->helped, w->ring[i % PD_WRITES_AHEAD].written,
-                                   __ATOMIC_RELAXED);
+            pd_write_run(&w->ring[i % PD_WRITES_AHEAD], helper ? &w->helped : NULL);
             return 1;
         }
         i = __atomic_load_n(&w->taken, __ATOMIC_ACQUIRE);
@@ -151,7 +152,7 @@ static inline int pd_writes_finish(pd_writes *w, size_t i, size_t *written)
 {
     pd_write *j = &w->ring[i % PD_WRITES_AHEAD];
     if (pd_writes_take(w, i))
-        pd_write_run(j, 0);
+        pd_write_run(j, NULL);
     while (__atomic_load_n(&j->state, __ATOMIC_ACQUIRE) != PD_WRITE_DONE && pd_writes_do_next(w, 0))
         ;
     /* A helper is writing it: up to milliseconds, so sleep, not spin. */

@@ -211,7 +211,7 @@ class Pages(PageOwner):
 
 
 # fork: wait for merges in progress, then fence the frames both processes share;
-# the child writes its new frames to a memfd of its own (Core.fork_happened).
+# the child writes its new frames to memfds of its own (Core.fork_happened).
 _LIVE: weakref.WeakSet[Pages] = weakref.WeakSet()
 _forking: list[Pages] = []
 

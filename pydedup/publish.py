@@ -151,6 +151,8 @@ def stats_of(record, read_smaps=procfs.read_smaps):
         return ArenaStats.from_published(record["stats"])
     readings = dict(record["readings"])
     lo, hi, store_inodes = record["smaps_of"]
+    if isinstance(store_inodes, int):   # published by a pydedup of one memfd a tier
+        store_inodes = [store_inodes]
     try:
         found = procfs.arena_smaps(lo, hi, store_inodes, pid=record["pid"],
                                    text=read_smaps(record["pid"]))

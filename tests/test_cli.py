@@ -117,6 +117,19 @@ def test_a_merge_leaves_reading_smaps_to_the_reader(arena, monkeypatch):
     assert measured.pages_sharing > 0
 
 
+def test_a_record_of_a_pydedup_with_one_memfd_a_tier_is_read(arena):
+    """An older pydedup named its frame store's one memfd in a record, not
+    a list of them (the stripes): a reader of today reads it."""
+    b = arena.array(np.arange(50_000, dtype=np.float64))
+    c = arena.array(b)
+    arena.merge()
+    assert np.array_equal(b, c)
+    (record,) = publish.published(os.getpid())
+    lo, hi, inodes = record["smaps_of"]
+    record["smaps_of"] = [lo, hi, inodes[0]]
+    assert publish.stats_of(record).pss_bytes == arena.stats().pss_bytes > 0
+
+
 def test_a_process_smaps_is_read_once_for_all_its_arenas(arena, monkeypatch, capsys):
     with contextlib.closing(pydedup.Arena()) as other:
         arrays = [each.array(np.zeros(50_000)) for each in (arena, other)]
