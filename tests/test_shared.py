@@ -424,6 +424,26 @@ def test_a_bad_name_is_refused():
         pydedup.Arena(size=1 << 28, shared="no/slashes")
 
 
+def test_a_store_whose_frames_cannot_be_mapped_leaves_no_descriptor_behind():
+    """The core takes copies of a store's memfds; when the view of one
+    cannot be mapped (here a pipe in a memfd's place), it closes them all,
+    the later ones too."""
+    from pydedup._fast import Core
+    records = os.memfd_create("records")
+    Core.format_shared(records)
+    frames = [os.memfd_create("frames") for _ in range(Core.frame_stripes())]
+    for fd in frames:
+        os.ftruncate(fd, Core.shared_slots() * os.sysconf("SC_PAGE_SIZE"))
+    read, write = os.pipe()
+    frames[1] = read
+    before = sorted(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match="cannot open the shared frame store"):
+        Core(1 << 16, (records, tuple(frames)))
+    assert sorted(os.listdir("/proc/self/fd")) == before
+    for fd in [records, write, *frames]:
+        os.close(fd)
+
+
 def test_a_store_served_by_another_version_is_refused_by_name(store_name):
     """A server of an older pydedup (protocol 1: one frames memfd) is not
     taken for something that is not pydedup's."""
