@@ -320,9 +320,9 @@ cdef check_mapping(Core c, size_t first, size_t end, size_t pgoff, tuple file):
     """Pages [first, end) lie in one mapping: anonymous (file (-2, -1)),
     of memfd i of tier t (file (t, i)), or of a frame-store memfd no tier
     holds ((-1, -1)), with page `first` at file page pgoff."""
-    tier, stripe = file
     cdef size_t p
     cdef rmap_item *it
+    tier, stripe = file
     for p in range(first, end):
         it = &c.res.rmap[p]
         if it.state in (PAGE_MERGED, PAGE_BROKEN) and tier == -2:

@@ -120,10 +120,10 @@ cdef void frames_fence(frame_store *fs) noexcept nogil:
 
 
 cdef int push_tier(frame_store *fs) noexcept nogil:
-    """A new memfd for the frames from the fork fence up, in a forked child;
+    """New memfds for the frames from the fork fence up, in a forked child;
     0, an errno, or -1 when the MAX_TIERS tiers are all taken. A top tier that
     starts at the fence holds no frame (every frame is below the fence): the
-    new memfd replaces it here, and the parent keeps its own."""
+    new memfds replace it here, and the parent keeps its own."""
     cdef frame_tier *top = &fs.tiers[fs.ntiers - 1]
     cdef frame_tier made
     cdef int err

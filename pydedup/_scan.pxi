@@ -405,7 +405,7 @@ cdef void scan_chunk(Core c, chunk_tables *chunk, scan_knobs *k, pass_stats *st)
     cdef bint zero
     for p in range(chunk.first, chunk.first + chunk.n):
         i = p - chunk.first
-        if (hashed_ahead(&c.scan.hashes, p + BUCKETS_AHEAD, &zero, &checksum) and not zero):
+        if hashed_ahead(&c.scan.hashes, p + BUCKETS_AHEAD, &zero, &checksum) and not zero:
             stable_tree_prefetch(&c.store, checksum, c.res.rmap[p + BUCKETS_AHEAD].node)
         if (nodes != NULL and not merges_across_nodes(&c.store) and c.res.rmap[p].state == PAGE_MERGED
                 and away_from_home(c, p, nodes[i]) and go_home(c, p, st) == 0):
