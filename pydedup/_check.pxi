@@ -255,8 +255,7 @@ cdef check_shared(Core c):
 
 def check_frame_memory(Core c):
     """A frame this process may punch (top tier, at or above the fence)
-    holds memory exactly while a page maps it, in its own stripe's memfd:
-    no frame leaks."""
+    holds memory exactly while a page maps it: no frame leaks."""
     cdef frame_store *fs = &c.store
     cdef frame_tier *top = &fs.tiers[fs.ntiers - 1]
     cdef uint32_t f, lo = max(top.first_frame, fs.fork_fence)
@@ -264,8 +263,8 @@ def check_frame_memory(Core c):
     ps = fs.page_size
     data = set()
     for i in range(FRAME_STRIPES):
-        offset = lo * ps
-        end = fs.nslots * ps
+        offset = file_page_from(i, lo) * ps
+        end = os.fstat(top.files[i].fd).st_size
         while offset < end:
             try:
                 offset = os.lseek(top.files[i].fd, offset, os.SEEK_DATA)
@@ -274,11 +273,7 @@ def check_frame_memory(Core c):
                     break
                 raise
             hole = os.lseek(top.files[i].fd, offset, os.SEEK_HOLE)
-            for f in range(offset // ps, (hole + ps - 1) // ps):
-                if <int>(f // STRIPE_PAGES % FRAME_STRIPES) != i:
-                    fail("a frame holds memory only in its stripe's memfd",
-                         f"frame {f} in memfd {i}")
-                data.add(f)
+            data.update(frame_at(i, page) for page in range(offset // ps, (hole + ps - 1) // ps))
             offset = hole
     for f in sorted(data):
         if f >= fs.frame_high or fs.frames[f].mapcount == 0:
@@ -291,7 +286,7 @@ def check_frame_memory(Core c):
 def check_mappings(Core c):
     """What the kernel maps agrees with the states: PRIVATE, ZERO and FREE
     pages in anonymous memory, BROKEN pages in a frame-store mapping, and a
-    MERGED page in its frame's memfd, at its frame's offset."""
+    MERGED page in its frame's memfd, at its frame's page there."""
     cdef int t, i
     ps = c.res.page_size
     lo = <size_t>c.res.base
@@ -331,7 +326,7 @@ cdef check_mapping(Core c, size_t first, size_t end, size_t pgoff, tuple file):
         if it.state in (PAGE_FREE, PAGE_PRIVATE, PAGE_ZERO) and tier != -2:
             fail("FREE, PRIVATE and ZERO pages lie in anonymous memory",
                  f"page {p}, state {it.state}")
-        if it.state == PAGE_MERGED and (pgoff + p - first != it.frame
+        if it.state == PAGE_MERGED and (pgoff + p - first != file_page(it.frame)
                                         or tier < 0
                                         or file_of(&c.store, it.frame) != &c.store.tiers[tier].files[stripe]):
             fail("a MERGED page maps its own frame, in its memfd",

@@ -729,6 +729,11 @@ cdef class Core:
         """The memfds of a tier of the frame store (of a shared store)."""
         return FRAME_STRIPES
 
+    @staticmethod
+    def stripe_pages():
+        """Consecutive frames in one memfd, before the next memfd's."""
+        return STRIPE_PAGES
+
     @property
     def shared(self):
         """Whether the frame store is shared by processes."""

@@ -6,14 +6,14 @@
 #               any arena page maps it, and is immutable while one does: arena
 #               pages map it MAP_PRIVATE, so a write to such a page makes the
 #               kernel copy it (copy-on-write) and the frame stays intact.
-# frame store   Where frames live: memfds, frame f at offset f * page_size of
-#               one; after a fork, several tiers of them. Frame numbers still
-#               index the one `frames` array of the process.
+# frame store   Where frames live: memfds; after a fork, several tiers of them.
+#               Frame numbers still index the one `frames` array of the process.
 # tier          The memfds of the frame store holding frames [first_frame, the
-#               next tier's first_frame), each at its own offset f * page_size
-#               (sparse: the frames below first_frame are holes), striped:
-#               FRAME_STRIPES memfds, STRIPE_PAGES consecutive frames to each
-#               in turn, so that threads write new frames side by side.
+#               next tier's first_frame), striped: FRAME_STRIPES memfds,
+#               STRIPE_PAGES consecutive frames to each in turn (so that threads
+#               write new frames side by side), each memfd holding its stripes
+#               one after the other: frame f at page file_page(f) of memfd
+#               stripe_of(f) (sparse: the frames below first_frame are holes).
 #               A process starts with one tier from frame 0. A forked child
 #               keeps the tiers it inherits for the frames that existed at the
 #               fork (below its fork fence: shared with the parent, never

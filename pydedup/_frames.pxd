@@ -34,13 +34,13 @@ cdef enum:
                                    # a helper (a futex wake, a wait) costs what it would save
 
 cdef struct frame_file:            # one memfd of the frame store
-    int fd                         # frame f at offset f * page_size; -1 if none
-    char *view                     # read-only shared window on it from its tier's
-                                   # first_frame: frame f at (f - first_frame) * page_size
+    int fd                         # frame f at page file_page(f); -1 if none
+    char *view                     # read-only shared window on all of it
 
 cdef struct frame_tier:            # the memfds of one generation of forked processes
     uint32_t first_frame           # frames [first_frame, next tier's first_frame) live here,
-    frame_file files[FRAME_STRIPES]    # frame f in files[f / STRIPE_PAGES % FRAME_STRIPES]
+    frame_file files[FRAME_STRIPES]    # frame f in files[stripe_of(f)], whose stripes follow
+                                       # each other: every FRAME_STRIPES-th run of STRIPE_PAGES
 
 # In a store shared by processes: what frame_store holds that its members keep
 # in common, in the shared mapping (frames_load, frames_save).
@@ -105,6 +105,10 @@ cdef int frames_open(frame_store *fs, size_t page_size, size_t nslots,
 cdef void frames_close(frame_store *fs) noexcept nogil
 cdef frame_tier *tier_of(frame_store *fs, uint32_t f) noexcept nogil
 cdef frame_file *file_of(frame_store *fs, uint32_t f) noexcept nogil
+cdef int stripe_of(uint32_t f) noexcept nogil
+cdef size_t file_page(uint32_t f) noexcept nogil
+cdef uint32_t frame_at(int stripe, size_t page) noexcept nogil
+cdef size_t file_page_from(int stripe, uint32_t f) noexcept nogil
 cdef char *frame_address(frame_store *fs, uint32_t f) noexcept nogil
 cdef const char *frame_content(frame_store *fs, uint32_t f) noexcept nogil
 cdef int frame_fd(frame_store *fs, uint32_t f) noexcept nogil

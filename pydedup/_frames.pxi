@@ -5,9 +5,10 @@
 # over FRAME_STRIPES memfds, STRIPE_PAGES at a time, because shmem writes
 # into one file one at a time (under its inode lock), and a first shared
 # member's merge is mostly such writes: the scan's threads write neighbouring
-# runs of new frames into different memfds side by side. Frame f is at
-# offset f * page_size of its memfd; a mapping of frames ends where a
-# stripe does (files_part_at).
+# runs of new frames into different memfds side by side. A memfd holds its
+# stripes one after the other (frame f at page file_page(f) of memfd
+# stripe_of(f)), so that together they take the address space of one; a
+# mapping of frames ends where a stripe does (files_part_at).
 
 cdef int frames_open(frame_store *fs, size_t page_size, size_t nslots,
                      uint32_t zero_checksum) noexcept nogil:
@@ -66,7 +67,36 @@ cdef frame_tier *tier_of(frame_store *fs, uint32_t f) noexcept nogil:
 
 cdef inline frame_file *file_of(frame_store *fs, uint32_t f) noexcept nogil:
     """The memfd holding frame f, and its view."""
-    return &tier_of(fs, f).files[f // STRIPE_PAGES % FRAME_STRIPES]
+    return &tier_of(fs, f).files[stripe_of(f)]
+
+
+cdef inline int stripe_of(uint32_t f) noexcept nogil:
+    """Which of its tier's memfds holds frame f."""
+    return f // STRIPE_PAGES % FRAME_STRIPES
+
+
+cdef inline size_t file_page(uint32_t f) noexcept nogil:
+    """The page of its memfd that holds frame f."""
+    return <size_t>(f // (STRIPE_PAGES * FRAME_STRIPES)) * STRIPE_PAGES + f % STRIPE_PAGES
+
+
+cdef inline uint32_t frame_at(int stripe, size_t page) noexcept nogil:
+    """The frame at page `page` of memfd `stripe` (file_page's inverse)."""
+    return <uint32_t>((page // STRIPE_PAGES) * (STRIPE_PAGES * FRAME_STRIPES)
+                      + <size_t>stripe * STRIPE_PAGES + page % STRIPE_PAGES)
+
+
+cdef size_t file_page_from(int stripe, uint32_t f) noexcept nogil:
+    """The page of memfd `stripe` that holds its first frame at or after f:
+    frames [lo, hi) of that memfd are its pages [file_page_from(stripe, lo),
+    file_page_from(stripe, hi))."""
+    cdef size_t block = f // STRIPE_PAGES, round = block // FRAME_STRIPES
+    cdef int at = <int>(block % FRAME_STRIPES)
+    if at < stripe:
+        return round * STRIPE_PAGES
+    if at == stripe:
+        return round * STRIPE_PAGES + f % STRIPE_PAGES
+    return (round + 1) * STRIPE_PAGES
 
 
 cdef char *frame_address(frame_store *fs, uint32_t f) noexcept nogil:
@@ -78,13 +108,11 @@ cdef char *frame_address(frame_store *fs, uint32_t f) noexcept nogil:
 
 
 cdef inline char *view_address(frame_store *fs, uint32_t f) noexcept nogil:
-    cdef frame_tier *t = tier_of(fs, f)
-    return (t.files[f // STRIPE_PAGES % FRAME_STRIPES].view
-            + <size_t>(f - t.first_frame) * fs.page_size)
+    return file_of(fs, f).view + file_page(f) * fs.page_size
 
 
 cdef int frame_fd(frame_store *fs, uint32_t f) noexcept nogil:
-    """The memfd holding frame f, at offset f * page_size (to be mapped:
+    """The memfd holding frame f, at page file_page(f) (to be mapped:
     every frame is written first)."""
     frames_write_behind(fs)
     return file_of(fs, f).fd
@@ -155,8 +183,9 @@ cdef void tier_init(frame_tier *t, uint32_t first_frame) noexcept nogil:
 
 cdef int tier_open(frame_store *fs, frame_tier *t, const int *fds) noexcept nogil:
     """Tier t's memfds (new ones, or `fds`, which are all t's from now
-    on, whatever fails) and their views; 0 or an errno, and close_tier()
-    undoes what was done."""
+    on, whatever fails), of their length (the same for every member of a
+    shared store), and their views; 0 or an errno, and close_tier() undoes
+    what was done."""
     cdef frame_file *file
     cdef int i
     if fds != NULL:
@@ -166,20 +195,22 @@ cdef int tier_open(frame_store *fs, frame_tier *t, const int *fds) noexcept nogi
         file = &t.files[i]
         if fds == NULL:
             file.fd = pd_memfd_create(b"pydedup-frames")
-            if file.fd < 0 or ftruncate(file.fd, <long>(fs.nslots * fs.page_size)) != 0:
+            if file.fd < 0:
                 return errno
-        file.view = <char *>mmap(NULL, view_length(fs, t.first_frame), PROT_READ,
-                                 MAP_SHARED | MAP_NORESERVE, file.fd,
-                                 <long>t.first_frame * <long>fs.page_size)
+        if ftruncate(file.fd, <long>view_length(fs)) != 0:
+            return errno
+        file.view = <char *>mmap(NULL, view_length(fs), PROT_READ, MAP_SHARED | MAP_NORESERVE,
+                                 file.fd, 0)
         if <void *>file.view == MAP_FAILED:
             return errno
     return 0
 
 
-cdef inline size_t view_length(frame_store *fs, uint32_t first_frame) noexcept nogil:
-    """The view of a tier from first_frame to the last frame slot; a page
-    at least, for mmap, when the fence is at the end of the slots."""
-    return max(fs.nslots - first_frame, 1) * fs.page_size
+cdef inline size_t view_length(frame_store *fs) noexcept nogil:
+    """A memfd's length, and its view's: its pages of every frame slot
+    (in a tier above the bottom one, those below its first frame are
+    holes)."""
+    return file_page_from(0, <uint32_t>fs.nslots) * fs.page_size
 
 
 cdef void close_tier(frame_store *fs, frame_tier *t) noexcept nogil:
@@ -188,7 +219,7 @@ cdef void close_tier(frame_store *fs, frame_tier *t) noexcept nogil:
     for i in range(FRAME_STRIPES):
         file = &t.files[i]
         if <void *>file.view != MAP_FAILED:
-            munmap(file.view, view_length(fs, t.first_frame))
+            munmap(file.view, view_length(fs))
             file.view = <char *>MAP_FAILED
         if file.fd >= 0:
             close(file.fd)
@@ -339,7 +370,7 @@ cdef int post_behind(frame_store *fs) noexcept nogil:
     slot = &fs.writing[fs.writes_posted % PD_WRITES_AHEAD]
     slot[0] = written_from(content, first, n)
     pd_writes_post(fs.writes, file_of(fs, first).fd, content, <size_t>n * fs.page_size,
-                   <long>first * <long>fs.page_size)
+                   <long>(file_page(first) * fs.page_size))
     fs.writes_posted += 1
     return err
 
@@ -352,7 +383,7 @@ cdef int write_frames(frame_store *fs, uint32_t first, const char *content,
     cdef pd_write j
     cdef uint32_t done
     j.fd, j.content = file_of(fs, first).fd, content
-    j.length, j.offset = <size_t>n * fs.page_size, <long>first * <long>fs.page_size
+    j.length, j.offset = <size_t>n * fs.page_size, <long>(file_page(first) * fs.page_size)
     pd_write_run(&j, NULL)
     if j.err:
         done = <uint32_t>(j.written // fs.page_size)
@@ -813,7 +844,7 @@ cdef void punch_frames(frame_store *fs, uint32_t first, uint32_t n) noexcept nog
         piece = <uint32_t>(min(<uint64_t>end, (<uint64_t>first // STRIPE_PAGES + 1) * STRIPE_PAGES)
                            - first)
         fallocate(file_of(fs, first).fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                  <long>first * fs.page_size, <long>piece * fs.page_size)
+                  <long>(file_page(first) * fs.page_size), <long>piece * fs.page_size)
         first += piece
 
 
@@ -852,19 +883,21 @@ cdef void punch_refilled(frame_store *fs, uint32_t lo, uint32_t hi) noexcept nog
     cdef long ps = <long>fs.page_size
     cdef long offset, data, hole, end
     cdef uint32_t f
+    cdef size_t page
     cdef int i, fd
     frames_write_behind(fs)
     lo = max(lo, max(top.first_frame, fs.fork_fence))
     hi = min(hi, fs.frame_high)
     for i in range(FRAME_STRIPES):
         fd = top.files[i].fd
-        offset, end = <long>lo * ps, <long>hi * ps
+        offset, end = <long>file_page_from(i, lo) * ps, <long>file_page_from(i, hi) * ps
         while offset < end:
             data = lseek(fd, offset, SEEK_DATA)
             if data < 0 or data >= end:
                 break
             hole = min(max(lseek(fd, data, SEEK_HOLE), data + ps), end)
-            for f in range(<uint32_t>(data // ps), <uint32_t>((hole + ps - 1) // ps)):
+            for page in range(<size_t>(data // ps), <size_t>((hole + ps - 1) // ps)):
+                f = frame_at(i, page)
                 if fs.frames[f].mapcount == 0 and not stable_tree_holds(fs, f):
                     punch_frames(fs, f, 1)
             offset = hole

@@ -7,7 +7,7 @@ cdef int map_frames(Core c, char *addr, size_t length, uint32_t first_frame) noe
     """Frames from first_frame on, all in first_frame's memfd (its tier
     and stripe), over [addr, addr + length)."""
     if mmap(addr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED,
-            frame_fd(&c.store, first_frame), <long>first_frame * c.res.page_size) == MAP_FAILED:
+            frame_fd(&c.store, first_frame), <long>(file_page(first_frame) * c.res.page_size)) == MAP_FAILED:
         return errno
     madvise(addr, length, MADV_NOHUGEPAGE)
     return 0
@@ -257,25 +257,30 @@ cdef void widen_by_frames_mapped(Core c, const mapping *views, size_t first, siz
     """[lo, hi) grown by the frames below `high` of the top tier's memfds
     (`views` are their mappings) that pages [first, first + n) map."""
     cdef uint64_t a = <uint64_t>page_address(&c.res, first), b = a + n * c.res.page_size
-    cdef uint64_t s, e, f0
+    cdef uint64_t s, e, page
+    cdef uint32_t f0, f1
     cdef mapping m
+    cdef int i
     while a < b and find_mapping(&c.tables, a, &m) == 0 and m.start < b:
         s, e = max(a, m.start), min(b, m.end)
-        if maps_one_of(&m, views, FRAME_STRIPES):
-            f0 = (m.offset + (s - m.start)) // c.res.page_size
-            lo[0] = min(lo[0], <uint32_t>min(f0, <uint64_t>high))
-            hi[0] = max(hi[0], <uint32_t>min(f0 + (e - s) // c.res.page_size, <uint64_t>high))
+        i = mapped_file(&m, views, FRAME_STRIPES)
+        if i >= 0:                      # its pages hold frames of stripe i, in order
+            page = (m.offset + (s - m.start)) // c.res.page_size
+            f0 = frame_at(i, page)
+            f1 = frame_at(i, page + (e - s) // c.res.page_size - 1) + 1
+            lo[0] = min(lo[0], min(f0, high))
+            hi[0] = max(hi[0], min(f1, high))
         a = e
 
 
-cdef bint maps_one_of(const mapping *m, const mapping *files, int n) noexcept nogil:
-    """Whether mapping m maps the file of one of `files`."""
+cdef int mapped_file(const mapping *m, const mapping *files, int n) noexcept nogil:
+    """Which of `files` mapping m maps the file of; -1 if none."""
     cdef int i
     for i in range(n):
         if (m.inode == files[i].inode and m.dev_major == files[i].dev_major
                 and m.dev_minor == files[i].dev_minor):
-            return True
-    return False
+            return i
+    return -1
 
 
 cdef bint continues_run(Core c, size_t first, size_t n, uint32_t f) noexcept nogil:
@@ -367,7 +372,7 @@ cdef bint predict_remap_cost(Core c, size_t first, size_t n, run_kind kind,
                         &view) != 0:
             return False
         placed.inode, placed.dev_major, placed.dev_minor = view.inode, view.dev_major, view.dev_minor
-        placed.offset = <uint64_t>c.res.rmap[first].frame * c.res.page_size
+        placed.offset = file_page(c.res.rmap[first].frame) * c.res.page_size
     cost.lo = left.start if has_left else a
     cost.hi = right.end if has_right else b
     cost.before = count_mappings(&c.tables, cost.lo, cost.hi)

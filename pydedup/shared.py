@@ -294,9 +294,8 @@ def _new_memfds() -> tuple[int, tuple[int, ...]]:
     try:
         fds.append(os.memfd_create("pydedup-records", os.MFD_CLOEXEC))
         Core.format_shared(fds[0])
-        for _ in range(Core.frame_stripes()):
+        for _ in range(Core.frame_stripes()):      # the core sizes them
             fds.append(os.memfd_create("pydedup-frames", os.MFD_CLOEXEC))
-            os.ftruncate(fds[-1], Core.shared_slots() * os.sysconf("SC_PAGE_SIZE"))
     except BaseException:
         _close(fds)
         raise

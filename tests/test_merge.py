@@ -27,7 +27,7 @@ from kernel import (
 )
 
 PAGE_FLOATS = PAGE // 8
-STRIPE_PAGES = 1024             # consecutive frames in one memfd (_frames.pxd)
+STRIPE_PAGES = Core.stripe_pages()      # consecutive frames in one memfd
 
 
 def random_pages(arena, rng, npages):
@@ -38,9 +38,10 @@ def random_pages(arena, rng, npages):
 
 def test_new_frames_stripe_over_the_memfds_and_each_page_maps_its_own(arena, rng):
     """New frames go into Core.frame_stripes() memfds, STRIPE_PAGES at a
-    time, so that threads write them side by side: a copy of more than four
-    stripes maps its frames from every memfd in turn, each page from its
-    frame's, at its frame's offset, and no mapping spans two."""
+    time, so that threads write them side by side, each memfd holding its
+    stripes one after the other: a copy of more than four stripes maps its
+    frames from every memfd in turn, and its fifth stripe follows on the
+    first in the first memfd."""
     memfds = [os.fstat(fd).st_ino for fd in testing.core(arena).memfds]
     assert len(memfds) == Core.frame_stripes() == 4
     npages = 4 * STRIPE_PAGES + 7
@@ -49,11 +50,11 @@ def test_new_frames_stripe_over_the_memfds_and_each_page_maps_its_own(arena, rng
     expected = a.copy()
     report = arena.merge()
     assert report.pages_merged == 2 * npages and report.frames_new == npages
-    for array in (a, b):
-        mapped = frame_mappings(array)
-        frames = [offset // PAGE for _, offset in mapped]
-        assert sorted(frames) == list(range(min(frames), min(frames) + npages))
-        assert [inode for inode, _ in mapped] == [memfds[f // STRIPE_PAGES % 4] for f in frames]
+    stripes = [p // STRIPE_PAGES for p in range(npages)]
+    in_memfd = [p % STRIPE_PAGES + STRIPE_PAGES * (stripe // 4) for p, stripe in enumerate(stripes)]
+    for array in (a, b):          # the first new frames of an empty store: frame p for page p
+        assert frame_mappings(array) == [(memfds[stripe % 4], page * PAGE)
+                                         for stripe, page in zip(stripes, in_memfd)]
     testing.check_invariants(arena)
     written = (STRIPE_PAGES + 3) * PAGE_FLOATS      # copy-on-write in the second stripe
     a[written] = -1.0

@@ -425,15 +425,13 @@ def test_a_bad_name_is_refused():
 
 
 def test_a_store_whose_frames_cannot_be_mapped_leaves_no_descriptor_behind():
-    """The core takes copies of a store's memfds; when the view of one
-    cannot be mapped (here a pipe in a memfd's place), it closes them all,
-    the later ones too."""
+    """The core takes copies of a store's memfds; when one cannot be sized
+    or mapped (here a pipe in a memfd's place), it closes them all, the
+    later ones too."""
     from pydedup._fast import Core
     records = os.memfd_create("records")
     Core.format_shared(records)
     frames = [os.memfd_create("frames") for _ in range(Core.frame_stripes())]
-    for fd in frames:
-        os.ftruncate(fd, Core.shared_slots() * os.sysconf("SC_PAGE_SIZE"))
     read, write = os.pipe()
     frames[1] = read
     before = sorted(os.listdir("/proc/self/fd"))
