@@ -40,7 +40,9 @@
 # kernel may join them: at most one boundary). Before the pass, the rmap
 # items show a boundary for certain between a page in anonymous memory
 # (PRIVATE, ZERO, FREE) and one in the frame store (MERGED, BROKEN), and
-# between two MERGED pages whose frames do not follow each other; elsewhere
+# between two MERGED pages whose frames are not neighbours in one memfd
+# (frames_adjoin: the kernel may have joined a mapping of the last frame of
+# a stripe with one of the first of that memfd's next stripe); elsewhere
 # there may be one or not (anonymous mappings cut by earlier remaps stay
 # cut). So counting the boundaries after, less the certain ones before, gives
 # at least what the kernel will do. A run none of whose neighbours is
@@ -62,12 +64,10 @@ cdef bint apart(Core c, size_t q) noexcept nogil:
     A page outside the reservation counts as anonymous memory."""
     cdef uint8_t a = c.res.rmap[q].state if q < c.res.npages else PAGE_FREE
     cdef uint8_t b = c.res.rmap[q + 1].state if q + 1 < c.res.npages else PAGE_FREE
-    cdef uint32_t f
     if in_frame_store(a) != in_frame_store(b):
         return True
     if a == PAGE_MERGED and b == PAGE_MERGED:
-        f = c.res.rmap[q + 1].frame
-        return f != c.res.rmap[q].frame + 1 or files_part_at(&c.store, f)
+        return not frames_adjoin(&c.store, c.res.rmap[q].frame, c.res.rmap[q + 1].frame)
     return False
 
 

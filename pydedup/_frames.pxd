@@ -113,6 +113,7 @@ cdef char *frame_address(frame_store *fs, uint32_t f) noexcept nogil
 cdef const char *frame_content(frame_store *fs, uint32_t f) noexcept nogil
 cdef int frame_fd(frame_store *fs, uint32_t f) noexcept nogil
 cdef bint files_part_at(frame_store *fs, uint32_t f) noexcept nogil
+cdef bint frames_adjoin(frame_store *fs, uint32_t f, uint32_t g) noexcept nogil
 cdef void tier_init(frame_tier *t, uint32_t first_frame) noexcept nogil
 cdef void frames_fence(frame_store *fs) noexcept nogil
 cdef int push_tier(frame_store *fs) noexcept nogil

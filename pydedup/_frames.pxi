@@ -123,6 +123,14 @@ cdef uint32_t frames_high(frame_store *fs) noexcept nogil:
     return fs.frame_high
 
 
+cdef bint frames_adjoin(frame_store *fs, uint32_t f, uint32_t g) noexcept nogil:
+    """Whether frame g is the page after frame f in f's memfd, so that the
+    kernel may hold pages that map them, side by side, in one mapping: g is
+    f + 1 in a stripe, or the first frame of the next stripe of f's memfd
+    (frames 1,023 and 4,096, say)."""
+    return file_of(fs, f) == file_of(fs, g) and file_page(g) == file_page(f) + 1
+
+
 cdef frame_tier *frames_top(frame_store *fs) noexcept nogil:
     """The tier new frames go to: its memfds and their views, which name them."""
     return &fs.tiers[fs.ntiers - 1]

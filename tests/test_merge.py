@@ -65,6 +65,29 @@ def test_new_frames_stripe_over_the_memfds_and_each_page_maps_its_own(arena, rng
     assert arena.stats().frame_store_bytes == npages * PAGE
 
 
+def test_pages_on_the_last_frame_of_a_stripe_and_the_next_in_its_memfd_share_a_mapping(arena, rng):
+    """Frames 1,023 and 4,096 are neighbours in the first memfd (its first
+    and second stripes): the kernel joins the mappings of two pages that
+    map them side by side, and the core's records and budget allow for it."""
+    npages = 4 * STRIPE_PAGES + 1
+    a = random_pages(arena, rng, npages)
+    b = arena.array(a)
+    assert arena.merge().frames_new == npages            # frame p holds page p of a
+    pair = np.concatenate([a[(STRIPE_PAGES - 1) * PAGE_FLOATS:STRIPE_PAGES * PAGE_FLOATS],
+                           a[4 * STRIPE_PAGES * PAGE_FLOATS:]])
+    c = arena.array(pair)
+    assert arena.merge().pages_merged == 2
+    memfd = os.fstat(testing.core(arena).memfds[0]).st_ino
+    assert frame_mappings(c) == [(memfd, (STRIPE_PAGES - 1) * PAGE), (memfd, STRIPE_PAGES * PAGE)]
+    start = page_addresses(c)[0]
+    with open("/proc/self/maps") as maps:
+        (joined,) = [line for line in maps if int(line.split("-")[0], 16) <= start
+                     < int(line.split()[0].split("-")[1], 16)]
+    assert int(joined.split()[0].split("-")[1], 16) >= start + 2 * PAGE, joined
+    testing.check_invariants(arena)
+    np.testing.assert_array_equal(c, pair)
+
+
 def test_duplicate_pages_share_one_frame(arena, rng):
     a = random_pages(arena, rng, 64)
     b = arena.array(a)
