@@ -71,7 +71,7 @@ def test_pages_on_the_last_frame_of_a_stripe_and_the_next_in_its_memfd_share_a_m
     map them side by side, and the core's records and budget allow for it."""
     npages = 4 * STRIPE_PAGES + 1
     a = random_pages(arena, rng, npages)
-    b = arena.array(a)
+    b = arena.array(a)                                   # held: a's frames stay in use
     assert arena.merge().frames_new == npages            # frame p holds page p of a
     pair = np.concatenate([a[(STRIPE_PAGES - 1) * PAGE_FLOATS:STRIPE_PAGES * PAGE_FLOATS],
                            a[4 * STRIPE_PAGES * PAGE_FLOATS:]])
@@ -86,6 +86,7 @@ def test_pages_on_the_last_frame_of_a_stripe_and_the_next_in_its_memfd_share_a_m
     assert int(joined.split()[0].split("-")[1], 16) >= start + 2 * PAGE, joined
     testing.check_invariants(arena)
     np.testing.assert_array_equal(c, pair)
+    np.testing.assert_array_equal(b, a)
 
 
 def test_duplicate_pages_share_one_frame(arena, rng):
