@@ -191,10 +191,12 @@ cdef void tier_init(frame_tier *t, uint32_t first_frame) noexcept nogil:
 
 cdef int tier_open(frame_store *fs, frame_tier *t, const int *fds) noexcept nogil:
     """Tier t's memfds (new ones, or `fds`, which are all t's from now
-    on, whatever fails), of their length (the same for every member of a
-    shared store), and their views; 0 or an errno, and close_tier() undoes
+    on, whatever fails), grown to their length (the same for every member
+    of a shared store: one longer is of another layout, EINVAL, and is
+    never cut), and their views; 0 or an errno, and close_tier() undoes
     what was done."""
     cdef frame_file *file
+    cdef long length = <long>view_length(fs), size
     cdef int i
     if fds != NULL:
         for i in range(FRAME_STRIPES):
@@ -205,7 +207,12 @@ cdef int tier_open(frame_store *fs, frame_tier *t, const int *fds) noexcept nogi
             file.fd = pd_memfd_create(b"pydedup-frames")
             if file.fd < 0:
                 return errno
-        if ftruncate(file.fd, <long>view_length(fs)) != 0:
+        size = lseek(file.fd, 0, SEEK_END)
+        if size < 0:
+            return errno
+        if size > length:
+            return EINVAL
+        if size < length and ftruncate(file.fd, length) != 0:
             return errno
         file.view = <char *>mmap(NULL, view_length(fs), PROT_READ, MAP_SHARED | MAP_NORESERVE,
                                  file.fd, 0)

@@ -12,7 +12,7 @@ cdef extern from "_os.h" nogil:
     int MADV_MERGEABLE, MADV_UNMERGEABLE
     int FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
     int O_RDONLY, O_CLOEXEC
-    int SEEK_DATA, SEEK_HOLE
+    int SEEK_DATA, SEEK_HOLE, SEEK_END
 
     void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
     void pd_prefetch(const void *p)

@@ -22,7 +22,8 @@ cdef extern from "_shared.h" nogil:
 
 cdef enum:
     SHARED_MAGIC = 0x31646470      # "pdd1"
-    SHARED_VERSION = 4             # 3: a member's stack address; 4: FRAME_STRIPES memfds
+    SHARED_VERSION = 5             # 3: a member's stack address; 4: FRAME_STRIPES memfds;
+                                   # 5: each holding its stripes one after the other
     MAX_MEMBERS = 64               # member slots, each with a ledger
     SHARED_SLOTS = 1 << 25         # frame slots of a shared store (128 GiB of 4 KiB frames)
     MEMBER_FREE = 0

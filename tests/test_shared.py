@@ -442,6 +442,25 @@ def test_a_store_whose_frames_cannot_be_mapped_leaves_no_descriptor_behind():
         os.close(fd)
 
 
+def test_frames_memfds_of_another_layout_are_refused_and_never_cut():
+    """Memfds longer than this pydedup's frame store makes them (a layout
+    of another version) are not a store the core opens, and it leaves their
+    length as it was: another member may map all of it."""
+    from pydedup._fast import Core
+    records = os.memfd_create("records")
+    Core.format_shared(records)
+    frames = [os.memfd_create("frames") for _ in range(Core.frame_stripes())]
+    length = Core.shared_slots() * os.sysconf("SC_PAGE_SIZE")     # one page a slot
+    for fd in frames:
+        os.ftruncate(fd, length)
+    with pytest.raises(OSError, match="cannot open the shared frame store") as raised:
+        Core(1 << 16, (records, tuple(frames)))
+    assert raised.value.errno == errno.EINVAL
+    assert [os.fstat(fd).st_size for fd in frames] == [length] * len(frames)
+    for fd in [records, *frames]:
+        os.close(fd)
+
+
 def test_a_store_served_by_another_version_is_refused_by_name(store_name):
     """A server of an older pydedup (protocol 1: one frames memfd) is not
     taken for something that is not pydedup's."""
