@@ -45,6 +45,15 @@ def frame_mappings(array):
     return out
 
 
+def frame_place(frame):
+    """(memfd of its tier, page in that memfd) where the frame store keeps
+    frame `frame`: Core.stripe_pages() frames to each of its memfds in
+    turn, each memfd holding its stripes one after the other."""
+    from pydedup._fast import Core
+    stripes, run = Core.frame_stripes(), Core.stripe_pages()
+    return frame // run % stripes, frame // (run * stripes) * run + frame % run
+
+
 def pagemap(array):
     entries = []
     with open("/proc/self/pagemap", "rb") as f:

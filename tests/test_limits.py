@@ -20,9 +20,8 @@ import pytest
 
 import pydedup
 from pydedup import testing
-from pydedup._fast import Core
 
-from kernel import PAGE, address, frame_offsets, process_data, touch, zero_page_mapped
+from kernel import PAGE, address, frame_offsets, frame_place, process_data, touch, zero_page_mapped
 
 PAGE_FLOATS = PAGE // 8
 
@@ -459,10 +458,8 @@ def test_an_arena_reserves_about_twice_its_size_of_address_space():
 
 def writable(pages_allowed, frames):
     """How many of frames [0, frames) lie below page `pages_allowed` of
-    their memfd, each holding its stripes of STRIPE_PAGES one after the
-    other (_frames.pxi file_page)."""
-    stripes, stripe = Core.frame_stripes(), Core.stripe_pages()
-    return sum(f // (stripe * stripes) * stripe + f % stripe < pages_allowed for f in range(frames))
+    their memfd."""
+    return sum(frame_place(f)[1] < pages_allowed for f in range(frames))
 
 
 def child_merges_with_a_frame_store_limit(pages_allowed, pairs, threads):

@@ -18,6 +18,7 @@ from kernel import (
     PRESENT,
     frame_mappings,
     frame_offsets,
+    frame_place,
     page_addresses,
     pagemap,
     pfns_visible,
@@ -50,11 +51,10 @@ def test_new_frames_stripe_over_the_memfds_and_each_page_maps_its_own(arena, rng
     expected = a.copy()
     report = arena.merge()
     assert report.pages_merged == 2 * npages and report.frames_new == npages
-    stripes = [p // STRIPE_PAGES for p in range(npages)]
-    in_memfd = [p % STRIPE_PAGES + STRIPE_PAGES * (stripe // 4) for p, stripe in enumerate(stripes)]
+    places = [frame_place(p) for p in range(npages)]
+    assert places[4 * STRIPE_PAGES] == (0, STRIPE_PAGES)  # the fifth stripe follows the first
     for array in (a, b):          # the first new frames of an empty store: frame p for page p
-        assert frame_mappings(array) == [(memfds[stripe % 4], page * PAGE)
-                                         for stripe, page in zip(stripes, in_memfd)]
+        assert frame_mappings(array) == [(memfds[memfd], page * PAGE) for memfd, page in places]
     testing.check_invariants(arena)
     written = (STRIPE_PAGES + 3) * PAGE_FLOATS      # copy-on-write in the second stripe
     a[written] = -1.0

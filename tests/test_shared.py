@@ -424,32 +424,41 @@ def test_a_bad_name_is_refused():
         pydedup.Arena(size=1 << 28, shared="no/slashes")
 
 
-def test_a_store_whose_frames_cannot_be_mapped_leaves_no_descriptor_behind():
-    """The core takes copies of a store's memfds; when one cannot be sized
-    or mapped (here a pipe in a memfd's place), it closes them all, the
-    later ones too."""
+@pytest.fixture
+def store_memfds():
+    """The memfds of a new, empty shared store, made here: (records, frames);
+    closed after the test."""
     from pydedup._fast import Core
     records = os.memfd_create("records")
     Core.format_shared(records)
     frames = [os.memfd_create("frames") for _ in range(Core.frame_stripes())]
+    yield records, list(frames)
+    for fd in [records, *frames]:
+        os.close(fd)
+
+
+def test_a_store_whose_frames_cannot_be_mapped_leaves_no_descriptor_behind(store_memfds):
+    """The core takes copies of a store's memfds; when one cannot be sized
+    or mapped (here a pipe in a memfd's place), it closes them all, the
+    later ones too."""
+    from pydedup._fast import Core
+    records, frames = store_memfds
     read, write = os.pipe()
     frames[1] = read
     before = sorted(os.listdir("/proc/self/fd"))
     with pytest.raises(OSError, match="cannot open the shared frame store"):
         Core(1 << 16, (records, tuple(frames)))
     assert sorted(os.listdir("/proc/self/fd")) == before
-    for fd in [records, write, *frames]:
-        os.close(fd)
+    os.close(read)
+    os.close(write)
 
 
-def test_frames_memfds_of_another_layout_are_refused_and_never_cut():
+def test_frames_memfds_of_another_layout_are_refused_and_never_cut(store_memfds):
     """Memfds longer than this pydedup's frame store makes them (a layout
     of another version) are not a store the core opens, and it leaves their
     length as it was: another member may map all of it."""
     from pydedup._fast import Core
-    records = os.memfd_create("records")
-    Core.format_shared(records)
-    frames = [os.memfd_create("frames") for _ in range(Core.frame_stripes())]
+    records, frames = store_memfds
     length = Core.shared_slots() * os.sysconf("SC_PAGE_SIZE")     # one page a slot
     for fd in frames:
         os.ftruncate(fd, length)
@@ -457,8 +466,6 @@ def test_frames_memfds_of_another_layout_are_refused_and_never_cut():
         Core(1 << 16, (records, tuple(frames)))
     assert raised.value.errno == errno.EINVAL
     assert [os.fstat(fd).st_size for fd in frames] == [length] * len(frames)
-    for fd in [records, *frames]:
-        os.close(fd)
 
 
 def test_a_store_served_by_another_version_is_refused_by_name(store_name):
