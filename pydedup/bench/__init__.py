@@ -109,7 +109,7 @@ def main(argv=None):
                         help="instead of the methods: merge() of --workload (default "
                              "structured) at each of these comma-separated sizes, e.g. "
                              "1GiB,4GiB,16GiB, as ratios to the first; a size is merged as often "
-                             "as the largest holds it, up to 5 times, and its (lower) median "
+                             "as the largest holds it, 3 to 5 times, and its (lower) median "
                              "merge counts (pydedup.bench.scaling)")
     parser.add_argument("--threads", type=int, default=None,
                         help="with --scaling: the threads knob (default: its default)")
