@@ -14,5 +14,6 @@ cdef struct huge_policy:           # Core.huge
     uint64_t last_kept_pages       # their pages that matched, left unmerged
 
 cdef size_t huge_block_end(const huge_policy *h, size_t p) noexcept nogil
+cdef size_t huge_block_pages(const huge_policy *h) noexcept nogil
 cdef int advise_blocks(Core c, size_t first, size_t n, bint on, size_t *blocks) noexcept nogil
 cdef void keep_huge_pages(Core c, size_t first, size_t end, pass_stats *st) noexcept nogil

@@ -28,6 +28,12 @@ cdef size_t huge_block_end(const huge_policy *h, size_t p) noexcept nogil:
     return (p + h.pages - 1) // h.pages * h.pages
 
 
+cdef size_t huge_block_pages(const huge_policy *h) noexcept nogil:
+    """The pages of a block the rule weighs whole: a huge page's, or 1 when
+    huge pages are off."""
+    return h.pages if h.pages else 1
+
+
 cdef int advise_blocks(Core c, size_t first, size_t n, bint on, size_t *blocks) noexcept nogil:
     """MADV_HUGEPAGE (on) or MADV_NOHUGEPAGE over the whole blocks of
     [first, first + n): an array's own, never a block it shares with a

@@ -42,3 +42,5 @@ cdef bint predict_remap_cost(Core c, size_t first, size_t n, run_kind kind,
                              remap_cost *cost) noexcept nogil
 cdef void drop_targets(Core c, size_t first, size_t n) noexcept nogil
 cdef void apply_targets(Core c, pass_stats *st, bint lent) noexcept nogil
+cdef void free_zero_runs(Core c, size_t first, size_t n, size_t block_pages,
+                         pass_stats *st) noexcept nogil

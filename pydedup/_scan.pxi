@@ -285,7 +285,7 @@ cdef uint32_t tile_continuation(Core c, size_t p, const char *page, uint32_t che
     return f
 
 
-cdef int scan_range(Core c, size_t first, size_t end, scan_knobs *k,
+cdef int scan_range(Core c, size_t first, size_t end, scan_knobs *k, bint zeros_at_once,
                     pass_stats *st) noexcept nogil:
     """Look at every mergeable page of [first, end) that holds memory, a
     chunk at a time. With threads, the page tables of up to CHUNKS_AHEAD
@@ -293,7 +293,8 @@ cdef int scan_range(Core c, size_t first, size_t end, scan_knobs *k,
     helpers hash them while the caller looks at the first, and write the
     new frames the caller posts (unless frames must be written under the
     caller's NUMA policy): the trees, the new frames and the targets stay
-    in page order on the caller."""
+    in page order on the caller. `zeros_at_once`: each chunk's zero pages
+    are freed as soon as it is looked at (free_zero_runs)."""
     cdef uint8_t *cats = <uint8_t *>malloc(CHUNKS_AHEAD * STATE_CHUNK)
     cdef uint16_t *nodes = NULL
     cdef chunk_tables chunks[CHUNKS_AHEAD]
@@ -336,6 +337,8 @@ cdef int scan_range(Core c, size_t first, size_t end, scan_knobs *k,
         chunk = &chunks[looked % CHUNKS_AHEAD]
         hashes_take(&c.scan.hashes, chunk.first, chunk.n, &chunk.hashed)
         scan_chunk(c, chunk, k, st)
+        if zeros_at_once:
+            free_zero_runs(c, chunk.first, chunk.n, huge_block_pages(&c.huge), st)
         hashes_forget(&c.scan.hashes, &chunk.hashed)
         looked += 1
         looked_end = chunk.first + chunk.n
@@ -483,7 +486,7 @@ cdef int merge_pass(Core c, scan_knobs *k, pass_stats *st) noexcept nogil:
     huge_tracked = track_huge_pages_for_pass(c)
     frames_forget_sources(&c.store)
     if err == 0:
-        err = scan_range(c, 0, c.res.high_water, k, st)
+        err = scan_range(c, 0, c.res.high_water, k, True, st)
     decided = now()
     cpu_decided = pd_thread_cpu()
     keep_huge_pages(c, 0, c.res.high_water, st)
@@ -575,7 +578,7 @@ cdef int scan_batch(Core c, size_t npages, scan_knobs *k, bint *scan_done) noexc
     huge_tracked = track_huge_pages_for_pass(c)
     frames_forget_sources(&c.store)
     if err == 0:
-        err = scan_range(c, first, end, k, st)
+        err = scan_range(c, first, end, k, False, st)
     keep_huge_pages(c, first, end, st)
     check_new_frames(c)
     apply_within_budget(c, k, st)
