@@ -1,6 +1,9 @@
 """merge() and unmerge(), judged by what the kernel maps afterwards."""
 import gc
+import json
 import os
+import shutil
+import subprocess
 import threading
 
 import numpy as np
@@ -26,6 +29,8 @@ from kernel import (
     touch,
     zero_page_mapped,
 )
+from test_faults import run_python
+from test_threads import CHUNK_PAGES
 
 PAGE_FLOATS = PAGE // 8
 STRIPE_PAGES = Core.stripe_pages()      # consecutive frames in one memfd
@@ -386,3 +391,83 @@ def test_methods_are_safe_from_several_threads(arena):
     gc.collect()
     arena.merge()
     assert arena.stats().pages_in_use == 0
+
+
+NOTE_FIRST_PWRITE = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <sys/types.h>
+
+/* At the first pwrite (a new frame: nothing else in a private arena
+ * pwrites), how many pages of [PD_ZERO_AT) are still resident, into the
+ * file PD_NOTE. */
+static void note(void)
+{
+    static int noted;
+    const char *at = getenv("PD_ZERO_AT"), *out = getenv("PD_NOTE");
+    unsigned long addr, length;
+    if (__atomic_fetch_add(&noted, 1, __ATOMIC_RELAXED) || at == NULL || out == NULL
+            || sscanf(at, "%lx:%lx", &addr, &length) != 2)
+        return;
+    size_t n = length / 4096, resident = 0;
+    unsigned char *vec = malloc(n);
+    if (vec == NULL || mincore((void *)addr, length, vec) != 0)
+        return;
+    for (size_t i = 0; i < n; i++)
+        resident += vec[i] & 1;
+    FILE *f = fopen(out, "w");
+    fprintf(f, "%zu\n", resident);
+    fclose(f);
+    free(vec);
+}
+
+ssize_t pwrite(int fd, const void *buf, size_t count, off_t offset)
+{
+    static ssize_t (*real)(int, const void *, size_t, off_t);
+    if (real == NULL)
+        real = (ssize_t (*)(int, const void *, size_t, off_t))dlsym(RTLD_NEXT, "pwrite");
+    note();
+    return real(fd, buf, count, offset);
+}
+
+ssize_t pwrite64(int fd, const void *buf, size_t count, off_t offset)
+{
+    return pwrite(fd, buf, count, offset);
+}
+"""
+
+
+@pytest.mark.skipif(not shutil.which("gcc"), reason="needs gcc to build the pwrite that looks")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_merge_frees_the_zero_pages_it_has_looked_at_before_it_writes_later_frames(
+        tmp_path, threads):
+    """A chunk of zero pages, then a copied array: by the first frame the
+    merge writes, the zero pages are freed, so that the frames take their
+    memory (_remap.pxi free_zero_runs). pwrite looks, from a preloaded
+    library."""
+    source, shim, note = tmp_path / "note.c", tmp_path / "note.so", tmp_path / "note"
+    source.write_text(NOTE_FIRST_PWRITE)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", str(shim), str(source), "-ldl"],
+                   check=True)
+    done = run_python(f"""
+        import json, os
+        import numpy as np
+        import pydedup
+        with pydedup.Arena(size=1 << 29, threads={threads}, huge_pages="off") as arena:
+            zeros = arena.empty({CHUNK_PAGES * PAGE_FLOATS})
+            zeros[:] = 0.0                              # resident, a chunk of them
+            a = arena.array(np.random.default_rng(1).random(64 * {PAGE_FLOATS}))
+            b = arena.array(a)
+            os.environ["PD_ZERO_AT"] = f"{{zeros.ctypes.data:x}}:{{zeros.nbytes:x}}"
+            report = arena.merge()
+            print(json.dumps(dict(zeroed=report.pages_zeroed, merged=report.pages_merged,
+                                  equal=bool(np.array_equal(a, b)), zero=not zeros.any())))
+        """, env={"LD_PRELOAD": str(shim), "PD_NOTE": str(note)})
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.splitlines()[-1])
+    assert out == dict(zeroed=CHUNK_PAGES, merged=2 * 64, equal=True, zero=True)
+    # The zeros lie in the first chunk or two; the copies after them.
+    assert int(note.read_text()) < CHUNK_PAGES // 2
