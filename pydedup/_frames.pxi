@@ -900,6 +900,8 @@ cdef void punch_refilled(frame_store *fs, uint32_t lo, uint32_t hi) noexcept nog
     cdef uint32_t f
     cdef size_t page
     cdef int i, fd
+    if lo >= hi:
+        return                          # without waiting for the helpers' writes below
     frames_write_behind(fs)
     lo = max(lo, max(top.first_frame, fs.fork_fence))
     hi = min(hi, fs.frame_high)

@@ -337,9 +337,9 @@ cdef int scan_range(Core c, size_t first, size_t end, scan_knobs *k, bint zeros_
         chunk = &chunks[looked % CHUNKS_AHEAD]
         hashes_take(&c.scan.hashes, chunk.first, chunk.n, &chunk.hashed)
         scan_chunk(c, chunk, k, st)
-        if zeros_at_once:
-            free_zero_runs(c, chunk.first, chunk.n, huge_block_pages(&c.huge), st)
         hashes_forget(&c.scan.hashes, &chunk.hashed)
+        if zeros_at_once and k.use_zero_pages:
+            free_zero_runs(c, chunk.first, chunk.n, huge_block_pages(&c.huge), st)
         looked += 1
         looked_end = chunk.first + chunk.n
     if err:

@@ -441,13 +441,13 @@ ssize_t pwrite64(int fd, const void *buf, size_t count, off_t offset)
 
 
 @pytest.mark.skipif(not shutil.which("gcc"), reason="needs gcc to build the pwrite that looks")
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads, huge_pages", [(1, "off"), (2, "off"), (2, "on")])
 def test_a_merge_frees_the_zero_pages_it_has_looked_at_before_it_writes_later_frames(
-        tmp_path, threads):
+        tmp_path, threads, huge_pages):
     """A chunk of zero pages, then a copied array: by the first frame the
     merge writes, the zero pages are freed, so that the frames take their
-    memory (_remap.pxi free_zero_runs). pwrite looks, from a preloaded
-    library."""
+    memory (_remap.pxi free_zero_runs); with huge pages, in whole blocks.
+    pwrite looks, from a preloaded library."""
     source, shim, note = tmp_path / "note.c", tmp_path / "note.so", tmp_path / "note"
     source.write_text(NOTE_FIRST_PWRITE)
     subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", str(shim), str(source), "-ldl"],
@@ -456,7 +456,7 @@ def test_a_merge_frees_the_zero_pages_it_has_looked_at_before_it_writes_later_fr
         import json, os
         import numpy as np
         import pydedup
-        with pydedup.Arena(size=1 << 29, threads={threads}, huge_pages="off") as arena:
+        with pydedup.Arena(size=1 << 29, threads={threads}, huge_pages={huge_pages!r}) as arena:
             zeros = arena.empty({CHUNK_PAGES * PAGE_FLOATS})
             zeros[:] = 0.0                              # resident, a chunk of them
             a = arena.array(np.random.default_rng(1).random(64 * {PAGE_FLOATS}))
@@ -469,5 +469,6 @@ def test_a_merge_frees_the_zero_pages_it_has_looked_at_before_it_writes_later_fr
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.splitlines()[-1])
     assert out == dict(zeroed=CHUNK_PAGES, merged=2 * 64, equal=True, zero=True)
-    # The zeros lie in the first chunk or two; the copies after them.
+    # The zeros fill the first chunk (most of it, were they to begin later
+    # in it); the copies lie after them.
     assert int(note.read_text()) < CHUNK_PAGES // 2
