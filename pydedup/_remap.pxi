@@ -327,10 +327,10 @@ cdef void free_zero_runs(Core c, size_t first, size_t n, size_t block_pages,
     A zero page's target is final once the scan has looked at it, and
     dropping it to the zero page costs no mapping, so nothing the budget
     plans for changes (but for a run that the mprotect barrier must make
-    writable again in pieces for want of RLIMIT_DATA room,
-    restore_in_pieces, charged before the plan exists). In an arena of huge blocks (of `block_pages`; 1
-    without), only blocks of zero targets only go now, whole blocks of the
-    chunk: whether a block with other pages is split or kept
+    writable again in pieces for want of RLIMIT_DATA room, charged before
+    the plan exists: restore_in_pieces). Only whole blocks of `block_pages`
+    (a huge page's; 1 without huge pages) all of whose pages are zero
+    targets go now: whether a block with other pages is split or kept
     whole (keep_huge_pages) depends on frame targets the rest of the pass
     may still give its pages. Neighbouring runs share a protection as in
     apply_targets(); the comparison under the barrier stays on this thread:
