@@ -42,7 +42,7 @@ def run(sizes, workload="structured", seed=0, threads=None, progress=print) -> d
     rows = []
     for size in sizes:
         merges = min(REPEATS, max(MIN_REPEATS, max(sizes) // size))
-        progress(f"scaling: {workload} {size / 2**30:g} GiB" + (f", {merges} merges" if merges > 1 else ""))
+        progress(f"scaling: {workload} {size / 2**30:g} GiB, {merges} merges")
         runs = sorted((measure(size, workload, seed, threads) for _ in range(merges)),
                       key=lambda r: r["seconds"])
         rows.append(dict(runs[(merges - 1) // 2], merges=merges))
