@@ -210,15 +210,18 @@ def test_progress_without_tqdm_prints_a_line_a_step(capsys, monkeypatch):
 
 def test_scaling_reports_time_ratios_and_read_passes(tmp_path, capsys):
     result = bench.main(["--scaling", "8MiB,32MiB,64MiB", "--workload", "structured",
-                         "--threads", "2", "--out", str(tmp_path)])
+                         "--threads", "2", "--barrier", "mprotect", "--out", str(tmp_path)])
     rows = result["scaling"]["rows"]
     assert [r["size_ratio"] for r in rows] == [1.0, 4.0, 8.0]
     # as often as the largest holds it, 3 to 5 times
     assert [r["merges"] for r in rows] == [5, 3, 3]
     assert rows[0]["time_ratio"] == 1.0 and rows[2]["time_ratio"] > 0
-    assert all(r["threads"] == 2 and r["read_passes"] > 0 for r in rows)
+    assert rows[0]["read_ratio"] == 1.0 and rows[2]["read_ratio"] > 0
+    assert all(r["threads"] == 2 and r["barrier"] == "mprotect" and r["read_passes"] > 0
+               for r in rows)
     assert set(rows[2]["phase_cpu_seconds"]) == {"refresh", "decide", "apply"}
-    assert "x time" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "x time" in out and "x read" in out and "mprotect" in out
     assert (tmp_path / "scaling.json").exists()
 
 

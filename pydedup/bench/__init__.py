@@ -113,6 +113,8 @@ def main(argv=None):
                              "merge counts (pydedup.bench.scaling)")
     parser.add_argument("--threads", type=int, default=None,
                         help="with --scaling: the threads knob (default: its default)")
+    parser.add_argument("--barrier", choices=("auto", "uffd", "mprotect"), default=None,
+                        help="with --scaling: the barrier knob (default: its default)")
     # Options of earlier versions, which added methods one by one; kept so
     # that old commands still run. The default now runs them all.
     for flag, name in (("--background", "background"), ("--ksm", "ksm-fast"),
@@ -175,7 +177,7 @@ def _scaling(args, parser):
     result = {"command": "python -m pydedup bench " + " ".join(sys.argv[1:]),
               "machine": machine(), "seed": args.seed,
               "scaling": scaling.run(sizes, workload, args.seed, args.threads,
-                                     lambda m: print(m, file=sys.stderr))}
+                                     args.barrier, lambda m: print(m, file=sys.stderr))}
     print(scaling.table(result["scaling"]))
     _write(result, args, "scaling.json")
     return result
