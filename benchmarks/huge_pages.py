@@ -1,6 +1,6 @@
 """Compute speed of arena arrays against numpy's, with and without huge pages.
 
-    python benchmarks/huge_pages.py [--full] [--repeat 3] [--no-ksm]
+    python benchmarks/huge_pages.py [--full] [--repeat 3] [--no-ksm] [--parts 1,2,3]
 
 numpy asks for transparent huge pages for its big arrays; an arena with the
 `huge_pages` knob on gets them too, and keeps them through a merge that
@@ -28,10 +28,16 @@ the same run.
    and 512 (kept: nothing saved, huge pages stay): the gather's time and the
    memory (PSS of the arena) of each, so the time a kept huge page saves
    stands next to the memory it costs.
+3. The first write into a 2 MiB block that merged whole to zero pages: the
+   kernel takes a huge page again (and clears it), as on the first write into
+   fresh memory of numpy's `np.zeros`; one byte written into each of --blocks
+   such blocks, microseconds and PSS taken back a write, in the arena with
+   huge pages, in one without (4 KiB a write), and in `np.zeros`, in turn.
 """
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -91,6 +97,38 @@ def split_rows(args):
             ar.close()
 
 
+def first_write_rows(args):
+    n = args.blocks * 2 * MiB // 8
+    firsts = np.arange(args.blocks) * (2 * MiB // 8) + 17   # one element in each block
+
+    def timed_writes(a, pss):
+        before, t = pss(), time.perf_counter()
+        for i in firsts:
+            a[i] = 1.0
+        seconds = time.perf_counter() - t
+        return seconds / args.blocks, (pss() - before) / args.blocks
+
+    def arena_row(huge_pages):
+        with pydedup.Arena(n * 8 + 64 * MiB, huge_pages=huge_pages) as ar:
+            a = ar.empty(n)
+            a[:] = 0.0                       # written: resident zeros, merged to zero pages
+            ar.merge()
+            return timed_writes(a, lambda: ar.stats().pss_bytes)
+
+    def numpy_row():
+        return timed_writes(np.zeros(n), procfs.process_pss)
+
+    print(f"\n3. the first write into a 2 MiB block merged whole to zero pages: "
+          f"one byte into each of {args.blocks} blocks")
+    print(f"{'memory':<26} {'us a write':>10} {'KiB taken':>10}")
+    for _ in range(args.repeat):
+        for name, row in (("arena, huge pages", lambda: arena_row("on")),
+                          ("arena, huge_pages=off", lambda: arena_row("off")),
+                          ("numpy np.zeros", numpy_row)):
+            seconds, taken = row()
+            print(f"{name:<26} {seconds * 1e6:10.1f} {taken / 1024:10.0f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true",
@@ -99,14 +137,21 @@ def main():
     parser.add_argument("--k", type=int, nargs="*", default=[8, 32, 64, 128, 256])
     parser.add_argument("--split-blocks", type=int, default=512)
     parser.add_argument("--no-ksm", action="store_true", help="leave out kernel KSM's rows")
+    parser.add_argument("--blocks", type=int, default=64, help="part 3's blocks")
+    parser.add_argument("--parts", default="1,2,3", help="which parts, e.g. 3")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     args.gather_bytes = 1 << 30
     args.gathers = 20_000_000
     args.matrix = (8192, 16384) if args.full else (4096, 8192)
     print(f"transparent huge pages: {procfs.thp_mode()}, {procfs.huge_page_size() // 1024} KiB; "
           f"numpy asks for them: {procfs.numpy_madvises_hugepage()}")
-    access_rows(args)
-    split_rows(args)
+    if "1" in parts:
+        access_rows(args)
+    if "2" in parts:
+        split_rows(args)
+    if "3" in parts:
+        first_write_rows(args)
 
 
 if __name__ == "__main__":
