@@ -117,8 +117,14 @@ def settle(client: Client, pydedup_on: bool, seconds: float) -> None:
     time.sleep(2.0)                 # the PSS reading and the heartbeat after it
 
 
+def workers_info(client: Client) -> dict:
+    """The scheduler's record of each worker, asked for now (client.scheduler_info()
+    can come back without workers: its periodic refresh asks for none)."""
+    return client.sync(client.scheduler.identity, n_workers=-1)["workers"]
+
+
 def scheduler_memory(client: Client) -> tuple[int, int]:
-    workers = client.scheduler_info()["workers"].values()
+    workers = workers_info(client).values()
     memory = sum(w["metrics"]["memory"] for w in workers)
     spilled = sum(w["metrics"]["spilled_bytes"]["disk"] for w in workers)
     return memory, spilled
@@ -148,7 +154,7 @@ def measure(pydedup_on, args, config, limit, preload, kernel_ksm) -> dict[str, f
         time.sleep(2.0)
         before, _ = scheduler_memory(client)
         pss_before = sum(client.run(worker_pss).values())
-        workers = sorted(client.scheduler_info()["workers"])
+        workers = sorted(workers_info(client))
         held = []
         for w in workers:
             data = client.submit(load, args.dataset_mib, workers=[w], pure=False)

@@ -51,6 +51,14 @@ TOLERANCE = 16 * MiB
 _HELD: list = []          # in a worker process: data tasks keep between tasks
 
 
+def workers_info(client):
+    """The scheduler's record of each worker, asked for now. Not
+    client.scheduler_info(): distributed's own periodic refresh of it asks
+    for no workers and can land between the sync update and its return,
+    leaving "workers" empty (seen with distributed 2026.8)."""
+    return client.sync(client.scheduler.identity, n_workers=-1)["workers"]
+
+
 def cluster(n_workers=2, **kwargs):
     return LocalCluster(n_workers=n_workers, threads_per_worker=2, processes=True,
                         dashboard_address=None, worker_dashboard_address=None, **kwargs)
@@ -97,7 +105,7 @@ def test_task_arrays_are_in_the_arena_and_round_trip(client):
         assert in_arena and thread_in_arena, thread
         assert "Dask-Default-Threads" in thread
         assert np.array_equal(a, np.random.default_rng(seed).random((256, 256)))
-    assert client.run(os.getpid).keys() == client.scheduler_info()["workers"].keys()
+    assert client.run(os.getpid).keys() == workers_info(client).keys()
 
 
 def test_dask_array_results_round_trip(client):
@@ -135,14 +143,14 @@ def drop_held():
 
 
 def test_scheduler_sees_the_workers_pss(client):
-    worker = sorted(client.scheduler_info()["workers"])[0]
+    worker = sorted(workers_info(client))[0]
     total = client.submit(hold_merged, 128, workers=[worker], pure=False).result()
     assert total == 4 * float(np.random.default_rng(1).random(16 * MiB)[::512].sum())
     try:
         seen = pss = rss = None
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            seen = client.scheduler_info()["workers"][worker]["metrics"]["memory"]
+            seen = workers_info(client)[worker]["metrics"]["memory"]
             counters = client.run(dask_stats, workers=[worker])[worker]
             pss, rss = counters["process_pss_bytes"], counters["process_rss_bytes"]
             if abs(seen - pss) <= TOLERANCE:
@@ -153,7 +161,7 @@ def test_scheduler_sees_the_workers_pss(client):
         assert rss - pss > 300 * MiB, (pss, rss)
         assert seen < rss - 300 * MiB
         assert counters["installed"] and counters["pages_sharing"] >= 3 * 128 * MiB // procfs.PAGE_SIZE
-        metrics = client.scheduler_info()["workers"][worker]["metrics"]
+        metrics = workers_info(client)[worker]["metrics"]
         assert metrics["pydedup"]["installed"]
     finally:
         client.run(drop_held, workers=[worker])
