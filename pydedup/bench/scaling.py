@@ -4,11 +4,12 @@ several sizes, each time and each phase as a ratio to the smallest size's
 passes (numpy's OR-reduce over the same memory, in the same run). That read
 is the baseline of the growth too: on a machine whose memory reads slow
 down as the data grows (TLB reach, a VM's host), it grows faster than the
-data itself, and `x read` shows by how much. Every
-size is built afresh in an arena of its own, one after the other. A size is
-merged as often as the largest size holds it, at least MIN_REPEATS and at
-most REPEATS times, and its merge of median time (the lower middle one of
-an even count) stands for it: one merge of the smallest size is the
+data itself, and `x read` shows by how much.
+
+Every size is built afresh in an arena of its own, one after the other. A
+size is merged as often as the largest size holds it, at least MIN_REPEATS
+and at most REPEATS times, and its merge of median time (the lower middle
+one of an even count) stands for it: one merge of the smallest size is the
 noisiest figure of the run, and every ratio's denominator; one of the
 largest, the numerator of the ratio read most (on a 2-CPU VM, 16 GiB merged
 once came out at 1.7 to 2.7 s from one run to the next)."""
