@@ -12,6 +12,7 @@ cdef struct huge_policy:           # Core.huge
     uint64_t split_total           # huge pages split by passes since the arena began
     uint64_t last_kept             # huge pages the last full pass kept whole
     uint64_t last_kept_pages       # their pages that matched, left unmerged
+    size_t fenced_lo, fenced_hi    # pages [lo, hi) the last fence advised MADV_NOHUGEPAGE
 
 cdef size_t huge_block_end(const huge_policy *h, size_t p) noexcept nogil
 cdef size_t huge_block_pages(const huge_policy *h) noexcept nogil

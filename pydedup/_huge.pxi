@@ -17,7 +17,9 @@
 #     dropped and counted (skipped_huge), as the mapping budget's are.
 # A split block whose zeros are zapped is advised MADV_NOHUGEPAGE first:
 # khugepaged would otherwise collapse it again (max_ptes_none is 511 by
-# default) and fill the zapped pages with memory.
+# default) and fill the zapped pages with memory. The fence reaches to the
+# end of the block's mapping, so that one paid fence serves every block of an
+# array after it (see fence_block).
 
 
 cdef size_t huge_block_end(const huge_policy *h, size_t p) noexcept nogil:
@@ -43,6 +45,8 @@ cdef int advise_blocks(Core c, size_t first, size_t n, bint on, size_t *blocks) 
     blocks[0] = 0
     if hi <= lo:
         return 0
+    if on and lo < c.huge.fenced_hi and c.huge.fenced_lo < hi:
+        c.huge.fenced_lo = c.huge.fenced_hi = 0     # advised huge again: no longer fenced
     if madvise(page_address(&c.res, lo), (hi - lo) * c.res.page_size,
                MADV_HUGEPAGE if on else MADV_NOHUGEPAGE) != 0:
         return errno
@@ -76,16 +80,38 @@ cdef bint block_is_huge(Core c, size_t first, size_t n, uint8_t *cats) noexcept 
     return True
 
 
+cdef size_t fence_end(Core c, size_t first) noexcept nogil:
+    """Where a fence from block `first` ends: the end of the mapping that
+    holds the block (a big array's own, or what remaps left of it), in whole
+    blocks of the reservation; the block's own end if the kernel cannot say."""
+    cdef mapping m
+    cdef size_t hp = c.huge.pages, end = first + hp
+    cdef uint64_t addr = <uint64_t>page_address(&c.res, first)
+    cdef uint64_t top = <uint64_t>page_address(&c.res, c.res.npages)
+    if find_mapping(&c.tables, addr, &m) == 0 and m.start <= addr < m.end:
+        end = max(end, (min(m.end, top) - <uint64_t>c.res.base) // c.res.page_size // hp * hp)
+    return end
+
+
 cdef bint fence_block(Core c, size_t first, size_t zeros, pass_stats *st) noexcept nogil:
     """Before a split that zaps zeros: keep khugepaged away from the block
-    (MADV_NOHUGEPAGE, a mapping of its own: charged to the budget). False
-    if the budget cannot pay it: the block is then kept whole."""
-    if zeros == 0:
+    (MADV_NOHUGEPAGE). The advice goes from the block to the end of its
+    mapping: it adds one mapping at most, at the block (the mapping after
+    is the reservation's own, NOHUGEPAGE too), and the blocks after need no
+    fence of their own, so a background scan whose copies spent the budget
+    early still zaps their zeros. Blocks that are huge pages stay so (the
+    advice splits none); a block not yet touched would fault in on small
+    pages. Charged to the budget; False if the budget cannot pay it: the
+    block is then kept whole."""
+    cdef size_t end
+    if zeros == 0 or c.huge.fenced_lo <= first < c.huge.fenced_hi:
         return True
     if st.mappings_left < MAPPINGS_PER_REMAP:
         return False
-    if madvise(page_address(&c.res, first), c.huge.pages * c.res.page_size, MADV_NOHUGEPAGE) != 0:
+    end = fence_end(c, first)
+    if madvise(page_address(&c.res, first), (end - first) * c.res.page_size, MADV_NOHUGEPAGE) != 0:
         return False
+    c.huge.fenced_lo, c.huge.fenced_hi = first, end
     st.mappings_left -= MAPPINGS_PER_REMAP
     st.syscalls += 1
     return True

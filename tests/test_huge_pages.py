@@ -357,6 +357,35 @@ def test_the_background_scanner_applies_the_rule_on_whole_huge_pages(rng):
         assert huge_flags(arena, array).reshape(2, -1).all(axis=1).sum() == huge
 
 
+def test_the_background_scanner_zaps_the_zeros_of_every_huge_page_after_the_budget_is_spent(rng):
+    # The scanner goes a block a step. The first block's scattered copies
+    # spend the mapping budget; the zeros of the blocks after still go: the
+    # first fence reaches to the end of the array's mapping, so their splits
+    # need none of their own (before, each needed one the budget could no
+    # longer pay, and a scattered workload saved 22% instead of 74%).
+    blocks, zeros = 6, 128
+    with huge_arena(huge_split_min_pages=64, pages_to_scan=PER_HUGE, max_mappings=48) as arena:
+        array = filled_huge(arena, blocks, rng)
+        pages = array.reshape(blocks, PER_HUGE, -1)
+        pages[:, 256:256 + zeros] = 0
+        pages[0, 1:200:2] = pages[0, 0]     # 100 scattered copies: 200 mappings wanted
+        expect = array.copy()
+        huge = huge_flags(arena, array).reshape(blocks, -1).all(axis=1)
+        if not huge.all():
+            pytest.skip("the kernel gave not every block a huge page")
+        for _ in range(2):
+            testing.scan_step(arena)
+            while testing.core(arena).scan_cursor != 0:
+                testing.scan_step(arena)
+        stats = arena.stats(array)
+        assert stats.zero_pages == blocks * zeros
+        assert 0 < stats.pages_merged < 101                  # the budget stopped the copies
+        assert not huge_flags(arena, array).any()
+        assert b" nh" in vm_flags(array[-FLOATS:])
+        assert arena.stats().mappings <= 48
+        np.testing.assert_array_equal(array, expect)
+
+
 def test_small_arrays_get_no_huge_page_and_freed_big_ones_give_theirs_back(rng):
     with huge_arena() as arena:
         small = arena.empty(64 * PAGE // 8)         # 256 KiB: numpy gives it no huge page either
