@@ -26,8 +26,10 @@ def demo():
         print(f"{len(copies) + 1} arrays, {arena.stats().bytes_in_use / 2**20:.0f} MiB in use\n")
         print(arena.merge(), end="\n\n")
         print(arena.stats(), end="\n\n")
-        m[2_000, 7] = 1.0                                # copy-on-write: one page
-        print(f"after one write: zero_pages {arena.stats().zero_pages}")
+        before = arena.stats(copies[3]).pages_merged
+        copies[3][0, 7] = 1.0                            # copy-on-write: that page alone
+        print(f"after one write into a copy: its pages merged {before:,} -> "
+              f"{arena.stats(copies[3]).pages_merged:,}")
         report = arena.unmerge()
         print(f"unmerge: {report.pages_unmerged} pages private again in {report.seconds:.3f} s")
 

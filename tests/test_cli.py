@@ -30,6 +30,10 @@ def test_demo_merges_and_unmerges(capsys):
     assert int(report["pages_merged"].replace(",", "")) > 0
     assert int(report["pages_zeroed"].replace(",", "")) > 0
     assert "unmerge:" in out and "pages private again" in out
+    # one write into a merged copy copies that page alone
+    merged = out.split("after one write into a copy: its pages merged ")[1].split("\n")[0]
+    before, after = (int(n.replace(",", "")) for n in merged.split(" -> "))
+    assert after == before - 1
 
 
 def test_readme_names_the_demo_and_the_bench_extra():
