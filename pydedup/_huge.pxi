@@ -17,9 +17,9 @@
 #     dropped and counted (skipped_huge), as the mapping budget's are.
 # A split block whose zeros are zapped is advised MADV_NOHUGEPAGE first:
 # khugepaged would otherwise collapse it again (max_ptes_none is 511 by
-# default) and fill the zapped pages with memory. The fence reaches to the
-# end of the block's mapping, so that one paid fence serves every block of an
-# array after it (see fence_block).
+# default) and fill the zapped pages with memory. The fence reaches over the
+# huge pages after the block in its mapping, so that one paid fence serves
+# every block of an array after it (fence_block).
 
 
 cdef size_t huge_block_end(const huge_policy *h, size_t p) noexcept nogil:
@@ -80,39 +80,55 @@ cdef bint block_is_huge(Core c, size_t first, size_t n, uint8_t *cats) noexcept 
     return True
 
 
-cdef size_t fence_end(Core c, size_t first) noexcept nogil:
-    """Where a fence from block `first` ends: the end of the mapping that
-    holds the block (a big array's own, or what remaps left of it), in whole
-    blocks of the reservation; the block's own end if the kernel cannot say."""
+cdef size_t fence_end(Core c, size_t first, long *cost) noexcept nogil:
+    """Where a fence from block `first` ends, and the mappings it adds
+    (*cost): through the blocks after it that are huge pages now, within the
+    block's mapping. A block not yet touched ends it, so that it still
+    faults in a huge page. The block alone, at the worst cost, if the kernel
+    cannot say."""
     cdef mapping m
-    cdef size_t hp = c.huge.pages, end = first + hp
+    cdef size_t hp = c.huge.pages, end = first + hp, last
     cdef uint64_t addr = <uint64_t>page_address(&c.res, first)
     cdef uint64_t top = <uint64_t>page_address(&c.res, c.res.npages)
-    if find_mapping(&c.tables, addr, &m) == 0 and m.start <= addr < m.end:
-        end = max(end, (min(m.end, top) - <uint64_t>c.res.base) // c.res.page_size // hp * hp)
+    cdef uint8_t *cats
+    cost[0] = MAPPINGS_PER_REMAP
+    if find_mapping(&c.tables, addr, &m) != 0 or not m.start <= addr < m.end:
+        return end
+    last = (min(m.end, top) - <uint64_t>c.res.base) // c.res.page_size // hp * hp
+    if last > end:
+        cats = <uint8_t *>malloc(last - end)
+        if cats != NULL and read_huge(&c.tables, end, last - end, cats) == 0:
+            while end < last and cats[end - first - hp] & PD_PAGE_IS_HUGE:
+                end += hp
+        free(cats)
+    cost[0] = (addr > m.start) + (<uint64_t>page_address(&c.res, end) < m.end)
     return end
 
 
 cdef bint fence_block(Core c, size_t first, size_t zeros, pass_stats *st) noexcept nogil:
-    """Before a split that zaps zeros: keep khugepaged away from the block
-    (MADV_NOHUGEPAGE). The advice goes from the block to the end of its
-    mapping: it adds one mapping at most, at the block (the mapping after
-    is the reservation's own, NOHUGEPAGE too), and the blocks after need no
-    fence of their own, so a background scan whose copies spent the budget
-    early still zaps their zeros. Blocks that are huge pages stay so (the
-    advice splits none); a block not yet touched would fault in on small
-    pages. Charged to the budget; False if the budget cannot pay it: the
-    block is then kept whole."""
+    """Before a split: keep khugepaged away from the block (MADV_NOHUGEPAGE),
+    and from the huge pages after it in its mapping (fence_end). It adds two
+    mappings at most, at its ends (none where the mapping after is the
+    reservation's own, NOHUGEPAGE too), charged to the budget; the blocks
+    after need no fence of their own, so a background scan whose first
+    blocks' copies spent the budget still zaps the zeros of the later ones.
+    The huge pages it covers stay (the advice splits none), but one that the
+    kernel splits later (a write after a fork, a block of zeros zapped whole
+    and written again) comes back on small pages. A split that zaps zeros
+    needs the fence: False if the budget cannot pay it, and the block is
+    then kept whole. One that does not takes it where the budget can pay,
+    for the blocks after."""
     cdef size_t end
-    if zeros == 0 or c.huge.fenced_lo <= first < c.huge.fenced_hi:
+    cdef long cost
+    if c.huge.fenced_lo <= first < c.huge.fenced_hi:
         return True
-    if st.mappings_left < MAPPINGS_PER_REMAP:
-        return False
-    end = fence_end(c, first)
+    end = fence_end(c, first, &cost)
+    if st.mappings_left < cost:
+        return zeros == 0
     if madvise(page_address(&c.res, first), (end - first) * c.res.page_size, MADV_NOHUGEPAGE) != 0:
-        return False
+        return zeros == 0
     c.huge.fenced_lo, c.huge.fenced_hi = first, end
-    st.mappings_left -= MAPPINGS_PER_REMAP
+    st.mappings_left -= cost
     st.syscalls += 1
     return True
 
