@@ -5,6 +5,7 @@ cdef enum:
     HUGE_ALIGN = 2097152           # the reservation starts on a 2 MiB boundary, so that
                                    # arena page p's block is p // huge.pages on every machine
                                    # whose PMD maps 2 MiB (x86-64, arm64 with 4 KiB pages)
+    FENCE_READ_BLOCKS = 64         # blocks a fence asks PAGEMAP_SCAN about at a time (fence_end)
 
 cdef struct huge_policy:           # Core.huge
     size_t pages                   # arena pages per huge page; 0: huge pages off

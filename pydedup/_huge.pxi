@@ -87,7 +87,7 @@ cdef size_t fence_end(Core c, size_t first, long *cost) noexcept nogil:
     faults in a huge page. The block alone, at the worst cost, if the kernel
     cannot say."""
     cdef mapping m
-    cdef size_t hp = c.huge.pages, end = first + hp, last
+    cdef size_t hp = c.huge.pages, end = first + hp, last, n, i
     cdef uint64_t addr = <uint64_t>page_address(&c.res, first)
     cdef uint64_t top = <uint64_t>page_address(&c.res, c.res.npages)
     cdef uint8_t *cats
@@ -95,12 +95,18 @@ cdef size_t fence_end(Core c, size_t first, long *cost) noexcept nogil:
     if find_mapping(&c.tables, addr, &m) != 0 or not m.start <= addr < m.end:
         return end
     last = (min(m.end, top) - <uint64_t>c.res.base) // c.res.page_size // hp * hp
-    if last > end:
-        cats = <uint8_t *>malloc(last - end)
-        if cats != NULL and read_huge(&c.tables, end, last - end, cats) == 0:
-            while end < last and cats[end - first - hp] & PD_PAGE_IS_HUGE:
-                end += hp
-        free(cats)
+    cats = <uint8_t *>malloc(FENCE_READ_BLOCKS * hp) if last > end else NULL
+    while cats != NULL and end < last:  # a read at a time, up to the first block not huge
+        n = min(last - end, FENCE_READ_BLOCKS * hp)
+        if read_huge(&c.tables, end, n, cats) != 0:
+            break
+        i = 0
+        while i < n and cats[i] & PD_PAGE_IS_HUGE:
+            i += hp
+        end += i
+        if i < n:
+            break
+    free(cats)
     cost[0] = (addr > m.start) + (<uint64_t>page_address(&c.res, end) < m.end)
     return end
 
@@ -122,6 +128,8 @@ cdef bint fence_block(Core c, size_t first, size_t zeros, pass_stats *st) noexce
     cdef long cost
     if c.huge.fenced_lo <= first < c.huge.fenced_hi:
         return True
+    if zeros == 0 and st.mappings_left < MAPPINGS_PER_REMAP:
+        return True                     # not needed, and perhaps not paid: not tried
     end = fence_end(c, first, &cost)
     if st.mappings_left < cost:
         return zeros == 0

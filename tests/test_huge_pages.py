@@ -389,6 +389,20 @@ def test_the_background_scanner_zaps_the_zeros_of_every_huge_page_after_the_budg
         np.testing.assert_array_equal(array, expect)
 
 
+def test_a_fence_covers_every_huge_page_after_the_split_block(rng):
+    # More blocks than fence_end asks the kernel about at a time (64).
+    blocks = 70
+    with huge_arena(size=(blocks + 8) * HUGE, huge_split_min_pages=64) as arena:
+        array = filled_huge(arena, blocks, rng)
+        huge = huge_flags(arena, array).reshape(blocks, -1).all(axis=1)
+        if not huge[1:].all():
+            pytest.skip("the kernel gave not every block a huge page")
+        array.reshape(blocks, PER_HUGE, -1)[0, :128] = 0
+        assert arena.merge().huge_pages_split == 1
+        assert b" hg" not in vm_flags(array) and b" nh" in vm_flags(array[-FLOATS:])
+        assert huge_flags(arena, array[FLOATS:]).all()      # the advice splits none
+
+
 def test_a_fence_leaves_blocks_not_yet_touched_to_fault_in_huge_pages(rng):
     # The fence covers the huge pages after a split block, not the blocks of
     # the array that hold no memory yet: written later, they get huge pages.
