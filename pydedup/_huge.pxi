@@ -15,11 +15,11 @@
 #   - some have: it is split only if they are at least huge.split_min pages
 #     (the memory saved pays the slower access); else its targets are
 #     dropped and counted (skipped_huge), as the mapping budget's are.
-# A split block whose zeros are zapped is advised MADV_NOHUGEPAGE first:
-# khugepaged would otherwise collapse it again (max_ptes_none is 511 by
-# default) and fill the zapped pages with memory. The fence reaches over the
-# huge pages after the block in its mapping, so that one paid fence serves
-# every block of an array after it (fence_block).
+# A split block is fenced first, advised MADV_NOHUGEPAGE: one whose zeros
+# are zapped must be, or khugepaged would collapse it again (max_ptes_none is
+# 511 by default) and fill the zapped pages with memory. The fence reaches
+# over the huge pages after the block in its mapping, so that one paid fence
+# serves every block of an array after it (fence_block).
 
 
 cdef size_t huge_block_end(const huge_policy *h, size_t p) noexcept nogil:
