@@ -86,6 +86,7 @@ cdef class Core:
         cdef int err
         self.res.base = <char *>MAP_FAILED
         self.res.rmap = <rmap_item *>MAP_FAILED
+        self.huge.advised = <uint8_t *>MAP_FAILED
         self.res.page_size = page_size
         nodes_init(&self.nodes)
         barrier_init(&self.wb)
@@ -99,7 +100,8 @@ cdef class Core:
         self.res.npages = npages
         self.res.base = <char *>map_lazily_aligned(npages * page_size, HUGE_ALIGN)
         self.res.rmap = <rmap_item *>map_lazily(npages * sizeof(rmap_item))
-        if MAP_FAILED in (<void *>self.res.base, <void *>self.res.rmap):
+        if (MAP_FAILED in (<void *>self.res.base, <void *>self.res.rmap)
+                or huge_open(&self.huge, npages, page_size) != 0):
             raise MemoryError(f"cannot reserve {npages} pages of address space")
         madvise(self.res.base, npages * page_size, MADV_NOHUGEPAGE)  # huge pages: big arrays only (_huge.pxi)
         if shared is not None:
@@ -119,6 +121,7 @@ cdef class Core:
             munmap(self.res.base, self.res.npages * self.res.page_size)
         if <void *>self.res.rmap != MAP_FAILED:
             munmap(self.res.rmap, self.res.npages * sizeof(rmap_item))
+        huge_close(&self.huge)
         shared_close(&self.shm, &self.store)    # this process's pages are unmapped: leave
         frames_close(&self.store)
         page_tables_close(&self.tables)

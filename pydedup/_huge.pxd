@@ -13,8 +13,11 @@ cdef struct huge_policy:           # Core.huge
     uint64_t split_total           # huge pages split by passes since the arena began
     uint64_t last_kept             # huge pages the last full pass kept whole
     uint64_t last_kept_pages       # their pages that matched, left unmerged
-    size_t fenced_lo, fenced_hi    # pages [lo, hi) the last fence advised MADV_NOHUGEPAGE
+    uint8_t *advised               # a byte a 2 MiB block: 1 while advised MADV_HUGEPAGE
+    size_t nblocks                 # (advise_blocks) and not fenced since; MAP_FAILED: none
 
+cdef int huge_open(huge_policy *h, size_t npages, size_t page_size) noexcept nogil
+cdef void huge_close(huge_policy *h) noexcept nogil
 cdef size_t huge_block_end(const huge_policy *h, size_t p) noexcept nogil
 cdef size_t huge_block_pages(const huge_policy *h) noexcept nogil
 cdef int advise_blocks(Core c, size_t first, size_t n, bint on, size_t *blocks) noexcept nogil

@@ -22,6 +22,38 @@
 # serves every block of an array after it (fence_block).
 
 
+cdef int huge_open(huge_policy *h, size_t npages, size_t page_size) noexcept nogil:
+    """The advice map of a reservation of npages (address space, no memory
+    until used); ENOMEM without it."""
+    h.nblocks = npages // (HUGE_ALIGN // page_size) + 1
+    h.advised = <uint8_t *>map_lazily(h.nblocks)
+    return ENOMEM if <void *>h.advised == MAP_FAILED else 0
+
+
+cdef void huge_close(huge_policy *h) noexcept nogil:
+    if h.advised != NULL and <void *>h.advised != MAP_FAILED:
+        munmap(h.advised, h.nblocks)
+    h.advised = <uint8_t *>MAP_FAILED
+
+
+cdef inline size_t advice_block(Core c, size_t p) noexcept nogil:
+    return p // (HUGE_ALIGN // c.res.page_size)
+
+
+cdef void note_advice(Core c, size_t lo, size_t hi, bint on) noexcept nogil:
+    """Pages [lo, hi) advised MADV_HUGEPAGE (on) or MADV_NOHUGEPAGE: a block
+    counts as advised while any of its pages may be (so, where huge pages are
+    smaller than 2 MiB, a fence is never skipped wrongly)."""
+    cdef size_t a, b
+    if on:
+        a, b = advice_block(c, lo), advice_block(c, hi - 1) + 1
+        memset(c.huge.advised + a, 1, b - a)
+    else:
+        a, b = advice_block(c, lo + HUGE_ALIGN // c.res.page_size - 1), advice_block(c, hi)
+        if b > a:
+            memset(c.huge.advised + a, 0, b - a)
+
+
 cdef size_t huge_block_end(const huge_policy *h, size_t p) noexcept nogil:
     """p, rounded up to the next block boundary when huge pages are on: a
     background step ends between blocks, so that the rule sees whole blocks."""
@@ -45,11 +77,13 @@ cdef int advise_blocks(Core c, size_t first, size_t n, bint on, size_t *blocks) 
     blocks[0] = 0
     if hi <= lo:
         return 0
-    if on and lo < c.huge.fenced_hi and c.huge.fenced_lo < hi:
-        c.huge.fenced_lo = c.huge.fenced_hi = 0     # advised huge again: no longer fenced
+    if on:
+        note_advice(c, lo, hi, True)    # first: a failed advice may have advised some
     if madvise(page_address(&c.res, lo), (hi - lo) * c.res.page_size,
                MADV_HUGEPAGE if on else MADV_NOHUGEPAGE) != 0:
         return errno
+    if not on:
+        note_advice(c, lo, hi, False)
     blocks[0] = (hi - lo) // hp
     return 0
 
@@ -81,18 +115,19 @@ cdef bint block_is_huge(Core c, size_t first, size_t n, uint8_t *cats) noexcept 
 
 
 cdef size_t fence_end(Core c, size_t first, long *cost) noexcept nogil:
-    """Where a fence from block `first` ends, and the mappings it adds
-    (*cost): through the blocks after it that are huge pages now, within the
-    block's mapping. A block not yet touched ends it, so that it still
-    faults in a huge page. The block alone, at the worst cost, if the kernel
-    cannot say."""
+    """Where a fence from block `first` ends, and the mappings it may add
+    (*cost): through the blocks after it that are huge pages now and still
+    advised huge, within the block's mapping. A block that holds no memory
+    yet ends it, so that it still faults in a huge page. The block alone, at
+    the worst cost, if the kernel cannot say."""
     cdef mapping m
     cdef size_t hp = c.huge.pages, end = first + hp, last, n, i
     cdef uint64_t addr = <uint64_t>page_address(&c.res, first)
     cdef uint64_t top = <uint64_t>page_address(&c.res, c.res.npages)
     cdef uint8_t *cats
     cost[0] = MAPPINGS_PER_REMAP
-    if find_mapping(&c.tables, addr, &m) != 0 or not m.start <= addr < m.end:
+    if (find_mapping(&c.tables, addr, &m) != 0 or not m.start <= addr
+            or <uint64_t>page_address(&c.res, end) > m.end):
         return end
     last = (min(m.end, top) - <uint64_t>c.res.base) // c.res.page_size // hp * hp
     cats = <uint8_t *>malloc(FENCE_READ_BLOCKS * hp) if last > end else NULL
@@ -101,7 +136,7 @@ cdef size_t fence_end(Core c, size_t first, long *cost) noexcept nogil:
         if read_huge(&c.tables, end, n, cats) != 0:
             break
         i = 0
-        while i < n and cats[i] & PD_PAGE_IS_HUGE:
+        while i < n and cats[i] & PD_PAGE_IS_HUGE and c.huge.advised[advice_block(c, end + i)]:
             i += hp
         end += i
         if i < n:
@@ -122,20 +157,24 @@ cdef bint fence_block(Core c, size_t first, size_t zeros, pass_stats *st) noexce
     kernel splits later (a write after a fork, a block of zeros zapped whole
     and written again) comes back on small pages. A split that zaps zeros
     needs the fence: False if the budget cannot pay it, and the block is
-    then kept whole. One that does not takes it where the budget can pay,
-    for the blocks after."""
+    then kept whole. One that does not takes it where the budget can pay and
+    it covers blocks after (its own remaps keep khugepaged from the block)."""
     cdef size_t end
     cdef long cost
-    if c.huge.fenced_lo <= first < c.huge.fenced_hi:
-        return True
+    if not c.huge.advised[advice_block(c, first)]:
+        return True                     # fenced before: nothing to add
     if zeros == 0 and st.mappings_left < MAPPINGS_PER_REMAP:
         return True                     # not needed, and perhaps not paid: not tried
     end = fence_end(c, first, &cost)
+    if zeros == 0 and end == first + c.huge.pages:
+        return True
     if st.mappings_left < cost:
         return zeros == 0
     if madvise(page_address(&c.res, first), (end - first) * c.res.page_size, MADV_NOHUGEPAGE) != 0:
+        if errno == ENOMEM:
+            st.mappings_left = 0        # the kernel's mapping limit: add no more mappings
         return zeros == 0
-    c.huge.fenced_lo, c.huge.fenced_hi = first, end
+    note_advice(c, first, end, False)
     st.mappings_left -= cost
     st.syscalls += 1
     return True
