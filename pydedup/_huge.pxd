@@ -14,7 +14,8 @@ cdef struct huge_policy:           # Core.huge
     uint64_t last_kept             # huge pages the last full pass kept whole
     uint64_t last_kept_pages       # their pages that matched, left unmerged
     uint8_t *advised               # a byte a 2 MiB block: 1 while advised MADV_HUGEPAGE
-    size_t nblocks                 # (advise_blocks) and not fenced since; MAP_FAILED: none
+                                   # (advise_blocks) and not fenced since (huge_open)
+    size_t nblocks                 # of advised
 
 cdef int huge_open(huge_policy *h, size_t npages, size_t page_size) noexcept nogil
 cdef void huge_close(huge_policy *h) noexcept nogil

@@ -31,13 +31,18 @@ cdef int huge_open(huge_policy *h, size_t npages, size_t page_size) noexcept nog
 
 
 cdef void huge_close(huge_policy *h) noexcept nogil:
-    if h.advised != NULL and <void *>h.advised != MAP_FAILED:
+    if <void *>h.advised != MAP_FAILED:
         munmap(h.advised, h.nblocks)
     h.advised = <uint8_t *>MAP_FAILED
 
 
+cdef inline size_t advice_pages(Core c) noexcept nogil:
+    """The pages of a 2 MiB block, the unit of the advice map."""
+    return HUGE_ALIGN // c.res.page_size
+
+
 cdef inline size_t advice_block(Core c, size_t p) noexcept nogil:
-    return p // (HUGE_ALIGN // c.res.page_size)
+    return p // advice_pages(c)
 
 
 cdef void note_advice(Core c, size_t lo, size_t hi, bint on) noexcept nogil:
@@ -49,7 +54,7 @@ cdef void note_advice(Core c, size_t lo, size_t hi, bint on) noexcept nogil:
         a, b = advice_block(c, lo), advice_block(c, hi - 1) + 1
         memset(c.huge.advised + a, 1, b - a)
     else:
-        a, b = advice_block(c, lo + HUGE_ALIGN // c.res.page_size - 1), advice_block(c, hi)
+        a, b = advice_block(c, lo + advice_pages(c) - 1), advice_block(c, hi)
         if b > a:
             memset(c.huge.advised + a, 0, b - a)
 
@@ -72,7 +77,7 @@ cdef int advise_blocks(Core c, size_t first, size_t n, bint on, size_t *blocks) 
     """MADV_HUGEPAGE (on) or MADV_NOHUGEPAGE over the whole blocks of
     [first, first + n): an array's own, never a block it shares with a
     small array, which would then take 2 MiB of memory for a few pages."""
-    cdef size_t hp = c.huge.pages if c.huge.pages else HUGE_ALIGN // c.res.page_size
+    cdef size_t hp = c.huge.pages if c.huge.pages else advice_pages(c)
     cdef size_t lo = (first + hp - 1) // hp * hp, hi = (first + n) // hp * hp
     blocks[0] = 0
     if hi <= lo:
@@ -162,7 +167,7 @@ cdef bint fence_block(Core c, size_t first, size_t zeros, pass_stats *st) noexce
     cdef size_t end
     cdef long cost
     if not c.huge.advised[advice_block(c, first)]:
-        return True                     # fenced before: nothing to add
+        return True                     # not advised huge (fenced before): nothing to add
     if zeros == 0 and st.mappings_left < MAPPINGS_PER_REMAP:
         return True                     # not needed, and perhaps not paid: not tried
     end = fence_end(c, first, &cost)

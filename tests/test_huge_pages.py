@@ -56,6 +56,14 @@ def huge_bytes_in_smaps(arena):
     return procfs.smaps_fields(lo, hi, (b"AnonHugePages",))["anonhugepages"]
 
 
+def scan_whole(arena, scans):
+    """The background scanner's steps, until `scans` whole scans are done."""
+    for _ in range(scans):
+        testing.scan_step(arena)
+        while testing.core(arena).scan_cursor != 0:
+            testing.scan_step(arena)
+
+
 def filled_huge(arena, blocks, rng):
     """An array of `blocks` huge pages of unique values, skipped if the
     kernel backed none of them with a huge page (memory too fragmented)."""
@@ -350,10 +358,7 @@ def test_the_background_scanner_applies_the_rule_on_whole_huge_pages(rng):
         array = filled_huge(arena, 2, rng)
         array.reshape(2, PER_HUGE, -1)[:, 300:310] = 0      # few matches: kept
         huge = huge_flags(arena, array).reshape(2, -1).all(axis=1).sum()
-        for _ in range(2):                          # the second scan merges what stayed
-            testing.scan_step(arena)
-            while testing.core(arena).scan_cursor != 0:
-                testing.scan_step(arena)
+        scan_whole(arena, 2)                        # the second scan merges what stayed
         kept = arena.stats().pages_kept_huge
         assert kept == 10 * huge                    # a step ends on a huge page's boundary
         assert huge_flags(arena, array).reshape(2, -1).all(axis=1).sum() == huge
@@ -378,10 +383,7 @@ def test_the_background_scanner_zaps_the_zeros_of_every_huge_page_after_the_budg
         huge = huge_flags(arena, array).reshape(blocks, -1).all(axis=1)
         if not huge.all():
             pytest.skip("the kernel gave not every block a huge page")
-        for _ in range(2):
-            testing.scan_step(arena)
-            while testing.core(arena).scan_cursor != 0:
-                testing.scan_step(arena)
+        scan_whole(arena, 2)
         stats = arena.stats(array)
         assert stats.zero_pages == (blocks - int(not zeros_in_first)) * zeros
         assert 0 < stats.pages_merged < 101                  # the budget stopped the copies
